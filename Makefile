@@ -1,0 +1,34 @@
+# Set-up and entry points. `make train` and `make test` work on a fresh machine: they create
+# .venv, install the pinned requirements, and run.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
+
+.PHONY: train test install install-dev clean-sample
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): requirements.txt | $(BIN)/python
+	$(BIN)/pip install -q -r requirements.txt
+	touch $@
+
+$(DEV_STAMP): requirements.txt requirements-dev.txt $(STAMP)
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+install: $(STAMP)
+install-dev: $(DEV_STAMP)
+
+# Trains on the bundled sample (generated and prepared on first use) with a local Ray and MLflow.
+train: $(STAMP)
+	$(BIN)/python jobs/train.py $(ARGS)
+
+test: $(DEV_STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean-sample:
+	rm -rf data/sample

@@ -1,0 +1,1 @@
+"""AlexNet on Ray: data preparation, streaming augmentation, DDP training, MLflow tracking."""

@@ -1,0 +1,139 @@
+"""The one training config: a strict dataclass, two profiles, CLI flags generated from its fields.
+
+A run's config is a profile with some fields overridden. It is printed at start, logged to MLflow
+as params and stored in every checkpoint; unknown keys and unknown profiles fail loudly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+from pipeline.model import INITS
+
+
+class ConfigError(ValueError):
+    """A config key, value or profile that cannot be used; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    profile: str = "imagenet"  # which preset the other fields started from
+    data: str = ""  # prepared shards (jobs/prepare.py --out); empty: the bundled sample, built on first use
+    sample_dir: str = "data/sample"  # where the sample dataset (raw + shards) lives
+    crop: int = 224  # random crop for training, centre crop for validation
+    epochs: int = 90
+    batch_size: int = 128  # per train worker
+    lr: float = 0.01  # learning rate for `lr_batch` images; scaled linearly with the global batch
+    lr_batch: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lighting_std: float = 0.1  # σ of the paper's PCA colour augmentation; 0 turns it off
+    lrn: bool = False  # the paper's local response normalisation after conv1 and conv2
+    init: str = "torchvision"  # "torchvision" (PyTorch defaults) or "paper" (N(0, 0.01), biases 1)
+    paper_bias: float = 1.0  # positive bias of init="paper" (Caffe used 0.1)
+    dropout: float = 0.5
+    workers: int = 1  # Ray Train workers (DDP ranks)
+    gpu: bool = False  # one GPU per worker
+    cpus_per_worker: float = 1.0  # CPUs each train worker reserves; the rest of the cluster decodes
+    data_cpus: int = 2  # CPUs a locally started Ray keeps for Ray Data beside the train workers
+    seed: int = 0  # model init, file order, colour augmentation
+    experiment: str = "alexnet"  # MLflow experiment
+    model_name: str = "alexnet"  # MLflow registered model
+    storage_path: str = "runs"  # Ray Train checkpoints (local directory)
+    name: str = ""  # run name; empty: alexnet-<profile>-<timestamp>
+    keep_checkpoints: int = 2  # best checkpoints kept, by val_top1_error
+    max_failures: int = 0  # worker-group restarts Ray Train may make before giving up
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.profile in PROFILE_NAMES, f"unknown profile {self.profile!r}; choose one of {PROFILE_NAMES}"),
+            (self.init in INITS, f"init must be one of {INITS}, got {self.init!r}"),
+            (self.crop >= 63, f"crop must be at least 63 pixels (AlexNet's smallest input), got {self.crop}"),
+            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
+            (self.workers >= 1, f"workers must be at least 1, got {self.workers}"),
+            (self.lr > 0 and self.lr_batch > 0, "lr and lr_batch must be positive"),
+            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.lighting_std >= 0, f"lighting_std must be >= 0, got {self.lighting_std}"),
+            (self.cpus_per_worker >= 0 and self.data_cpus >= 1, "cpus_per_worker must be >= 0, data_cpus >= 1"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
+            (self.max_failures >= -1, "max_failures must be >= -1 (-1: retry forever)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.workers
+
+    @property
+    def scaled_lr(self) -> float:
+        """The paper's lr scaled linearly with the global batch (Goyal et al.)."""
+        return self.lr * self.global_batch / self.lr_batch
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; valid keys: {sorted(f.name for f in fields(cls))}")
+        return cls(**values)
+
+
+# Profiles: a name and the fields in which it differs from the dataclass defaults (the paper's).
+PROFILES: dict[str, dict[str, Any]] = {
+    # The paper on ILSVRC-2012: batch 128, lr 0.01, momentum 0.9, weight decay 5e-4, 90 epochs.
+    "imagenet": {},
+    # The bundled sample on a laptop CPU: 72-pixel shards, 64-pixel crops, minutes not days.
+    "sample": {
+        "crop": 64,
+        "epochs": 12,
+        "batch_size": 64,
+        "workers": 2,
+        "keep_checkpoints": 1,
+    },
+}
+PROFILE_NAMES = tuple(PROFILES)
+
+
+def resolve(profile: str = "imagenet", **overrides: Any) -> TrainConfig:
+    """The profile's config with `overrides` applied; None values are ignored."""
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; choose one of {PROFILE_NAMES}")
+    values = {"profile": profile, **PROFILES[profile]}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.from_dict(values)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field (`--batch-size`, `--lrn/--no-lrn`, …), defaults left to the profile."""
+    parser.add_argument("--profile", default="sample", choices=PROFILE_NAMES, help="preset to start from (default: sample)")
+    for f in fields(TrainConfig):
+        if f.name == "profile":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"profile default: imagenet={_profile_value('imagenet', f.name)!r}, sample={_profile_value('sample', f.name)!r}"
+        if f.type == "bool":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type]
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
+
+
+def from_args(args: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)} - {"profile"}
+    return resolve(args.profile, **{name: getattr(args, name) for name in names})
+
+
+def _profile_value(profile: str, name: str) -> Any:
+    return PROFILES[profile].get(name, next(f.default for f in fields(TrainConfig) if f.name == name))

@@ -1,0 +1,188 @@
+"""The function every Ray Train worker runs: AlexNet under DDP, fed by its Ray Data shard.
+
+Per epoch: train over the worker's split of the training stream, evaluate on its split of the
+validation stream, all-reduce the sums, then report metrics and a checkpoint to Ray Train and
+(rank 0 only) to MLflow. Nothing syncs the host with the device inside the step loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from typing import Any, Iterator
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pipeline import checkpoint
+from pipeline.config import TrainConfig
+from pipeline.data.device import DeviceAugment
+from pipeline.metrics import format_duration, topk_correct
+from pipeline.model import AlexNet
+from pipeline.tracking import NullLogger, RunLogger
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    cfg = TrainConfig.from_dict(loop_config["config"])
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per report and checkpoint
+    classes = loop_config["classes"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    print0 = print if rank == 0 else (lambda *a, **k: None)
+    logger = RunLogger(loop_config["run_id"], loop_config["tracking_uri"]) if rank == 0 else NullLogger()
+
+    # ---- model, optimizer, resume -------------------------------------------------------------
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = AlexNet(len(classes), lrn=cfg.lrn, init=cfg.init, dropout=cfg.dropout, paper_bias=cfg.paper_bias)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.scaled_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    start_epoch, best = 0, None
+    restored = ray.train.get_checkpoint()
+    if restored:
+        with restored.as_directory() as ckpt_dir:
+            model.load_state_dict(checkpoint.load_state(ckpt_dir))
+            optimizer.load_state_dict(checkpoint.load_state(ckpt_dir, checkpoint.OPTIMIZER_FILE))
+            meta = checkpoint.read_meta(ckpt_dir)
+        start_epoch, best = meta["epoch"], meta.get("best")
+        print0(f"resumed from epoch {start_epoch} ({restored.path})")
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)  # the uint8 NHWC batches arrive that way
+    model = ray.train.torch.prepare_model(model)  # device placement + DDP
+    augment = DeviceAugment(device, cfg.lighting_std, seed=cfg.seed * 1000 + rank)
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+
+    # ---- epochs -------------------------------------------------------------------------------
+    epoch_seconds = []
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        started = time.perf_counter()
+        train = run_train_epoch(model, optimizer, augment, train_shard, cfg, device)
+        val = evaluate(model, augment, val_shard, cfg, device)
+        epoch_seconds.append(time.perf_counter() - started)
+
+        metrics = {
+            "epoch": epoch,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": train["loss"],
+            "train_top1_error": train["top1_error"],
+            "val_loss": val["loss"],
+            "val_top1_error": val["top1_error"],
+            "val_top5_error": val["top5_error"],
+            "images_per_s": train["images_per_s"],
+            "data_wait_fraction": train["data_wait_fraction"],
+            "epoch_seconds": epoch_seconds[-1],
+        }
+        if best is None or metrics["val_top1_error"] < best["val_top1_error"]:
+            best = {k: metrics[k] for k in ("epoch", "val_top1_error", "val_top5_error")}
+        report(model, optimizer, metrics, best, cfg, loop_config, rank)
+        logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+
+        eta = (cfg.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)
+        print0(
+            f"epoch {epoch:>3}/{cfg.epochs}  train loss {train['loss']:.3f}  top-1 err {train['top1_error']:.3f}"
+            f"  |  val loss {val['loss']:.3f}  top-1 err {val['top1_error']:.3f}  top-5 err {val['top5_error']:.3f}"
+            f"  |  {train['images_per_s']:,.0f} img/s  data wait {train['data_wait_fraction']:.0%}"
+            f"  |  {format_duration(epoch_seconds[-1])}/epoch  ETA {format_duration(eta)}",
+            flush=True,
+        )
+    return {"best": best, "epochs": cfg.epochs, "world_size": world}
+
+
+def run_train_epoch(model, optimizer, augment, shard, cfg: TrainConfig, device) -> dict[str, float]:
+    model.train()
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss·n, top-1 correct, n
+    wait = 0.0
+    started = time.perf_counter()
+    batches = shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, prefetch_batches=2)
+    for batch, waited in _timed(batches):
+        wait += waited
+        images = augment(batch["image"].to(device, non_blocking=True), train=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        (top1,) = topk_correct(logits.detach(), labels, ks=(1,))
+        sums += torch.stack([loss.detach().double() * len(labels), top1.double(), torch.tensor(len(labels), device=device, dtype=torch.float64)])
+    elapsed = time.perf_counter() - started
+    timing = torch.tensor([wait, elapsed], dtype=torch.float64, device=device)
+    sums, timing = _all_reduce(sums), _all_reduce(timing)
+    loss_sum, correct, n = sums.tolist()
+    if n == 0:
+        raise RuntimeError("a training epoch produced no full batch: lower --batch-size or add training images")
+    wait_total, elapsed_total = timing.tolist()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return {
+        "loss": loss_sum / n,
+        "top1_error": 1 - correct / n,
+        "images_per_s": n / (elapsed_total / world),  # global throughput over the mean worker wall time
+        "data_wait_fraction": wait_total / elapsed_total,
+    }
+
+
+@torch.no_grad()
+def evaluate(model, augment, shard, cfg: TrainConfig, device) -> dict[str, float]:
+    model.eval()
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss·n, top-1, top-5, n
+    for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, prefetch_batches=2):
+        images = augment(batch["image"].to(device, non_blocking=True), train=False)
+        labels = batch["label"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        top1, top5 = topk_correct(logits, labels)
+        sums += torch.stack([loss.double(), top1.double(), top5.double(), torch.tensor(len(labels), device=device, dtype=torch.float64)])
+    loss_sum, top1, top5, n = _all_reduce(sums).tolist()
+    return {"loss": loss_sum / n, "top1_error": 1 - top1 / n, "top5_error": 1 - top5 / n}
+
+
+def report(model, optimizer, metrics, best, cfg: TrainConfig, loop_config, rank: int) -> None:
+    """Report the epoch to Ray Train; rank 0 attaches the checkpoint, the others only metrics."""
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = {
+            "epoch": metrics["epoch"],
+            "metrics": metrics,
+            "best": best,
+            "config": cfg.to_dict(),
+            "classes": loop_config["classes"],
+            "run_id": loop_config["run_id"],
+            "dataset_hash": loop_config["dataset_hash"],
+        }
+        checkpoint.save(tmp, _unwrap(model), optimizer, meta)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _timed(iterable) -> Iterator[tuple[Any, float]]:
+    """Yields (item, seconds spent waiting for it): the data-wait half of the step time."""
+    iterator = iter(iterable)
+    while True:
+        started = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        yield item, time.perf_counter() - started
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+

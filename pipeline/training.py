@@ -1,0 +1,185 @@
+"""The driver of a training job: check inputs, connect Ray, run the TorchTrainer, register the model.
+
+Everything that can be wrong with the inputs (config, data directory, shard columns, crop size)
+is checked here, before the cluster does any work.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import mlflow
+import numpy as np
+import ray
+import ray.train
+from ray.data import DataContext, ExecutionOptions, ExecutionResources
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipeline import checkpoint, ingest, tracking
+from pipeline.config import ConfigError, TrainConfig
+from pipeline.data.device import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.data.sample import SAMPLE_IMAGE_SIZE, make_sample
+from pipeline.data.shards import PreparedDataset, open_dataset
+from pipeline.data.transforms import eval_batch
+from pipeline.model import ImageClassifier
+from pipeline.prepare import prepare
+from pipeline.train_loop import train_loop_per_worker
+
+
+@dataclass
+class TrainSummary:
+    run_id: str
+    run_name: str
+    experiment: str
+    tracking_uri: str
+    model_name: str
+    model_version: str
+    best: dict[str, Any]
+    checkpoint: str
+    seconds: float
+
+
+def sample_shards(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
+    """The bundled sample's shards, generating the raw images and preparing them on first use."""
+    root = Path(cfg.sample_dir).expanduser().resolve()
+    raw, shard_dir = root / "raw", root / "shards"
+    if (shard_dir / "manifest.json").is_file():
+        return shard_dir
+    if not (raw / "LOC_val_solution.csv").is_file():
+        log(f"generating the sample dataset in {raw} ...")
+        make_sample(raw)
+    log(f"preparing shards in {shard_dir} ...")
+    summary = prepare(raw, shard_dir, size=SAMPLE_IMAGE_SIZE, shard_size=256)
+    log(f"prepared {summary.images} images in {summary.seconds:.1f}s")
+    return shard_dir
+
+
+def connect_ray(cfg: TrainConfig, log: Callable[[str], None] = print) -> None:
+    """Join the cluster in RAY_ADDRESS or one started with `ray start`; else start a local one.
+
+    A local Ray gets enough logical CPUs for the train workers plus `data_cpus` for Ray Data,
+    even on a laptop with fewer cores: they time-share the cores instead of deadlocking.
+    """
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
+    try:
+        ray.init(address="auto", runtime_env=env, log_to_driver=True)
+        log(f"connected to the Ray cluster at {ray.get_runtime_context().gcs_address}")
+    except ConnectionError:
+        if os.environ.get("RAY_ADDRESS"):
+            raise
+        cpus = max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker) + cfg.data_cpus)
+        ray.init(num_cpus=cpus, runtime_env=env)
+        log(f"started a local Ray with {cpus} logical CPUs")
+
+
+def load_data(cfg: TrainConfig) -> PreparedDataset | None:
+    """The prepared dataset named by cfg.data, fully checked; None for the sample (built later)."""
+    if not cfg.data:
+        return None
+    return _check_crop(cfg, open_dataset(cfg.data))
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
+    started = time.time()
+    data = load_data(cfg)  # fails fast, before Ray starts
+    connect_ray(cfg, log)
+    if data is None:
+        data = _check_crop(cfg, open_dataset(sample_shards(cfg, log)))
+    tracking_uri = tracking.resolve_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    run_name = cfg.name or f"alexnet-{cfg.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = tracking.start_run(cfg, data, run_name)
+    log(f"MLflow run {run_id} ({run_name}) in experiment {cfg.experiment!r} at {tracking_uri}")
+
+    failed = True
+    try:
+        result = _fit(cfg, data, run_id, run_name, tracking_uri)
+        best_checkpoint, best_metrics = min(result.best_checkpoints, key=lambda cm: cm[1]["val_top1_error"])
+        with best_checkpoint.as_directory() as ckpt_dir:
+            version = _register(cfg, data, run_id, ckpt_dir, best_metrics)
+        failed = False
+    finally:
+        tracking.finish_run(run_id, failed)
+    return TrainSummary(
+        run_id=run_id,
+        run_name=run_name,
+        experiment=cfg.experiment,
+        tracking_uri=tracking_uri,
+        model_name=cfg.model_name,
+        model_version=version,
+        best={k: best_metrics[k] for k in ("epoch", "val_top1_error", "val_top5_error")},
+        checkpoint=best_checkpoint.path,
+        seconds=time.time() - started,
+    )
+
+
+def _fit(cfg: TrainConfig, data: PreparedDataset, run_id: str, run_name: str, tracking_uri: str) -> ray.train.Result:
+    # Workers print their epoch lines themselves; Ray Train's print patch would print each twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # One progress bar per dataset rather than one per operator.
+    DataContext.get_current().enable_operator_progress_bars = False
+    train_cpus = cfg.workers * cfg.cpus_per_worker
+    # Ray Data budgets against the whole cluster unless told what the train workers hold.
+    execution = ExecutionOptions(exclude_resources=ExecutionResources(cpu=train_cpus, gpu=cfg.workers if cfg.gpu else 0))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "classes": [{"index": c.index, "wnid": c.wnid, "name": c.name} for c in data.classes],
+            "dataset_hash": data.dataset_hash,
+            "run_id": run_id,
+            "tracking_uri": tracking_uri,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(Path(cfg.storage_path).expanduser().resolve()),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints,
+                checkpoint_score_attribute="val_top1_error",
+                checkpoint_score_order="min",
+            ),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+        datasets={
+            "train": ingest.train_dataset(data.split_dir("train"), cfg.crop, cfg.seed),
+            "val": ingest.eval_dataset(data.split_dir("val"), cfg.crop),
+        },
+        dataset_config=ingest.IngestConfig(execution_options=execution),
+    )
+    return trainer.fit()
+
+
+def _register(cfg: TrainConfig, data: PreparedDataset, run_id: str, ckpt_dir: str, best: dict[str, Any]) -> str:
+    net, _ = checkpoint.load_model(ckpt_dir)
+    model = ImageClassifier(net, IMAGENET_MEAN, IMAGENET_STD).eval()
+    return tracking.log_and_register(run_id, model, _input_example(data, cfg.crop), cfg, data, best)
+
+
+def _input_example(data: PreparedDataset, crop: int) -> np.ndarray:
+    """Two real validation crops: what the registered model's signature documents."""
+    import pyarrow.parquet as pq
+
+    first = sorted(Path(data.split_dir("val")).glob("*.parquet"))[0]
+    rows = pq.read_table(first, columns=["image", "label"]).slice(0, 2).to_pydict()
+    batch = {"image": np.array(rows["image"], dtype=object), "label": np.array(rows["label"])}
+    return eval_batch(batch, crop)["image"]
+
+
+def _check_crop(cfg: TrainConfig, data: PreparedDataset) -> PreparedDataset:
+    if cfg.crop > data.image_size:
+        raise ConfigError(
+            f"crop {cfg.crop} is larger than the {data.image_size}-pixel images in {data.root}; "
+            f"pass --crop {min(data.image_size, 224)} or prepare shards with --size >= {cfg.crop}"
+        )
+    return data

@@ -1,0 +1,38 @@
+"""Shared fixtures: one real local Ray cluster and one tiny prepared dataset per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+    from ray.data import DataContext
+
+    # Generous logical CPUs on a 2-core machine: train workers and Ray Data time-share the cores.
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=True)
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_raw(tmp_path_factory):
+    """4 classes × (24 train + 6 val) procedurally generated JPEGs in the ILSVRC-2012 layout."""
+    from pipeline.data.sample import make_sample
+
+    return make_sample(tmp_path_factory.mktemp("raw"), num_classes=4, train_per_class=24, val_per_class=6, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(ray_cluster, tiny_raw, tmp_path_factory):
+    from pipeline.prepare import prepare
+
+    out = tmp_path_factory.mktemp("shards")
+    prepare(tiny_raw, out, size=72, shard_size=32)
+    return out

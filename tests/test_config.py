@@ -1,0 +1,61 @@
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import config
+from pipeline.config import ConfigError, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _parse(*argv):
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    return config.from_args(parser.parse_args(list(argv)))
+
+
+def test_unknown_keys_fail_and_name_the_key():
+    with pytest.raises(ConfigError, match="unknown config keys \\['batchsize'\\]"):
+        TrainConfig.from_dict({"batchsize": 3})
+
+
+def test_unknown_profile_fails_and_lists_the_profiles():
+    with pytest.raises(ConfigError, match="unknown profile 'cifar'.*imagenet.*sample"):
+        config.resolve("cifar")
+
+
+def test_imagenet_profile_is_the_paper_recipe():
+    cfg = config.resolve("imagenet")
+    assert (cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.epochs, cfg.crop) == (128, 0.01, 0.9, 5e-4, 90, 224)
+
+
+def test_lr_scales_linearly_with_the_global_batch():
+    assert config.resolve("imagenet", workers=8, batch_size=128).scaled_lr == pytest.approx(0.08)
+    assert config.resolve("imagenet", workers=1, batch_size=64).scaled_lr == pytest.approx(0.005)
+
+
+def test_flags_are_generated_from_fields_and_override_the_profile():
+    cfg = _parse("--profile", "sample", "--epochs", "3", "--lrn", "--init", "paper", "--batch-size", "16")
+    assert (cfg.profile, cfg.epochs, cfg.lrn, cfg.init, cfg.batch_size) == ("sample", 3, True, "paper", 16)
+    assert cfg.crop == config.PROFILES["sample"]["crop"]  # untouched fields keep the profile's value
+    assert _parse("--no-lrn").lrn is False
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"crop": 32}, "at least 63"), ({"init": "he"}, "init must be one of"), ({"workers": 0}, "workers")],
+)
+def test_bad_values_fail_with_a_message(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config.resolve("sample", **overrides)
+
+
+def test_the_train_job_rejects_unknown_flags_and_bad_values_without_starting_ray():
+    for argv, message in ((["--bogus", "1"], "unrecognized arguments: --bogus"), (["--crop", "10"], "at least 63")):
+        proc = subprocess.run([sys.executable, str(ROOT / "jobs/train.py"), *argv], capture_output=True, text=True)
+        assert proc.returncode == 2
+        assert message in proc.stderr
+        assert "Ray" not in proc.stdout + proc.stderr

@@ -1,0 +1,123 @@
+"""End to end on a real local Ray, real Parquet shards of real JPEGs and a real MLflow sqlite store."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from pipeline import checkpoint, config, training
+from pipeline.config import ConfigError
+from pipeline.data.shards import DataError
+from pipeline.data.transforms import eval_batch
+from pipeline.model import ImageClassifier
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ["train_loss", "train_top1_error", "val_top1_error", "val_top5_error", "images_per_s", "data_wait_fraction"]
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, tiny_shards, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    cfg = config.resolve(
+        "sample", data=str(tiny_shards), epochs=2, batch_size=8, workers=2, storage_path=str(tmp / "runs"),
+        experiment="alexnet-test", model_name="alexnet-test",
+    )
+    summary = training.train(cfg)
+    yield summary, cfg, uri
+    mlflow.set_tracking_uri(None)
+
+
+def test_the_run_holds_every_epochs_metrics_exactly_once(trained):
+    summary, cfg, uri = trained
+    client = MlflowClient(uri)
+    run = client.get_run(summary.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == summary.run_name
+    for key in METRICS:
+        assert [m.step for m in client.get_metric_history(summary.run_id, key)] == [1, 2], key
+    assert {k: run.data.params[k] for k in cfg.to_dict()} == {k: str(v) for k, v in cfg.to_dict().items()}
+    assert run.data.tags["dataset_hash"] and run.data.tags["num_classes"] == "4"
+
+
+def test_validation_counts_every_image_across_workers(trained, tiny_shards):
+    summary, _, uri = trained
+    n = json.loads((tiny_shards / "manifest.json").read_text())["splits"]["val"]["images"]
+    for m in MlflowClient(uri).get_metric_history(summary.run_id, "val_top1_error"):
+        assert m.value * n == pytest.approx(round(m.value * n), abs=1e-6)  # a whole number of the 24 images
+
+
+def test_the_checkpoint_describes_itself(trained):
+    summary, cfg, _ = trained
+    meta = checkpoint.read_meta(summary.checkpoint)
+    assert meta["config"] == cfg.to_dict() and meta["run_id"] == summary.run_id
+    assert [c["wnid"] for c in meta["classes"]] == ["n01440764", "n01443537", "n01484850", "n01491361"]
+    assert meta["epoch"] == summary.best["epoch"]
+    assert set(checkpoint.load_state(summary.checkpoint, checkpoint.OPTIMIZER_FILE)) == {"state", "param_groups"}
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7])
+def test_the_registered_model_loads_by_version_and_matches_the_checkpoint(trained, tiny_shards, batch):
+    summary, _, uri = trained
+    model_uri = f"models:/{summary.model_name}/{summary.model_version}"
+    rows = pq.read_table(tiny_shards / "val").slice(0, batch).to_pydict()
+    images = eval_batch({"image": np.array(rows["image"], dtype=object), "label": np.array(rows["label"])}, 64)["image"]
+
+    net, _ = checkpoint.load_model(summary.checkpoint)
+    expected = ImageClassifier(net, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)).eval()(torch.from_numpy(images))
+
+    loaded = mlflow.pytorch.load_model(model_uri)
+    torch.testing.assert_close(loaded(torch.from_numpy(images)), expected, rtol=1e-4, atol=1e-4)
+    pyfunc = mlflow.pyfunc.load_model(model_uri)
+    np.testing.assert_allclose(pyfunc.predict(images), expected.detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_the_registered_model_carries_its_class_index(trained):
+    summary, _, _ = trained
+    local = mlflow.artifacts.download_artifacts(f"models:/{summary.model_name}/{summary.model_version}")
+    classes = json.loads(next(Path(local).rglob("classes.json")).read_text())
+    assert [c["index"] for c in classes] == [0, 1, 2, 3]
+
+
+def _fake_dataset(root: Path, columns: dict) -> Path:
+    (root / "train").mkdir(parents=True)
+    (root / "val").mkdir()
+    for split in ("train", "val"):
+        pq.write_table(pa.table(columns), root / split / f"{split}-00000.parquet")
+    (root / "classes.json").write_text(json.dumps([{"index": 0, "wnid": "n01440764", "name": "tench"}]))
+    splits = {s: {"images": 1, "shards": [{"file": f"{s}/{s}-00000.parquet", "rows": 1}]} for s in ("train", "val")}
+    (root / "manifest.json").write_text(json.dumps({"size": 72, "splits": splits, "hash": "x", "bad_files": []}))
+    return root
+
+
+def test_bad_data_fails_before_any_cluster_work(tmp_path):
+    cases = [
+        (tmp_path / "missing", "does not exist"),
+        (tmp_path, "has no classes.json"),
+        (_fake_dataset(tmp_path / "foreign", {"img": [b"x"], "y": [0]}), "lacks columns"),
+    ]
+    for path, message in cases:
+        with pytest.raises(DataError, match=message):
+            training.load_data(config.resolve("sample", data=str(path)))
+
+
+def test_a_crop_bigger_than_the_shards_says_which_flag_to_change(tiny_shards):
+    with pytest.raises(ConfigError, match="--crop 72"):
+        training.load_data(config.resolve("sample", data=str(tiny_shards), crop=96))
+
+
+def test_the_train_job_reports_a_missing_data_dir_without_starting_ray(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs/train.py"), "--data", str(tmp_path / "nope")], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "error: data directory" in proc.stderr and "jobs/prepare.py" in proc.stderr
+    assert "Ray" not in proc.stdout + proc.stderr
