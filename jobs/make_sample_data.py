@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
 from pipeline.data.sample import SYNSETS, make_sample  # noqa: E402
+from pipeline.errors import InputError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = make_sample(args.out, args.classes, args.train_per_class, args.val_per_class, args.seed)
-    except ValueError as exc:
+    except InputError as exc:
         parser.error(str(exc))
     print(
         f"wrote {args.classes * args.train_per_class} train and {args.classes * args.val_per_class} val images "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
+from pipeline.errors import InputError  # noqa: E402
 from pipeline.prepare import DEFAULT_SHARD_SIZE, prepare  # noqa: E402
 
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = prepare(args.source, args.out, size=args.size, shard_size=args.shard_size, seed=args.seed)
-    except ValueError as exc:
+    except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(

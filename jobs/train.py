@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
 from pipeline import config  # noqa: E402
+from pipeline.errors import InputError  # noqa: E402
 from pipeline.metrics import format_duration  # noqa: E402
 from pipeline.training import train  # noqa: E402
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     print("config:\n" + cfg.to_json(), flush=True)
     try:
         summary = train(cfg)
-    except ValueError as exc:  # bad input: a message, not a traceback
+    except InputError as exc:  # bad input: a message, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     best = summary.best

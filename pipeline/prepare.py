@@ -23,6 +23,7 @@ from PIL import Image
 
 from pipeline.data import imagenet, shards
 from pipeline.data.transforms import encode_jpeg, square_image
+from pipeline.errors import InputError
 
 DEFAULT_SHARD_SIZE = 1024  # images per shard: ~30 MB at 256 px, a good Ray Data block
 
@@ -48,9 +49,9 @@ def prepare(
     seed: int = 0,
 ) -> PrepareSummary:
     if size < 63:
-        raise ValueError(f"--size {size} is below AlexNet's smallest input (63 pixels)")
+        raise InputError(f"--size {size} is below AlexNet's smallest input (63 pixels)")
     if shard_size < 1:
-        raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
+        raise InputError(f"--shard-size must be at least 1, got {shard_size}")
     src = imagenet.scan(source)  # layout errors surface here, before any cluster work
     out = Path(out).expanduser().resolve()
     label_of = {c.wnid: c.index for c in src.classes}

@@ -7,7 +7,6 @@ validation stream, all-reduce the sums, then report metrics and a checkpoint to 
 
 from __future__ import annotations
 
-import logging
 import tempfile
 import time
 from typing import Any, Iterator
@@ -28,7 +27,6 @@ from pipeline.tracking import NullLogger, RunLogger
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     cfg = TrainConfig.from_dict(loop_config["config"])
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per report and checkpoint
     classes = loop_config["classes"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -41,21 +39,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     # ---- model, optimizer, resume -------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = AlexNet(len(classes), lrn=cfg.lrn, init=cfg.init, dropout=cfg.dropout, paper_bias=cfg.paper_bias)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=cfg.scaled_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
-    start_epoch, best = 0, None
-    restored = ray.train.get_checkpoint()
+    restored, start_epoch, best = ray.train.get_checkpoint(), 0, None
     if restored:
         with restored.as_directory() as ckpt_dir:
             model.load_state_dict(checkpoint.load_state(ckpt_dir))
-            optimizer.load_state_dict(checkpoint.load_state(ckpt_dir, checkpoint.OPTIMIZER_FILE))
+            optimizer_state = checkpoint.load_state(ckpt_dir, checkpoint.OPTIMIZER_FILE)
             meta = checkpoint.read_meta(ckpt_dir)
         start_epoch, best = meta["epoch"], meta.get("best")
         print0(f"resumed from epoch {start_epoch} ({restored.path})")
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)  # the uint8 NHWC batches arrive that way
     model = ray.train.torch.prepare_model(model)  # device placement + DDP
+    optimizer = torch.optim.SGD(  # fused: decay, momentum and update in one pass, ~4x faster on CPU
+        model.parameters(), lr=cfg.scaled_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True
+    )
+    if restored:
+        optimizer.load_state_dict(optimizer_state)
     augment = DeviceAugment(device, cfg.lighting_std, seed=cfg.seed * 1000 + rank)
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
 
@@ -110,6 +109,8 @@ def run_train_epoch(model, optimizer, augment, shard, cfg: TrainConfig, device) 
             loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.clip_grad_norm:  # DDP has averaged the gradients: every rank clips alike
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
         optimizer.step()
         (top1,) = topk_correct(logits.detach(), labels, ks=(1,))
         sums += torch.stack([loss.detach().double() * len(labels), top1.double(), torch.tensor(len(labels), device=device, dtype=torch.float64)])

@@ -17,8 +17,8 @@ import mlflow
 import numpy as np
 import ray
 import ray.train
-from ray.data import DataContext, ExecutionOptions, ExecutionResources
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.data import DataContext
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline import checkpoint, ingest, tracking
@@ -68,15 +68,14 @@ def connect_ray(cfg: TrainConfig, log: Callable[[str], None] = print) -> None:
     """
     if ray.is_initialized():
         return
-    env = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
     try:
-        ray.init(address="auto", runtime_env=env, log_to_driver=True)
+        ray.init(address="auto")
         log(f"connected to the Ray cluster at {ray.get_runtime_context().gcs_address}")
     except ConnectionError:
         if os.environ.get("RAY_ADDRESS"):
             raise
         cpus = max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker) + cfg.data_cpus)
-        ray.init(num_cpus=cpus, runtime_env=env)
+        ray.init(num_cpus=cpus)
         log(f"started a local Ray with {cpus} logical CPUs")
 
 
@@ -126,9 +125,6 @@ def _fit(cfg: TrainConfig, data: PreparedDataset, run_id: str, run_name: str, tr
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     # One progress bar per dataset rather than one per operator.
     DataContext.get_current().enable_operator_progress_bars = False
-    train_cpus = cfg.workers * cfg.cpus_per_worker
-    # Ray Data budgets against the whole cluster unless told what the train workers hold.
-    execution = ExecutionOptions(exclude_resources=ExecutionResources(cpu=train_cpus, gpu=cfg.workers if cfg.gpu else 0))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -150,12 +146,13 @@ def _fit(cfg: TrainConfig, data: PreparedDataset, run_id: str, run_name: str, tr
                 checkpoint_score_order="min",
             ),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),  # no line per report; epoch lines say it
         ),
         datasets={
             "train": ingest.train_dataset(data.split_dir("train"), cfg.crop, cfg.seed),
             "val": ingest.eval_dataset(data.split_dir("val"), cfg.crop),
         },
-        dataset_config=ingest.IngestConfig(execution_options=execution),
+        dataset_config=ingest.IngestConfig(),
     )
     return trainer.fit()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -15,7 +16,8 @@ def ray_cluster():
     from ray.data import DataContext
 
     # Generous logical CPUs on a 2-core machine: train workers and Ray Data time-share the cores.
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=True)
+    # The dashboard (127.0.0.1, a free port) serves the state API that Ray Train's cleaner polls.
+    ray.init(num_cpus=6, dashboard_host="127.0.0.1", dashboard_port=_free_port())
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
@@ -36,3 +38,9 @@ def tiny_shards(ray_cluster, tiny_raw, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
     prepare(tiny_raw, out, size=72, shard_size=32)
     return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
