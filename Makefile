@@ -10,7 +10,6 @@ DEV_STAMP := $(VENV)/.installed-dev
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 
 $(STAMP): requirements.txt | $(BIN)/python
 	$(BIN)/pip install -q -r requirements.txt

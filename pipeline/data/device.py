@@ -1,0 +1,65 @@
+"""The float half of preprocessing, done on the train worker's device in one batched pass.
+
+Batches arrive as uint8 NHWC (4× smaller than float32 on the wire and in the object store);
+here they become float, get the paper's PCA colour augmentation and are normalised. The same
+``to_float`` and ``normalize`` run inside the registered model, so serving cannot drift from
+training.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Published ImageNet statistics for pixels in [0, 1].
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# PCA of ImageNet's RGB covariance: eigenvalues, and eigenvectors as the *columns* of the matrix.
+IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_EIGVEC = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC → float32 NCHW in [0, 1]; the permute leaves it in channels_last memory."""
+    return images.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (x - mean) / std
+
+
+def lighting_shift(
+    n: int,
+    alpha_std: float,
+    eigval: torch.Tensor,
+    eigvec: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Per-image RGB offsets Σ_i p_i·α_i·λ_i with α_i ~ N(0, alpha_std), shape (n, 3)."""
+    alpha = torch.randn(n, 3, generator=generator, device=eigval.device) * alpha_std
+    return (alpha * eigval) @ eigvec.T
+
+
+class DeviceAugment:
+    """uint8 NHWC batch → normalised float NCHW, with PCA lighting when ``alpha_std`` > 0."""
+
+    def __init__(self, device: torch.device, alpha_std: float = 0.1, seed: int | None = None) -> None:
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=device)  # noqa: E731
+        self.mean = as_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        self.std = as_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self.eigval, self.eigvec = as_tensor(IMAGENET_EIGVAL), as_tensor(IMAGENET_EIGVEC)
+        self.alpha_std = alpha_std
+        self.generator = None
+        if seed is not None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(seed)
+
+    def __call__(self, images: torch.Tensor, train: bool) -> torch.Tensor:
+        x = to_float(images)
+        if train and self.alpha_std > 0:
+            shift = lighting_shift(len(x), self.alpha_std, self.eigval, self.eigvec, self.generator)
+            return (x + shift[:, :, None, None] - self.mean) / self.std
+        return normalize(x, self.mean, self.std)
