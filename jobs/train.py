@@ -2,7 +2,9 @@
 
     python jobs/train.py                                  # the bundled sample, built on first use
     python jobs/train.py --data /data/imagenet-shards --profile imagenet --workers 8 --gpu
-    ray job submit --working-dir . -- python jobs/train.py --workers 4
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \
+        --runtime-env-json '{"excludes": ["/.venv", "/data", "/runs", "/mlflow.db", "/.git"]}' \
+        -- python jobs/train.py --data /shared/imagenet-shards --workers 4
 
 Without RAY_ADDRESS or a running `ray start` cluster it starts a local Ray. MLflow goes to
 MLFLOW_TRACKING_URI, else ./mlflow.db (open it with `mlflow ui` in this directory).

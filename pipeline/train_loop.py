@@ -113,7 +113,9 @@ def run_train_epoch(model, optimizer, augment, shard, cfg: TrainConfig, device) 
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
         optimizer.step()
         (top1,) = topk_correct(logits.detach(), labels, ks=(1,))
-        sums += torch.stack([loss.detach().double() * len(labels), top1.double(), torch.tensor(len(labels), device=device, dtype=torch.float64)])
+        sums[0] += loss.detach() * len(labels)  # device-side sums: no host sync per step
+        sums[1] += top1
+        sums[2] += len(labels)
     elapsed = time.perf_counter() - started
     timing = torch.tensor([wait, elapsed], dtype=torch.float64, device=device)
     sums, timing = _all_reduce(sums), _all_reduce(timing)
@@ -141,7 +143,10 @@ def evaluate(model, augment, shard, cfg: TrainConfig, device) -> dict[str, float
             logits = model(images)
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
         top1, top5 = topk_correct(logits, labels)
-        sums += torch.stack([loss.double(), top1.double(), top5.double(), torch.tensor(len(labels), device=device, dtype=torch.float64)])
+        sums[0] += loss
+        sums[1] += top1
+        sums[2] += top5
+        sums[3] += len(labels)
     loss_sum, top1, top5, n = _all_reduce(sums).tolist()
     return {"loss": loss_sum / n, "top1_error": 1 - top1 / n, "top5_error": 1 - top5 / n}
 
