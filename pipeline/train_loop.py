@@ -7,6 +7,7 @@ validation stream, all-reduce the sums, then report metrics and a checkpoint to 
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from typing import Any, Iterator
@@ -16,6 +17,8 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from ray.train.v2._internal.execution import context as ray_train_context
 
 from pipeline import checkpoint
 from pipeline.config import TrainConfig
@@ -57,6 +60,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         optimizer.load_state_dict(optimizer_state)
     augment = DeviceAugment(device, cfg.lighting_std, seed=cfg.seed * 1000 + rank)
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    # Ray Train logs every report at INFO through a logger named after its file, not "ray.train",
+    # so RunConfig's LoggingConfig does not reach it; the epoch line below says the same.
+    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
 
     # ---- epochs -------------------------------------------------------------------------------
     epoch_seconds = []

@@ -1,5 +1,8 @@
 import csv
 import filecmp
+import subprocess
+import sys
+from pathlib import Path
 
 from PIL import Image
 
@@ -39,3 +42,13 @@ def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
     assert len(files) == 2 * 3 + 2 * 2 + 2
     assert all(filecmp.cmp(a / f, b / f, shallow=False) for f in files)
     assert not filecmp.cmp(a / files[-1], c / files[-1], shallow=False)
+
+
+def test_the_job_writes_the_sample_and_rejects_bad_counts(tmp_path):
+    job = Path(__file__).resolve().parents[1] / "jobs" / "make_sample_data.py"
+    argv = [sys.executable, str(job), "--out", str(tmp_path / "s"), "--classes", "3", "--train-per-class", "2"]
+    done = subprocess.run([*argv, "--val-per-class", "1"], capture_output=True, text=True)
+    assert done.returncode == 0 and "wrote 6 train and 3 val images of 3 classes" in done.stdout
+    assert len(list((tmp_path / "s" / "train").glob("*/*.JPEG"))) == 6
+    bad = subprocess.run([*argv, "--classes", "11"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "num_classes must be between 2 and 10" in bad.stderr
