@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
 from pipeline.data.sample import SYNSETS, make_sample  # noqa: E402
 from pipeline.errors import InputError  # noqa: E402

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
 from pipeline.errors import InputError  # noqa: E402
 from pipeline.prepare import DEFAULT_SHARD_SIZE, prepare  # noqa: E402
