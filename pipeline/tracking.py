@@ -171,5 +171,6 @@ def log_and_register(
     return version
 
 
-def finish_run(run_id: str, failed: bool) -> None:
-    MlflowClient().set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+def finish_run(run_id: str, status: str) -> None:
+    """Close the run as FINISHED, FAILED or KILLED."""
+    MlflowClient().set_terminated(run_id, status=status)

@@ -86,30 +86,46 @@ def load_data(cfg: TrainConfig) -> PreparedDataset | None:
     return _check_crop(cfg, open_dataset(cfg.data))
 
 
+def run_name(cfg: TrainConfig) -> str:
+    """cfg.name, or a fresh timestamped one; a name whose run directory exists is refused.
+
+    Ray Train resumes a run whose storage_path/name already holds checkpoints, so reusing a name
+    would silently continue an old run under a new MLflow run.
+    """
+    name = cfg.name or f"alexnet-{cfg.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
+    existing = Path(cfg.storage_path).expanduser().resolve() / name
+    if existing.exists():
+        raise ConfigError(f"run directory {existing} already exists; pass another --name")
+    return name
+
+
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
     started = time.time()
     data = load_data(cfg)  # fails fast, before Ray starts
+    name = run_name(cfg)
     connect_ray(cfg, log)
     if data is None:
         data = _check_crop(cfg, open_dataset(sample_shards(cfg, log)))
     tracking_uri = tracking.resolve_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
-    run_name = cfg.name or f"alexnet-{cfg.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_id = tracking.start_run(cfg, data, run_name)
-    log(f"MLflow run {run_id} ({run_name}) in experiment {cfg.experiment!r} at {tracking_uri}")
+    run_id = tracking.start_run(cfg, data, name)
+    log(f"MLflow run {run_id} ({name}) in experiment {cfg.experiment!r} at {tracking_uri}")
 
-    failed = True
+    status = "FAILED"
     try:
-        result = _fit(cfg, data, run_id, run_name, tracking_uri)
+        result = _fit(cfg, data, run_id, name, tracking_uri)
         best_checkpoint, best_metrics = min(result.best_checkpoints, key=lambda cm: cm[1]["val_top1_error"])
         with best_checkpoint.as_directory() as ckpt_dir:
             version = _register(cfg, data, run_id, ckpt_dir, best_metrics)
-        failed = False
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
-        tracking.finish_run(run_id, failed)
+        tracking.finish_run(run_id, status)
     return TrainSummary(
         run_id=run_id,
-        run_name=run_name,
+        run_name=name,
         experiment=cfg.experiment,
         tracking_uri=tracking_uri,
         model_name=cfg.model_name,
@@ -120,7 +136,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
     )
 
 
-def _fit(cfg: TrainConfig, data: PreparedDataset, run_id: str, run_name: str, tracking_uri: str) -> ray.train.Result:
+def _fit(cfg: TrainConfig, data: PreparedDataset, run_id: str, name: str, tracking_uri: str) -> ray.train.Result:
     # Workers print their epoch lines themselves; Ray Train's print patch would print each twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     # One progress bar per dataset rather than one per operator.
@@ -138,7 +154,7 @@ def _fit(cfg: TrainConfig, data: PreparedDataset, run_id: str, run_name: str, tr
             num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),
         run_config=RunConfig(
-            name=run_name,
+            name=name,
             storage_path=str(Path(cfg.storage_path).expanduser().resolve()),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints,

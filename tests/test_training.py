@@ -1,5 +1,6 @@
 """End to end on a real local Ray, real Parquet shards of real JPEGs and a real MLflow sqlite store."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -85,6 +86,12 @@ def test_the_registered_model_carries_its_class_index(trained):
     local = mlflow.artifacts.download_artifacts(f"models:/{summary.model_name}/{summary.model_version}")
     classes = json.loads(next(Path(local).rglob("classes.json")).read_text())
     assert [c["index"] for c in classes] == [0, 1, 2, 3]
+
+
+def test_reusing_a_run_name_is_refused_instead_of_resuming_the_old_run(trained):
+    summary, cfg, _ = trained
+    with pytest.raises(ConfigError, match="already exists; pass another --name"):
+        training.run_name(dataclasses.replace(cfg, name=summary.run_name))
 
 
 def _fake_dataset(root: Path, columns: dict) -> Path:
