@@ -105,11 +105,17 @@ def _fake_dataset(root: Path, columns: dict) -> Path:
     return root
 
 
+def _broken_manifest(root: Path) -> Path:
+    (root / "manifest.json").write_text('{"splits": {}}')
+    return root
+
+
 def test_bad_data_fails_before_any_cluster_work(tmp_path):
     cases = [
         (tmp_path / "missing", "does not exist"),
         (tmp_path, "has no classes.json"),
         (_fake_dataset(tmp_path / "foreign", {"img": [b"x"], "y": [0]}), "lacks columns"),
+        (_broken_manifest(_fake_dataset(tmp_path / "broken", {"img": [b"x"]})), "is not what jobs/prepare.py writes"),
     ]
     for path, message in cases:
         with pytest.raises(DataError, match=message):

@@ -98,20 +98,28 @@ def open_dataset(root: str | Path) -> PreparedDataset:
     for name in (CLASSES_FILE, MANIFEST_FILE):
         if not (root / name).is_file():
             raise DataError(f"{root} has no {name}: it is not a prepared dataset; run jobs/prepare.py --out {root}")
-    classes = read_classes(root / CLASSES_FILE)
+    try:
+        classes = read_classes(root / CLASSES_FILE)
+        manifest = json.loads((root / MANIFEST_FILE).read_text())
+        counts = {split: int(manifest["splits"][split]["images"]) for split in SPLITS}
+        if not {"size", "hash"} <= manifest.keys():
+            raise KeyError("size and hash")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(
+            f"{root}: {CLASSES_FILE} or {MANIFEST_FILE} is not what jobs/prepare.py writes ({exc!r}); prepare it again"
+        ) from exc
     if not classes:
         raise DataError(f"{root / CLASSES_FILE} lists no classes; re-run jobs/prepare.py on a source with class folders")
-    manifest = json.loads((root / MANIFEST_FILE).read_text())
     for split in SPLITS:
-        _check_split(root, split, manifest)
+        _check_split(root, split, counts[split])
     return PreparedDataset(root, classes, manifest)
 
 
-def _check_split(root: Path, split: str, manifest: dict[str, Any]) -> None:
+def _check_split(root: Path, split: str, images: int) -> None:
     files = sorted((root / split).glob("*.parquet"))
     if not files:
         raise DataError(f"{root / split} holds no .parquet shards; run jobs/prepare.py --out {root}")
-    if manifest["splits"][split]["images"] == 0:
+    if images == 0:
         raise DataError(f"{root}: the {split} split has no images (see bad_files in {MANIFEST_FILE})")
     schema = pq.read_schema(files[0])
     missing = [f"{f.name} ({f.type})" for f in SCHEMA if f.name not in schema.names]
