@@ -1,4 +1,4 @@
-"""Train AlexNet with Ray Data streaming augmentation and Ray Train DDP, tracked in MLflow.
+r"""Train AlexNet with Ray Data streaming augmentation and Ray Train DDP, tracked in MLflow.
 
     python jobs/train.py                                  # the bundled sample, built on first use
     python jobs/train.py --data /data/imagenet-shards --profile imagenet --workers 8 --gpu

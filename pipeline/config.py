@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -26,17 +28,17 @@ class TrainConfig:
     data: str = ""  # prepared shards (jobs/prepare.py --out); empty: the bundled sample, built on first use
     sample_dir: str = "data/sample"  # where the sample dataset (raw + shards) lives
     crop: int = 224  # random crop for training, centre crop for validation
-    epochs: int = 90
+    epochs: int = 90  # passes over the training set
     batch_size: int = 128  # per train worker
     lr: float = 0.01  # learning rate for `lr_batch` images; scaled linearly with the global batch
-    lr_batch: int = 128
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    lr_batch: int = 128  # the batch size `lr` is quoted for (the paper: 0.01 at 128)
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # L2 weight decay, on every parameter as in the paper
     lighting_std: float = 0.1  # σ of the paper's PCA colour augmentation; 0 turns it off
     lrn: bool = False  # the paper's local response normalisation after conv1 and conv2
     init: str = "torchvision"  # "torchvision" (PyTorch defaults) or "paper" (N(0, 0.01), biases 1)
     paper_bias: float = 1.0  # positive bias of init="paper" (Caffe used 0.1)
-    dropout: float = 0.5
+    dropout: float = 0.5  # dropout before fc6 and fc7
     clip_grad_norm: float = 0.0  # clip the global gradient norm to this; 0: off (the paper does not clip)
     workers: int = 1  # Ray Train workers (DDP ranks)
     gpu: bool = False  # one GPU per worker
@@ -128,11 +130,13 @@ def resolve(profile: str = "imagenet", **overrides: Any) -> TrainConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field (`--batch-size`, `--lrn/--no-lrn`, …), defaults left to the profile."""
     parser.add_argument("--profile", default="sample", choices=PROFILE_NAMES, help="preset to start from (default: sample)")
+    comments = _field_comments()
     for f in fields(TrainConfig):
         if f.name == "profile":
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"profile default: imagenet={_profile_value('imagenet', f.name)!r}, sample={_profile_value('sample', f.name)!r}"
+        defaults = ", ".join(f"{p}: {_profile_value(p, f.name)!r}" for p in PROFILE_NAMES)
+        help_text = f"{comments.get(f.name, '')} [{defaults}]".strip()
         if f.type == "bool":
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
@@ -143,6 +147,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def from_args(args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)} - {"profile"}
     return resolve(args.profile, **{name: getattr(args, name) for name in names})
+
+
+def _field_comments() -> dict[str, str]:
+    """The one-line comment after each field of TrainConfig: the flag's help, written once."""
+    pattern = re.compile(r"^\s+(\w+): [^=]+=.*?  # (.+)$")
+    matches = (pattern.match(line) for line in inspect.getsource(TrainConfig).splitlines())
+    return {m.group(1): m.group(2).replace("%", "%%") for m in matches if m}
 
 
 def _profile_value(profile: str, name: str) -> Any:

@@ -1,4 +1,5 @@
 import argparse
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,7 @@ def test_the_train_job_rejects_unknown_flags_and_bad_values_without_starting_ray
         assert proc.returncode == 2
         assert message in proc.stderr
         assert "Ray" not in proc.stdout + proc.stderr
+
+
+def test_every_flag_says_what_it_is_for():
+    assert set(config._field_comments()) == {f.name for f in dataclasses.fields(TrainConfig)}
