@@ -97,7 +97,8 @@ def main() -> None:
     print(f"{f'1 process x {cores} threads':<36}{single * 1000:>9.0f}{rate(single):>9.0f}{1:>7.2f}")
     print(f"{'2 DDP ranks x 1 thread (gloo)':<36}{ddp * 1000:>9.0f}{rate(ddp):>9.0f}{single / ddp:>7.2f}")
     print(f"all-reduce of the gradients: {all_reduce * 1000:.0f} ms per step")
-    print(f"optimizer step, 1 thread: for-loop SGD {optimizer_ms['for-loop']:.0f} ms, fused SGD {optimizer_ms['fused']:.0f} ms")
+    loop_ms, fused_ms = optimizer_ms["for-loop"], optimizer_ms["fused"]
+    print(f"optimizer step, 1 thread: for-loop SGD {loop_ms:.0f} ms, fused SGD {fused_ms:.0f} ms")
 
 
 if __name__ == "__main__":

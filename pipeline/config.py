@@ -129,7 +129,9 @@ def resolve(profile: str = "imagenet", **overrides: Any) -> TrainConfig:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field (`--batch-size`, `--lrn/--no-lrn`, …), defaults left to the profile."""
-    parser.add_argument("--profile", default="sample", choices=PROFILE_NAMES, help="preset to start from (default: sample)")
+    parser.add_argument(
+        "--profile", default="sample", choices=PROFILE_NAMES, help="preset to start from (default: sample)"
+    )
     comments = _field_comments()
     for f in fields(TrainConfig):
         if f.name == "profile":

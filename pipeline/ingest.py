@@ -59,12 +59,16 @@ class IngestConfig(DataConfig):
         super().__init__(**kwargs)
         self._exact = exact
 
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs) -> list[dict[str, DataIterator]]:
+    def configure(
+        self, datasets, world_size, worker_handles, worker_node_ids, **kwargs
+    ) -> list[dict[str, DataIterator]]:
         exact = {name: ds for name, ds in datasets.items() if name in self._exact}
         rest = {name: ds for name, ds in datasets.items() if name not in self._exact}
-        output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs) if rest else [
-            {} for _ in range(world_size)
-        ]
+        output = (
+            super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+            if rest
+            else [{} for _ in range(world_size)]
+        )
         hints = worker_node_ids if self._enable_shard_locality else None
         for name, ds in exact.items():
             if ds.name is None:

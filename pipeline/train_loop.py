@@ -196,5 +196,3 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
-
-

@@ -30,7 +30,14 @@ def test_unknown_profile_fails_and_lists_the_profiles():
 
 def test_imagenet_profile_is_the_paper_recipe():
     cfg = config.resolve("imagenet")
-    assert (cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.epochs, cfg.crop) == (128, 0.01, 0.9, 5e-4, 90, 224)
+    assert (cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.epochs, cfg.crop) == (
+        128,
+        0.01,
+        0.9,
+        5e-4,
+        90,
+        224,
+    )
 
 
 def test_lr_scales_linearly_with_the_global_batch():

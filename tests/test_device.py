@@ -33,11 +33,11 @@ def test_training_batch_is_lit_then_normalised_per_image():
     images = _images()
     augment = DeviceAugment(torch.device("cpu"), alpha_std=0.1, seed=3)
     out = augment(images, train=True)
-    shift = lighting_shift(
-        len(images), 0.1, augment.eigval, augment.eigvec, torch.Generator().manual_seed(3)
-    )
+    shift = lighting_shift(len(images), 0.1, augment.eigval, augment.eigvec, torch.Generator().manual_seed(3))
     x = images.permute(0, 3, 1, 2).double() / 255 + shift.double()[:, :, None, None]
-    expected = (x - torch.tensor(IMAGENET_MEAN).double().view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).double().view(1, 3, 1, 1)
+    expected = (x - torch.tensor(IMAGENET_MEAN).double().view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).double().view(
+        1, 3, 1, 1
+    )
     torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-5)
     # one offset per image and channel: constant over the pixels of a channel
     diff = out - augment(images, train=False)

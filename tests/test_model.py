@@ -102,5 +102,7 @@ def test_image_classifier_takes_uint8_nhwc_and_normalises():
     model = ImageClassifier(net, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)).eval()
     images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
     x = images.permute(0, 3, 1, 2).double() / 255
-    x = (x - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1).double()) / torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1).double()
+    x = (x - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1).double()) / torch.tensor([0.2, 0.25, 0.3]).view(
+        1, 3, 1, 1
+    ).double()
     torch.testing.assert_close(model(images), net(x.float()), rtol=1e-4, atol=1e-5)

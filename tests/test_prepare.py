@@ -19,14 +19,25 @@ def _read(split_dir):
 def test_shards_hold_every_image_with_its_label(tiny_shards, tiny_raw):
     classes = json.loads((tiny_shards / "classes.json").read_text())
     wnids = [w for w, _ in SYNSETS[:4]]
-    assert classes == [{"index": i, "wnid": w, "name": imagenet.read_synset_mapping(tiny_raw / "LOC_synset_mapping.txt")[w]} for i, w in enumerate(wnids)]
+    assert classes == [
+        {"index": i, "wnid": w, "name": imagenet.read_synset_mapping(tiny_raw / "LOC_synset_mapping.txt")[w]}
+        for i, w in enumerate(wnids)
+    ]
 
     schema = pq.read_schema(next((tiny_shards / "train").glob("*.parquet")))
-    assert [(f.name, str(f.type)) for f in schema] == [("image", "binary"), ("label", "int32"), ("wnid", "string"), ("key", "string")]
+    assert [(f.name, str(f.type)) for f in schema] == [
+        ("image", "binary"),
+        ("label", "int32"),
+        ("wnid", "string"),
+        ("key", "string"),
+    ]
 
     train = _read(tiny_shards / "train")
     assert sorted(train["key"]) == sorted(p.name for p in (tiny_raw / "train").glob("*/*.JPEG"))
-    assert all(wnids[label] == wnid and key.startswith(wnid) for label, wnid, key in zip(train["label"], train["wnid"], train["key"]))
+    assert all(
+        wnids[label] == wnid and key.startswith(wnid)
+        for label, wnid, key in zip(train["label"], train["wnid"], train["key"])
+    )
     assert len(set(train["label"][:32])) == 4  # shards mix classes
 
     val = _read(tiny_shards / "val")

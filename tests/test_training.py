@@ -30,8 +30,14 @@ def trained(ray_cluster, tiny_shards, tmp_path_factory):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     cfg = config.resolve(
-        "sample", data=str(tiny_shards), epochs=2, batch_size=8, workers=2, storage_path=str(tmp / "runs"),
-        experiment="alexnet-test", model_name="alexnet-test",
+        "sample",
+        data=str(tiny_shards),
+        epochs=2,
+        batch_size=8,
+        workers=2,
+        storage_path=str(tmp / "runs"),
+        experiment="alexnet-test",
+        model_name="alexnet-test",
     )
     summary = training.train(cfg)
     yield summary, cfg, uri

@@ -109,7 +109,9 @@ def open_dataset(root: str | Path) -> PreparedDataset:
             f"{root}: {CLASSES_FILE} or {MANIFEST_FILE} is not what jobs/prepare.py writes ({exc!r}); prepare it again"
         ) from exc
     if not classes:
-        raise DataError(f"{root / CLASSES_FILE} lists no classes; re-run jobs/prepare.py on a source with class folders")
+        raise DataError(
+            f"{root / CLASSES_FILE} lists no classes; re-run jobs/prepare.py on a source with class folders"
+        )
     for split in SPLITS:
         _check_split(root, split, counts[split])
     return PreparedDataset(root, classes, manifest)
@@ -125,6 +127,5 @@ def _check_split(root: Path, split: str, images: int) -> None:
     missing = [f"{f.name} ({f.type})" for f in SCHEMA if f.name not in schema.names]
     if missing:
         raise DataError(
-            f"shard {files[0]} lacks columns {missing} (has {schema.names}); "
-            "shards must come from jobs/prepare.py"
+            f"shard {files[0]} lacks columns {missing} (has {schema.names}); shards must come from jobs/prepare.py"
         )
