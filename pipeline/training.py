@@ -15,8 +15,10 @@ from typing import Any, Callable
 
 import mlflow
 import numpy as np
+import pyarrow.parquet as pq
 import ray
 import ray.train
+import torch
 from ray.data import DataContext
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -74,9 +76,19 @@ def connect_ray(cfg: TrainConfig, log: Callable[[str], None] = print) -> None:
     except ConnectionError:
         if os.environ.get("RAY_ADDRESS"):
             raise
+        check_local_gpus(cfg)
         cpus = max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker) + cfg.data_cpus)
         ray.init(num_cpus=cpus)
         log(f"started a local Ray with {cpus} logical CPUs")
+
+
+def check_local_gpus(cfg: TrainConfig) -> None:
+    """A local Ray has only this machine's GPUs: --gpu without enough of them would wait forever."""
+    if cfg.gpu and torch.cuda.device_count() < cfg.workers:
+        raise ConfigError(
+            f"--gpu asks for {cfg.workers} GPU(s) but this machine has {torch.cuda.device_count()}; "
+            "drop --gpu, lower --workers, or set RAY_ADDRESS to a cluster with GPU nodes"
+        )
 
 
 def load_data(cfg: TrainConfig) -> PreparedDataset | None:
@@ -181,8 +193,6 @@ def _register(cfg: TrainConfig, data: PreparedDataset, run_id: str, ckpt_dir: st
 
 def _input_example(data: PreparedDataset, crop: int) -> np.ndarray:
     """Two real validation crops: what the registered model's signature documents."""
-    import pyarrow.parquet as pq
-
     first = sorted(Path(data.split_dir("val")).glob("*.parquet"))[0]
     rows = pq.read_table(first, columns=["image", "label"]).slice(0, 2).to_pydict()
     batch = {"image": np.array(rows["image"], dtype=object), "label": np.array(rows["label"])}

@@ -128,6 +128,12 @@ def test_bad_data_fails_before_any_cluster_work(tmp_path):
             training.load_data(config.resolve("sample", data=str(path)))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without GPUs")
+def test_gpu_training_on_a_local_ray_without_gpus_is_refused():
+    with pytest.raises(ConfigError, match="--gpu asks for 2 GPU\\(s\\) but this machine has 0"):
+        training.check_local_gpus(config.resolve("sample", gpu=True, workers=2))
+
+
 def test_a_crop_bigger_than_the_shards_says_which_flag_to_change(tiny_shards):
     with pytest.raises(ConfigError, match="--crop 72"):
         training.load_data(config.resolve("sample", data=str(tiny_shards), crop=96))
