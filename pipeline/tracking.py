@@ -25,7 +25,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from pipeline.config import TrainConfig
-from pipeline.data.shards import PreparedDataset
+from pipeline.data.shards import CLASSES_FILE, PreparedDataset
 
 MODEL_ARTIFACT = "model"
 
@@ -134,9 +134,8 @@ def log_and_register(
     Returns the registered version.
     """
     crop = input_example.shape[1]
+    classes = data.root / CLASSES_FILE
     with tempfile.TemporaryDirectory() as tmp:
-        classes = Path(tmp, "classes.json")
-        classes.write_text((data.root / "classes.json").read_text())
         preprocessing = Path(tmp, "preprocessing.json")
         preprocessing.write_text(
             json.dumps(

@@ -6,6 +6,7 @@ is checked here, before the cluster does any work.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -157,7 +158,7 @@ def _fit(cfg: TrainConfig, data: PreparedDataset, run_id: str, name: str, tracki
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.to_dict(),
-            "classes": [{"index": c.index, "wnid": c.wnid, "name": c.name} for c in data.classes],
+            "classes": [dataclasses.asdict(c) for c in data.classes],
             "dataset_hash": data.dataset_hash,
             "run_id": run_id,
             "tracking_uri": tracking_uri,

@@ -61,5 +61,5 @@ class DeviceAugment:
         x = to_float(images)
         if train and self.alpha_std > 0:
             shift = lighting_shift(len(x), self.alpha_std, self.eigval, self.eigvec, self.generator)
-            return (x + shift[:, :, None, None] - self.mean) / self.std
+            x = x + shift[:, :, None, None]
         return normalize(x, self.mean, self.std)

@@ -11,6 +11,7 @@ foreign Parquet file fails with a message instead of a traceback from inside a R
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ def shard_name(split: str, index: int) -> str:
 
 
 def write_classes(root: Path, classes: list[ClassInfo]) -> None:
-    rows = [{"index": c.index, "wnid": c.wnid, "name": c.name} for c in classes]
+    rows = [dataclasses.asdict(c) for c in classes]
     (root / CLASSES_FILE).write_text(json.dumps(rows, indent=1) + "\n")
 
 
