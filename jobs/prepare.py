@@ -1,47 +1,116 @@
-"""Prepare an ILSVRC-2012 folder as Parquet shards, with Ray Data over the cluster's CPUs.
+"""Prepare ILSVRC-2012 as Parquet shards with Ray Data over the cluster's CPUs; measure its colours.
 
-    python jobs/prepare.py --source /data/ILSVRC2012 --out /data/imagenet-shards
+    python jobs/prepare.py --source /data/ILSVRC2012 --out /data/imagenet-shards --stats
+    python jobs/prepare.py --source s3://my-bucket/ILSVRC2012 --out s3://my-bucket/imagenet-shards --stats
+    python jobs/prepare.py --stats --out /data/imagenet-shards          # statistics of existing shards
     python jobs/prepare.py --source data/sample/raw --out data/sample/shards --size 72
 
-Ray Data joins the cluster in RAY_ADDRESS (or one started with `ray start`), else starts a local Ray.
+SOURCE holds train/<wnid>/*.JPEG and val/ as wnid folders, or flat with Kaggle's LOC_val_solution.csv
+or the devkit's ILSVRC2012_validation_ground_truth.txt + meta.mat (--devkit DIR if they are not
+beside train/). Kaggle's ILSVRC/Data/CLS-LOC/ tree works as downloaded. S3 and S3-compatible stores
+use the AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION).
+
 Every image: RGB, short side → --size, centre square, JPEG. OUT gets train/ and val/ shards,
-classes.json (sorted wnids → 0..N-1) and manifest.json (counts, shards, files that could not be read).
+classes.json (sorted wnids → 0..N-1) and manifest.json (counts, shards, every file that could not be
+used and why). Interrupted? Run the same command again: finished shards are kept. --stats writes
+OUT/stats.json (RGB mean, std, covariance, eigenvalues/vectors), which training then uses.
+
+Ray Data joins the cluster in RAY_ADDRESS (or one started with `ray start`), else starts a local Ray.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
+from ray.data import DataContext  # noqa: E402
+
 from pipeline.errors import InputError  # noqa: E402
-from pipeline.prepare import DEFAULT_SHARD_SIZE, prepare  # noqa: E402
+from pipeline.prepare import DEFAULT_SHARD_SIZE, PrepareSummary, prepare  # noqa: E402
+
+SHOWN_BAD_FILES = 20  # the rest are in manifest.json
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", required=True, help="folder with train/<wnid>/ and val/ (ILSVRC-2012 layout)")
-    parser.add_argument("--out", required=True, help="output folder for shards, classes.json, manifest.json")
+    parser.add_argument("--source", help="ILSVRC-2012 folder or s3:// prefix holding train/ and val/")
+    parser.add_argument("--out", required=True, help="output folder or s3:// prefix")
     parser.add_argument("--size", type=int, default=256, help="side of the stored square images (default 256)")
-    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per shard")
+    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per shard (default 1024)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train shuffle across shards")
+    parser.add_argument("--devkit", help="folder with the devkit's meta.mat and validation ground truth")
+    parser.add_argument("--max-tasks", type=int, help="shard tasks at once (default: as the cluster's CPUs allow)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a dataset OUT holds from other arguments")
+    parser.add_argument("--stats", action="store_true", help="compute OUT/stats.json over the training shards")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs of batch jobs)")
     args = parser.parse_args(argv)
+    if not args.source and not args.stats:
+        parser.error("pass --source to prepare a dataset, --stats to measure one, or both")
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # the bars and the summary say it
+    context = DataContext.get_current()
+    context.enable_operator_progress_bars = False
     try:
-        summary = prepare(args.source, args.out, size=args.size, shard_size=args.shard_size, seed=args.seed)
+        if args.source:
+            context.enable_progress_bars = False  # one images/s bar of our own instead
+            summary = prepare(
+                args.source,
+                args.out,
+                size=args.size,
+                shard_size=args.shard_size,
+                seed=args.seed,
+                devkit=args.devkit,
+                overwrite=args.overwrite,
+                max_tasks=args.max_tasks,
+                progress=not args.no_progress,
+                log=print,
+            )
+            print(describe(summary), flush=True)
+        if args.stats:
+            from pipeline.data.stats import compute_stats
+
+            context.enable_progress_bars = not args.no_progress
+            print(f"\ncomputing colour statistics over {args.out}/train ...", flush=True)
+            stats = compute_stats(args.out)
+            print(
+                f"  pixels        {stats['pixels']:,}\n"
+                f"  mean          {_vector(stats['mean'])}\n"
+                f"  std           {_vector(stats['std'])}\n"
+                f"  eigenvalues   {_vector(stats['eigenvalues'])}\n"
+                f"  eigenvectors  {'  '.join(_vector(row) for row in stats['eigenvectors'])}  (columns)\n"
+                f"  written to    {args.out.rstrip('/')}/stats.json"
+            )
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(
-        f"\nprepared {summary.out}\n"
-        f"  images      {', '.join(f'{s} {n:,}' for s, n in summary.images.items())}\n"
-        f"  bytes       {summary.bytes / 2**20:,.1f} MiB\n"
-        f"  speed       {summary.images_per_s:,.0f} images/s ({summary.seconds:.1f}s)\n"
-        f"  bad files   {len(summary.bad_files)}"
-        + "".join(f"\n    {b['path']}: {b['reason']}" for b in summary.bad_files[:20])
-    )
     return 0
+
+
+def describe(summary: PrepareSummary) -> str:
+    resumed = f", {summary.shards_skipped} already written before" if summary.shards_skipped else ""
+    lines = [
+        f"\nprepared {summary.out}",
+        f"  layout      {summary.layout}",
+        f"  images      {', '.join(f'{s} {n:,}' for s, n in summary.images.items())}",
+        f"  shards      {summary.shards_total}{resumed}",
+        f"  bytes       {summary.bytes / 2**20:,.1f} MiB",
+        f"  speed       {summary.images_per_s:,.0f} images/s ({summary.written_images:,} in {summary.seconds:.1f}s)"
+        if summary.written_images
+        else "  speed       nothing left to write",
+        f"  bad files   {len(summary.bad_files)}" + (" (listed in manifest.json)" if summary.bad_files else ""),
+    ]
+    lines += [f"    {b['path']}: {b['reason']}" for b in summary.bad_files[:SHOWN_BAD_FILES]]
+    if len(summary.bad_files) > SHOWN_BAD_FILES:
+        lines.append(f"    ... and {len(summary.bad_files) - SHOWN_BAD_FILES} more")
+    return "\n".join(lines)
+
+
+def _vector(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
 
 
 if __name__ == "__main__":

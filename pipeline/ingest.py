@@ -4,6 +4,9 @@
            row shuffle (CPU workers) → uint8 NHWC batches → streaming_split, one per worker
     val:   read shards → decode, centre crop (CPU workers) → uint8 NHWC batches
 
+Each shard is one read task fused with its decode (``batch_size=None``: the transform takes the
+block the read produced): raw JPEG bytes never travel through the object store, only the crops.
+
 Float conversion, colour augmentation and normalisation happen on the train worker's device
 (pipeline.data.device); the wire carries uint8.
 """
@@ -15,25 +18,45 @@ from ray.data import DataContext, DataIterator, Dataset, FileShuffleConfig
 from ray.train import DataConfig
 
 from pipeline.data.transforms import eval_batch, train_batch
+from pipeline.storage import Location, locate
 
-DECODE_BATCH = 64  # images per decode task: big enough to amortise task overhead, small enough to stream
+
+def train_dataset(shard_dir: str | Location, crop: int, seed: int) -> Dataset:
+    # A different file order every epoch (seed + epoch), reproducible for a given seed.
+    shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True)
+    return read_shards(shard_dir, shuffle=shuffle).map_batches(
+        train_batch, fn_kwargs={"crop": crop}, batch_size=None, batch_format="numpy"
+    )
 
 
-def train_dataset(shard_dir: str, crop: int, seed: int) -> Dataset:
+def eval_dataset(shard_dir: str | Location, crop: int) -> Dataset:
+    return read_shards(shard_dir).map_batches(
+        eval_batch, fn_kwargs={"crop": crop}, batch_size=None, batch_format="numpy"
+    )
+
+
+def read_shards(
+    shard_dir: str | Location,
+    columns: tuple[str, ...] = ("image", "label"),
+    shuffle: FileShuffleConfig | None = None,
+) -> Dataset:
+    """The shards of one split (a local folder or s3:// prefix), streamed one file per read task.
+
+    One block per file is also what lets Ray Data fuse the read with the decode that follows:
+    with fewer files than its default minimum of 200 read blocks it would split each file's
+    output, and split reads are never fused, so every raw shard would wait in the object store
+    for a separate decode task (and spill, with a small store).
+    """
     _use_file_reader()
+    shard_dir = shard_dir if isinstance(shard_dir, Location) else locate(shard_dir)
+    files = [e for e in shard_dir.listdir() if e.base_name.endswith(".parquet")]
     return ray.data.read_parquet(
-        shard_dir,
-        columns=["image", "label"],
+        shard_dir.path,
+        filesystem=shard_dir.fs,
+        columns=list(columns),
         file_extensions=["parquet"],
-        # A different file order every epoch (seed + epoch), reproducible for a given seed.
-        shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True),
-    ).map_batches(train_batch, fn_kwargs={"crop": crop}, batch_size=DECODE_BATCH, batch_format="numpy")
-
-
-def eval_dataset(shard_dir: str, crop: int) -> Dataset:
-    _use_file_reader()
-    return ray.data.read_parquet(shard_dir, columns=["image", "label"], file_extensions=["parquet"]).map_batches(
-        eval_batch, fn_kwargs={"crop": crop}, batch_size=DECODE_BATCH, batch_format="numpy"
+        shuffle=shuffle,
+        override_num_blocks=max(1, len(files)),
     )
 
 

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from pipeline.data.device import normalize, to_float
+from pipeline.data.transforms import MIN_INPUT_SIZE  # noqa: F401 (part of this module's interface)
 
 LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0  # the paper's n, α, β, k
-MIN_INPUT_SIZE = 63
 INITS = ("torchvision", "paper")
 
 # Layers whose bias the paper initialises to a positive constant (its section 5).

@@ -1,143 +1,313 @@
-"""Turn an ILSVRC-2012 folder into Parquet shards, as a Ray Data job over the cluster's CPUs.
+"""Turn an ILSVRC-2012 folder (local or s3://) into Parquet shards, as a Ray Data job.
 
-The driver scans the layout and plans the shards (train shuffled once with a fixed seed so every
-shard mixes all classes; val in file order); each Ray task reads its shard's images, applies the
-paper's preprocessing (short side → size, centre square) and writes one Parquet file atomically.
-A file that cannot be decoded is listed in manifest.json with its reason, never dropped silently.
+The driver scans the layout and plans the shards: train shuffled once with a fixed seed so that
+every shard mixes all classes, val in file order. The plan is a pure function of the file listing
+and the arguments, and its hash (the plan id) is written into every shard's footer and into
+manifest.json. Each Ray task reads its shard's images, applies the paper's preprocessing (short
+side → size, centre square, RGB) and writes one Parquet file whole or not at all.
+
+Restarting: the manifest lists the finished shards as they finish, and a shard file whose footer
+carries the plan id is finished even if the manifest missed it (the job was killed in between).
+The same command again does only the rest; on finished output it changes nothing. A file that
+cannot be used is listed in manifest.json with its reason; it never stops the job.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from PIL import Image
+from ray.data import TaskPoolStrategy
 
 from pipeline.data import imagenet, shards
-from pipeline.data.transforms import encode_jpeg, square_image
+from pipeline.data.transforms import MIN_INPUT_SIZE, encode_jpeg, load_square
 from pipeline.errors import InputError
+from pipeline.storage import Location, locate
 
-DEFAULT_SHARD_SIZE = 1024  # images per shard: ~30 MB at 256 px, a good Ray Data block
+DEFAULT_SHARD_SIZE = 1024  # images per shard: ~25-30 MB at 256 px, a good Ray Data block
+MANIFEST_FORMAT = 2
+PLAN_KEY, BAD_KEY = b"alexnet.plan", b"alexnet.bad_files"  # shard footer metadata
+MANIFEST_EVERY_S = 2.0  # progress written to manifest.json at most this often
 
 
 @dataclass
 class PrepareSummary:
     out: str
-    images: dict[str, int]
-    bytes: int
-    seconds: float
+    images: dict[str, int]  # per split, in the finished dataset
+    bytes: int  # of all shards
+    seconds: float  # of this run's shard writing
+    written_images: int  # images this run wrote (0 when everything was done before)
+    task_seconds: float  # summed wall time of this run's shard tasks: images / task_seconds = rate per core
+    shards_total: int
+    shards_skipped: int  # finished by an earlier, interrupted run
     bad_files: list[dict[str, str]] = field(default_factory=list)
+    layout: str = ""
 
     @property
     def images_per_s(self) -> float:
-        return sum(self.images.values()) / max(self.seconds, 1e-9)
+        return self.written_images / max(self.seconds, 1e-9)
 
 
 def prepare(
-    source: str | Path,
-    out: str | Path,
+    source: str,
+    out: str,
     size: int = 256,
     shard_size: int = DEFAULT_SHARD_SIZE,
     seed: int = 0,
+    devkit: str | None = None,
+    overwrite: bool = False,
+    max_tasks: int | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = lambda message: None,
 ) -> PrepareSummary:
-    if size < 63:
-        raise InputError(f"--size {size} is below AlexNet's smallest input (63 pixels)")
+    if size < MIN_INPUT_SIZE:
+        raise InputError(f"--size {size} is below AlexNet's smallest input ({MIN_INPUT_SIZE} pixels)")
     if shard_size < 1:
         raise InputError(f"--shard-size must be at least 1, got {shard_size}")
-    src = imagenet.scan(source)  # layout errors surface here, before any cluster work
-    out = Path(out).expanduser().resolve()
-    label_of = {c.wnid: c.index for c in src.classes}
+    if max_tasks is not None and max_tasks < 1:
+        raise InputError(f"--max-tasks must be at least 1, got {max_tasks}")
+    src = imagenet.scan(source, devkit=devkit)  # layout errors surface here, before any cluster work
+    dest = locate(out)
+    dest.check_writable()
+    plan, plan_id = make_plan(src, dest, size, shard_size, seed)
+    header = {
+        "format": MANIFEST_FORMAT,
+        "plan": plan_id,
+        "source": src.root.uri,
+        "layout": src.layout,
+        "size": size,
+        "shard_size": shard_size,
+        "seed": seed,
+    }
 
+    previous = shards.read_manifest(dest)
+    if overwrite:
+        _clear(dest)
+        previous = None
+    elif previous and previous.get("plan") != plan_id:
+        raise InputError(
+            f"{dest.uri} already holds a dataset prepared from {previous.get('source')} with other arguments "
+            f"or another file listing ({_describe(previous)}); run the command that made it to finish it, "
+            "choose another --out, or pass --overwrite to replace it"
+        )
+    if previous and previous.get("status") == "complete":
+        log(f"{dest.uri} is already prepared with these arguments; nothing to do")
+        return _summary(dest, previous, plan, done_before=len(plan), written=0, seconds=0.0)
+
+    done = _finished_shards(dest, plan, plan_id, previous)
+    todo = [task for task in plan if task["file"] not in done]
+    if done:
+        log(f"resuming: {len(done)} of {len(plan)} shards are already written")
+    shards.write_classes(dest, src.classes)
+    manifest = _manifest(header, plan, done, src.rejected, complete=False)
+    shards.write_manifest(dest, manifest)
+
+    started, last_write = time.perf_counter(), 0.0
+    written, task_seconds = 0, 0.0
+    bar = _progress_bar(sum(len(t["paths"]) for t in todo), progress)
+    for result in _run(todo, src.root, dest, size, [c.wnid for c in src.classes], plan_id, max_tasks):
+        done[result["file"]] = result
+        written += result["rows"]
+        task_seconds += result["seconds"]
+        bar.update(result["rows"] + len(result["bad"]))
+        bar.set_postfix(bad=sum(len(r["bad"]) for r in done.values()), refresh=False)
+        if time.perf_counter() - last_write > MANIFEST_EVERY_S:
+            shards.write_manifest(dest, _manifest(header, plan, done, src.rejected, complete=False))
+            last_write = time.perf_counter()
+    bar.close()
+    seconds = time.perf_counter() - started
+
+    manifest = _manifest(header, plan, done, src.rejected, complete=True)
+    manifest["hash"] = shards.manifest_hash(manifest, src.classes)
+    shards.write_manifest(dest, manifest)
+    summary = _summary(dest, manifest, plan, done_before=len(plan) - len(todo), written=written, seconds=seconds)
+    summary.task_seconds = task_seconds
+    return summary
+
+
+def make_plan(
+    src: imagenet.Source, dest: Location, size: int, shard_size: int, seed: int
+) -> tuple[list[dict[str, Any]], str]:
+    """Shard tasks in a fixed order, and the plan id that names exactly this plan."""
+    label_of = {c.wnid: c.index for c in src.classes}
     plan = []
     for split, items in src.splits.items():
         if split == "train":
             items = random.Random(seed).sample(items, len(items))
-        (out / split).mkdir(parents=True, exist_ok=True)
-        names = set()
         for index, start in enumerate(range(0, len(items), shard_size)):
             chunk = items[start : start + shard_size]
-            names.add(shards.shard_name(split, index))
             plan.append(
                 {
                     "split": split,
-                    "file": str(out / split / shards.shard_name(split, index)),
+                    "file": f"{split}/{shards.shard_name(split, index)}",
                     "paths": [it.path for it in chunk],
                     "labels": [label_of[it.wnid] for it in chunk],
                 }
             )
-        for stale in (out / split).glob("*.parquet"):  # shards of an earlier, larger plan
-            if stale.name not in names:
-                stale.unlink()
+    digest = hashlib.sha256(json.dumps([MANIFEST_FORMAT, size, [c.wnid for c in src.classes]]).encode())
+    for task in plan:
+        digest.update(json.dumps([task["file"], task["paths"], task["labels"]]).encode())
+    return plan, digest.hexdigest()[:16]
 
-    start = time.perf_counter()
-    results = (
-        ray.data.from_items(plan, override_num_blocks=len(plan))
-        .map(_write_shard, fn_kwargs={"size": size, "classes": [c.wnid for c in src.classes]})
-        .take_all()
+
+def _run(
+    todo: list[dict[str, Any]],
+    src: Location,
+    dest: Location,
+    size: int,
+    wnids: list[str],
+    plan_id: str,
+    max_tasks: int | None,
+) -> Iterable[dict[str, Any]]:
+    """Results of the shard tasks, streamed back to the driver as each one finishes."""
+    if not todo:
+        return []
+    results = ray.data.from_items(todo, override_num_blocks=len(todo)).map(
+        _write_shard,
+        fn_kwargs={"src": src, "dest": dest, "size": size, "wnids": wnids, "plan_id": plan_id},
+        compute=TaskPoolStrategy(size=max_tasks),
+        num_cpus=1,
     )
-    seconds = time.perf_counter() - start
-
-    by_split: dict[str, list[dict[str, Any]]] = {s: [] for s in shards.SPLITS}
-    for r in sorted(results, key=lambda r: r["file"]):
-        by_split[r["split"]].append(r)
-    bad = [b for r in results for b in json.loads(r["bad"])]
-    manifest = {
-        "format": 1,
-        "source": str(Path(source).expanduser().resolve()),
-        "size": size,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "splits": {
-            split: {
-                "images": sum(r["rows"] for r in rs),
-                "shards": [{"file": f"{split}/{Path(r['file']).name}", "rows": r["rows"]} for r in rs],
-            }
-            for split, rs in by_split.items()
-        },
-        "bad_files": sorted(bad, key=lambda b: b["path"]),
-    }
-    manifest["hash"] = shards.manifest_hash(manifest, src.classes)
-    shards.write_classes(out, src.classes)
-    (out / shards.MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
-    return PrepareSummary(
-        out=str(out),
-        images={s: manifest["splits"][s]["images"] for s in shards.SPLITS},
-        bytes=sum(r["bytes"] for r in results),
-        seconds=seconds,
-        bad_files=manifest["bad_files"],
-    )
+    # One operator does all the work: Ray Data's per-operator reservation (half the CPUs held
+    # back for operators this job does not have) would leave half the cluster idle.
+    results.context.op_resource_reservation_enabled = False
+    return ({**row, "bad": json.loads(row["bad"])} for row in results.iter_rows())
 
 
-def _write_shard(task: dict[str, Any], size: int, classes: list[str]) -> dict[str, Any]:
+def _write_shard(
+    task: dict[str, Any], src: Location, dest: Location, size: int, wnids: list[str], plan_id: str
+) -> dict[str, Any]:
+    started = time.perf_counter()
     rows: dict[str, list] = {name: [] for name in shards.SCHEMA.names}
     bad = []
     for path, label in zip(task["paths"], task["labels"]):
+        data = src.at(path).read_bytes()  # a store that fails to answer fails the task; Ray retries it
         try:
-            with Image.open(path) as image:
-                data = encode_jpeg(square_image(image, size))
+            image = encode_jpeg(load_square(data, size))
         except Exception as exc:  # any undecodable file is reported, whatever PIL raised
-            bad.append({"path": path, "split": task["split"], "reason": f"{type(exc).__name__}: {exc}"})
+            reason = "empty file (0 bytes)" if not data else f"cannot decode: {type(exc).__name__}: {exc}"
+            bad.append({"path": src.uri_of(path), "split": task["split"], "reason": reason, "shard": task["file"]})
             continue
-        rows["image"].append(data)
+        rows["image"].append(image)
         rows["label"].append(int(label))
-        rows["wnid"].append(classes[label])
-        rows["key"].append(os.path.basename(path))
-    table = pa.table(rows, schema=shards.SCHEMA)
-    tmp = task["file"] + ".tmp"
+        rows["wnid"].append(wnids[label])
+        rows["key"].append(path.rsplit("/", 1)[-1])
+    table = pa.table(rows, schema=shards.SCHEMA).replace_schema_metadata(
+        {PLAN_KEY: plan_id.encode(), BAD_KEY: json.dumps(bad).encode()}
+    )
+    target = dest.join(task["file"])
+    dest.fs.create_dir(dest.join(task["split"]).path, recursive=True)
+    tmp = target.path + f".{ray.get_runtime_context().get_task_id()[:12]}.tmp" if dest.is_local else target.path
     # JPEG bytes do not compress; row groups let readers split a shard.
-    pq.write_table(table, tmp, row_group_size=256, compression="none")
-    os.replace(tmp, task["file"])  # a shard is there whole or not at all
+    pq.write_table(table, tmp, filesystem=dest.fs, row_group_size=256, compression="none")
+    if tmp != target.path:
+        dest.fs.move(tmp, target.path)  # a local shard appears whole; an S3 object does on upload
     return {
         "split": task["split"],
         "file": task["file"],
         "rows": table.num_rows,
-        "bytes": os.path.getsize(task["file"]),
+        "bytes": dest.fs.get_file_info(target.path).size,
         "bad": json.dumps(bad),
+        "seconds": time.perf_counter() - started,
     }
+
+
+def _finished_shards(
+    dest: Location, plan: list[dict[str, Any]], plan_id: str, previous: dict[str, Any] | None
+) -> dict[str, dict[str, Any]]:
+    """Shards of this plan already written: listed in the manifest, or carrying the plan id."""
+    done: dict[str, dict[str, Any]] = {}
+    if previous:
+        bad_by_shard: dict[str, list] = {}
+        for b in previous.get("bad_files", []):
+            bad_by_shard.setdefault(b.get("shard", ""), []).append(b)
+        for split in shards.SPLITS:
+            for s in previous["splits"].get(split, {}).get("shards", []):
+                done[s["file"]] = {**s, "split": split, "bad": bad_by_shard.get(s["file"], [])}
+    planned = {task["file"] for task in plan}
+    for split in shards.SPLITS:
+        for entry in dest.join(split).listdir():
+            rel = f"{split}/{entry.base_name}"
+            if entry.base_name.endswith(".tmp") and dest.is_local:
+                dest.fs.delete_file(entry.path)  # left by a killed task
+            elif entry.base_name.endswith(".parquet") and rel not in done:
+                metadata = pq.read_schema(entry.path, filesystem=dest.fs).metadata or {}
+                if metadata.get(PLAN_KEY) != plan_id.encode() or rel not in planned:
+                    raise InputError(
+                        f"{dest.uri} holds shard {rel} from another prepare run; choose another --out "
+                        "or pass --overwrite to replace its contents"
+                    )
+                rows = pq.read_metadata(entry.path, filesystem=dest.fs).num_rows
+                bad = json.loads(metadata.get(BAD_KEY, b"[]"))
+                done[rel] = {"split": split, "file": rel, "rows": rows, "bytes": entry.size, "bad": bad}
+    return done
+
+
+def _manifest(
+    header: dict[str, Any],
+    plan: list[dict[str, Any]],
+    done: dict[str, dict[str, Any]],
+    rejected: list[dict[str, str]],
+    complete: bool,
+) -> dict[str, Any]:
+    splits = {}
+    for split in shards.SPLITS:
+        planned = [t for t in plan if t["split"] == split]
+        finished = [done[t["file"]] for t in planned if t["file"] in done]
+        splits[split] = {
+            "images": sum(s["rows"] for s in finished),
+            "planned_shards": len(planned),
+            "shards": [{"file": s["file"], "rows": s["rows"], "bytes": s["bytes"]} for s in finished],
+        }
+    bad = rejected + [b for s in done.values() for b in s["bad"]]
+    return {
+        **header,
+        "status": "complete" if complete else "in progress",
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "splits": splits,
+        "bad_files": sorted(bad, key=lambda b: b["path"]),
+    }
+
+
+def _summary(dest: Location, manifest: dict, plan: list, done_before: int, written: int, seconds: float):
+    splits = manifest["splits"]
+    return PrepareSummary(
+        out=dest.uri,
+        images={s: splits[s]["images"] for s in shards.SPLITS},
+        bytes=sum(sh.get("bytes", 0) for s in shards.SPLITS for sh in splits[s]["shards"]),
+        seconds=seconds,
+        written_images=written,
+        task_seconds=0.0,
+        shards_total=len(plan),
+        shards_skipped=done_before,
+        bad_files=manifest["bad_files"],
+        layout=manifest.get("layout", ""),
+    )
+
+
+def _clear(dest: Location) -> None:
+    """What --overwrite replaces: the split folders and the dataset's JSON files, nothing else."""
+    for split in shards.SPLITS:
+        if dest.join(split).is_dir():
+            dest.fs.delete_dir(dest.join(split).path)
+    for name in (shards.MANIFEST_FILE, shards.CLASSES_FILE, shards.STATS_FILE):
+        if dest.join(name).is_file():
+            dest.fs.delete_file(dest.join(name).path)
+
+
+def _describe(manifest: dict[str, Any]) -> str:
+    keys = ("status", "size", "shard_size", "seed")
+    return ", ".join(f"{k} {manifest.get(k)}" for k in keys if k in manifest)
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="preparing", disable=not enabled, smoothing=0.1)

@@ -7,6 +7,7 @@ at the end the driver logs the best checkpoint's model and registers it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import subprocess
@@ -25,7 +26,8 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from pipeline.config import TrainConfig
-from pipeline.data.shards import CLASSES_FILE, PreparedDataset
+from pipeline.data.shards import CLASSES_FILE, STATS_FILE, PreparedDataset
+from pipeline.data.stats import ColourStats
 
 MODEL_ARTIFACT = "model"
 
@@ -56,7 +58,7 @@ def provenance(cfg: TrainConfig, data: PreparedDataset) -> dict[str, str]:
     return {
         "profile": cfg.profile,
         "dataset_hash": data.dataset_hash,
-        "dataset_root": str(data.root),
+        "dataset_root": data.uri,
         "num_classes": str(data.num_classes),
         "git_commit": git_commit(),
         "ray_version": ray.__version__,
@@ -66,8 +68,8 @@ def provenance(cfg: TrainConfig, data: PreparedDataset) -> dict[str, str]:
     }
 
 
-def start_run(cfg: TrainConfig, data: PreparedDataset, run_name: str) -> str:
-    """Create the job's run and log its params; returns the run id."""
+def start_run(cfg: TrainConfig, data: PreparedDataset, run_name: str, colour: ColourStats) -> str:
+    """Create the job's run and log its params and the colour statistics it uses; returns the run id."""
     client = MlflowClient()
     experiment = client.get_experiment_by_name(cfg.experiment)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment)
@@ -81,8 +83,10 @@ def start_run(cfg: TrainConfig, data: PreparedDataset, run_name: str) -> str:
         "train_images": data.count("train"),
         "val_images": data.count("val"),
         "image_size": data.image_size,
+        "colour_stats": colour.source,
     }
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
+    client.log_dict(run.info.run_id, dataclasses.asdict(colour), STATS_FILE)
     return run.info.run_id
 
 
@@ -134,8 +138,9 @@ def log_and_register(
     Returns the registered version.
     """
     crop = input_example.shape[1]
-    classes = data.root / CLASSES_FILE
     with tempfile.TemporaryDirectory() as tmp:
+        classes = Path(tmp, CLASSES_FILE)
+        classes.write_bytes(data.root.join(CLASSES_FILE).read_bytes())
         preprocessing = Path(tmp, "preprocessing.json")
         preprocessing.write_text(
             json.dumps(

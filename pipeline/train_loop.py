@@ -17,7 +17,6 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from ray.train.v2._internal.execution import context as ray_train_context
 
 from pipeline import checkpoint
@@ -58,7 +57,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     )
     if restored:
         optimizer.load_state_dict(optimizer_state)
-    augment = DeviceAugment(device, cfg.lighting_std, seed=cfg.seed * 1000 + rank)
+    colour = loop_config["colour"]  # the dataset's stats.json, or the published ImageNet values
+    augment = DeviceAugment(
+        device,
+        cfg.lighting_std,
+        seed=cfg.seed * 1000 + rank,
+        mean=colour["mean"],
+        std=colour["std"],
+        eigval=colour["eigenvalues"],
+        eigvec=colour["eigenvectors"],
+    )
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     # Ray Train logs every report at INFO through a logger named after its file, not "ray.train",
     # so RunConfig's LoggingConfig does not reach it; the epoch line below says the same.

@@ -26,12 +26,13 @@ from ray.train.torch import TorchTrainer
 
 from pipeline import checkpoint, ingest, tracking
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.data.device import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.data.sample import SAMPLE_IMAGE_SIZE, make_sample
-from pipeline.data.shards import PreparedDataset, open_dataset
+from pipeline.data.shards import PreparedDataset, open_dataset, read_manifest
+from pipeline.data.stats import ColourStats, read_stats
 from pipeline.data.transforms import eval_batch
 from pipeline.model import ImageClassifier
-from pipeline.prepare import prepare
+from pipeline.prepare import MANIFEST_FORMAT, prepare
+from pipeline.storage import locate
 from pipeline.train_loop import train_loop_per_worker
 
 
@@ -49,16 +50,24 @@ class TrainSummary:
 
 
 def sample_shards(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
-    """The bundled sample's shards, generating the raw images and preparing them on first use."""
+    """The bundled sample's shards, generating and preparing them on first use.
+
+    No stats.json: the sample trains with the published ImageNet colour statistics. Its own
+    (near-isotropic, eigenvalues ~0.07-0.08 against ImageNet's 0.22/0.019/0.0045) make the PCA
+    lighting scramble the colour cue its classes partly rely on.
+    """
     root = Path(cfg.sample_dir).expanduser().resolve()
     raw, shard_dir = root / "raw", root / "shards"
-    if (shard_dir / "manifest.json").is_file():
+    manifest = read_manifest(locate(shard_dir))
+    if manifest and manifest.get("status") == "complete":
         return shard_dir
     if not (raw / "LOC_val_solution.csv").is_file():
         log(f"generating the sample dataset in {raw} ...")
         make_sample(raw)
     log(f"preparing shards in {shard_dir} ...")
-    summary = prepare(raw, shard_dir, size=SAMPLE_IMAGE_SIZE, shard_size=256)
+    # A manifest from an older format cannot be resumed: the sample is cheap to make again.
+    stale = manifest is not None and manifest.get("format") != MANIFEST_FORMAT
+    summary = prepare(str(raw), str(shard_dir), size=SAMPLE_IMAGE_SIZE, shard_size=256, overwrite=stale, log=log)
     log(f"prepared {summary.images} images in {summary.seconds:.1f}s")
     return shard_dir
 
@@ -118,18 +127,20 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
     name = run_name(cfg)
     connect_ray(cfg, log)
     if data is None:
-        data = _check_crop(cfg, open_dataset(sample_shards(cfg, log)))
+        data = _check_crop(cfg, open_dataset(str(sample_shards(cfg, log))))
+    colour = read_stats(data)
+    log(f"colour statistics: {colour.source}")
     tracking_uri = tracking.resolve_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
-    run_id = tracking.start_run(cfg, data, name)
+    run_id = tracking.start_run(cfg, data, name, colour)
     log(f"MLflow run {run_id} ({name}) in experiment {cfg.experiment!r} at {tracking_uri}")
 
     status = "FAILED"
     try:
-        result = _fit(cfg, data, run_id, name, tracking_uri)
+        result = _fit(cfg, data, colour, run_id, name, tracking_uri)
         best_checkpoint, best_metrics = min(result.best_checkpoints, key=lambda cm: cm[1]["val_top1_error"])
         with best_checkpoint.as_directory() as ckpt_dir:
-            version = _register(cfg, data, run_id, ckpt_dir, best_metrics)
+            version = _register(cfg, data, colour, run_id, ckpt_dir, best_metrics)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -149,7 +160,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
     )
 
 
-def _fit(cfg: TrainConfig, data: PreparedDataset, run_id: str, name: str, tracking_uri: str) -> ray.train.Result:
+def _fit(
+    cfg: TrainConfig, data: PreparedDataset, colour: ColourStats, run_id: str, name: str, tracking_uri: str
+) -> ray.train.Result:
     # Workers print their epoch lines themselves; Ray Train's print patch would print each twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     # One progress bar per dataset rather than one per operator.
@@ -159,6 +172,7 @@ def _fit(cfg: TrainConfig, data: PreparedDataset, run_id: str, name: str, tracki
         train_loop_config={
             "config": cfg.to_dict(),
             "classes": [dataclasses.asdict(c) for c in data.classes],
+            "colour": dataclasses.asdict(colour),
             "dataset_hash": data.dataset_hash,
             "run_id": run_id,
             "tracking_uri": tracking_uri,
@@ -186,16 +200,18 @@ def _fit(cfg: TrainConfig, data: PreparedDataset, run_id: str, name: str, tracki
     return trainer.fit()
 
 
-def _register(cfg: TrainConfig, data: PreparedDataset, run_id: str, ckpt_dir: str, best: dict[str, Any]) -> str:
+def _register(
+    cfg: TrainConfig, data: PreparedDataset, colour: ColourStats, run_id: str, ckpt_dir: str, best: dict[str, Any]
+) -> str:
     net, _ = checkpoint.load_model(ckpt_dir)
-    model = ImageClassifier(net, IMAGENET_MEAN, IMAGENET_STD).eval()
+    model = ImageClassifier(net, colour.mean, colour.std).eval()  # normalises as training did
     return tracking.log_and_register(run_id, model, _input_example(data, cfg.crop), cfg, data, best)
 
 
 def _input_example(data: PreparedDataset, crop: int) -> np.ndarray:
     """Two real validation crops: what the registered model's signature documents."""
-    first = sorted(Path(data.split_dir("val")).glob("*.parquet"))[0]
-    rows = pq.read_table(first, columns=["image", "label"]).slice(0, 2).to_pydict()
+    first = data.root.join(data.manifest["splits"]["val"]["shards"][0]["file"])
+    rows = pq.read_table(first.path, filesystem=first.fs, columns=["image", "label"]).slice(0, 2).to_pydict()
     batch = {"image": np.array(rows["image"], dtype=object), "label": np.array(rows["label"])}
     return eval_batch(batch, crop)["image"]
 
@@ -203,7 +219,7 @@ def _input_example(data: PreparedDataset, crop: int) -> np.ndarray:
 def _check_crop(cfg: TrainConfig, data: PreparedDataset) -> PreparedDataset:
     if cfg.crop > data.image_size:
         raise ConfigError(
-            f"crop {cfg.crop} is larger than the {data.image_size}-pixel images in {data.root}; "
+            f"crop {cfg.crop} is larger than the {data.image_size}-pixel images in {data.uri}; "
             f"pass --crop {min(data.image_size, 224)} or prepare shards with --size >= {cfg.crop}"
         )
     return data

@@ -1,15 +1,25 @@
 import io
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from imagenet_layouts import as_devkit, jpeg, kaggle_truth, png, red
 from PIL import Image
 
 from pipeline.data import imagenet, shards
 from pipeline.data.sample import SYNSETS
+from pipeline.errors import InputError
 from pipeline.prepare import prepare
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _read(split_dir):
@@ -20,7 +30,11 @@ def test_shards_hold_every_image_with_its_label(tiny_shards, tiny_raw):
     classes = json.loads((tiny_shards / "classes.json").read_text())
     wnids = [w for w, _ in SYNSETS[:4]]
     assert classes == [
-        {"index": i, "wnid": w, "name": imagenet.read_synset_mapping(tiny_raw / "LOC_synset_mapping.txt")[w]}
+        {
+            "index": i,
+            "wnid": w,
+            "name": imagenet.read_synset_mapping((tiny_raw / "LOC_synset_mapping.txt").read_text())[w],
+        }
         for i, w in enumerate(wnids)
     ]
 
@@ -51,7 +65,7 @@ def test_shards_hold_every_image_with_its_label(tiny_shards, tiny_raw):
 
 def test_manifest_counts_shards_and_identifies_the_dataset(tiny_shards):
     manifest = json.loads((tiny_shards / "manifest.json").read_text())
-    assert manifest["size"] == 72 and manifest["bad_files"] == []
+    assert manifest["size"] == 72 and manifest["bad_files"] == [] and manifest["status"] == "complete"
     assert manifest["splits"]["train"]["images"] == 96 and manifest["splits"]["val"]["images"] == 24
     assert [s["rows"] for s in manifest["splits"]["train"]["shards"]] == [32, 32, 32]
     for s in manifest["splits"]["train"]["shards"]:
@@ -60,48 +74,95 @@ def test_manifest_counts_shards_and_identifies_the_dataset(tiny_shards):
     assert data.num_classes == 4 and len(data.dataset_hash) == 16
 
 
-def test_a_broken_file_is_listed_with_its_reason_not_dropped_silently(ray_cluster, tiny_raw, tmp_path):
-    source = tmp_path / "src"
-    shutil.copytree(tiny_raw, source)
-    wnid_dir = next((source / "train").iterdir())
-    good = sorted(wnid_dir.iterdir())[0].read_bytes()
-    (wnid_dir / "truncated.JPEG").write_bytes(good[: len(good) // 3])
-    (wnid_dir / "empty.jpeg").write_bytes(b"")
-    (wnid_dir / "notes.txt").write_text("not an image, not an ImageNet name")  # ignored: not an image name
-    (wnid_dir / "png_named.JPEG").write_bytes(_png())  # real ImageNet has one: it is a fine image
+def test_messy_real_world_files_become_rgb_or_are_listed_with_their_reason(ray_cluster, tiny_raw, tmp_path):
+    source = shutil.copytree(tiny_raw, tmp_path / "src")
+    folder = sorted((source / "train").iterdir())[0]
+    good = sorted(folder.iterdir())[0].read_bytes()
+    fine = {  # real ImageNet has all three: each must end up in the shards as RGB
+        "cmyk.JPEG": jpeg(red(), mode="CMYK"),
+        "gray.JPEG": jpeg(red(), mode="L"),
+        "png_named.JPEG": png(red()),
+    }
+    broken = {"truncated.JPEG": good[: len(good) // 3], "empty.jpeg": b"", "._resource_fork.JPEG": b"\0\5\26\7junk"}
+    stray = {".DS_Store": b"\0\0\0\1Bud1", "notes.txt": b"not an image"}
+    for name, data in {**fine, **broken, **stray}.items():
+        (folder / name).write_bytes(data)
 
-    summary = prepare(source, tmp_path / "out", size=64, shard_size=50)
+    summary = prepare(str(source), str(tmp_path / "out"), size=64, shard_size=50)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     bad = {b["path"].rsplit("/", 1)[1]: b["reason"] for b in manifest["bad_files"]}
-    assert set(bad) == {"truncated.JPEG", "empty.jpeg"}
-    assert all(reason for reason in bad.values())
-    assert summary.images == {"train": 97, "val": 24} and len(summary.bad_files) == 2
+    assert set(bad) == set(broken) | set(stray)
+    assert bad["empty.jpeg"] == "empty file (0 bytes)"
+    assert "truncated" in bad["truncated.JPEG"] and bad["notes.txt"].startswith("not an image file name")
+    assert summary.images == {"train": 96 + len(fine), "val": 24} and len(summary.bad_files) == len(bad)
+
+    train = _read(tmp_path / "out" / "train")
+    for name in fine:
+        image = Image.open(io.BytesIO(train["image"][train["key"].index(name)]))
+        pixels = np.asarray(image).astype(int)
+        assert image.mode == "RGB" and pixels.shape == (64, 64, 3)
+        if name != "gray.JPEG":  # red stays red through CMYK and PNG
+            assert abs(pixels[..., 0].mean() - 220) < 12 and pixels[..., 1:].mean() < 12
 
 
-def _png():
-    out = io.BytesIO()
-    Image.fromarray(np.full((70, 90, 3), 128, np.uint8)).save(out, format="PNG")
-    return out.getvalue()
+def test_devkit_layout_shards_carry_the_mapped_labels(ray_cluster, tiny_raw, tmp_path):
+    prepare(str(as_devkit(tiny_raw, tmp_path / "devkit")), str(tmp_path / "out"), size=64, shard_size=64)
+    val = _read(tmp_path / "out" / "val")
+    assert {k.split(".")[0]: w for k, w in zip(val["key"], val["wnid"])} == kaggle_truth(tiny_raw)
+    classes = json.loads((tmp_path / "out" / "classes.json").read_text())
+    assert all(val["wnid"][i] == classes[label]["wnid"] for i, label in enumerate(val["label"]))
 
 
-@pytest.mark.parametrize(
-    "make, message",
-    [
-        (lambda root: None, "is not a directory"),
-        (lambda root: root.mkdir(), "no train/ folder"),
-        (lambda root: (root / "train").mkdir(parents=True), "holds no class folders"),
-    ],
-)
-def test_unusable_sources_fail_before_any_cluster_work(tmp_path, make, message):
-    root = tmp_path / "imagenet"
-    make(root)
-    with pytest.raises(imagenet.LayoutError, match=message):
-        prepare(root, tmp_path / "out")
+def test_running_again_on_finished_output_changes_nothing(ray_cluster, tiny_raw, tiny_shards):
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in tiny_shards.rglob("*") if p.is_file()}
+    summary = prepare(str(tiny_raw), str(tiny_shards), size=72, shard_size=32)
+    assert summary.written_images == 0 and summary.shards_skipped == summary.shards_total == 4
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in tiny_shards.rglob("*") if p.is_file()} == before
 
 
-def test_flat_val_without_its_labels_file_says_what_to_add(tiny_raw, tmp_path):
-    source = tmp_path / "src"
-    shutil.copytree(tiny_raw, source)
-    (source / "LOC_val_solution.csv").unlink()
-    with pytest.raises(imagenet.LayoutError, match="LOC_val_solution.csv"):
-        imagenet.scan(source)
+def test_other_arguments_on_finished_output_are_refused_unless_overwrite(ray_cluster, tiny_raw, tmp_path):
+    out = tmp_path / "out"
+    prepare(str(tiny_raw), str(out), size=64, shard_size=64)
+    with pytest.raises(InputError, match="--overwrite"):
+        prepare(str(tiny_raw), str(out), size=64, shard_size=32)
+    summary = prepare(str(tiny_raw), str(out), size=64, shard_size=32, overwrite=True)
+    assert summary.shards_total == 4 and sorted(p.name for p in (out / "train").iterdir()) == [
+        "train-00000.parquet",
+        "train-00001.parquet",
+        "train-00002.parquet",
+    ]
+
+
+def test_a_killed_prepare_resumes_without_redoing_or_losing_anything(ray_cluster, tiny_raw, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "killed.log"
+    args = ["--source", str(tiny_raw), "--out", str(out), "--size", "64", "--shard-size", "2"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    with log.open("wb") as output:  # one shard task at a time, so the kill lands mid-job
+        job = subprocess.Popen(
+            [sys.executable, "jobs/prepare.py", *args, "--max-tasks", "1", "--no-progress"],
+            cwd=REPO,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("train/*.parquet"))) < 5 and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        job.send_signal(signal.SIGKILL)
+        job.wait()
+    assert json.loads((out / "manifest.json").read_text())["status"] == "in progress", log.read_text()
+    written = {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.glob("*/*.parquet")}
+    assert 5 <= len(written) < 60
+
+    summary = prepare(str(tiny_raw), str(out), size=64, shard_size=2)
+    assert summary.shards_skipped >= len(written) and summary.images == {"train": 96, "val": 24}
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in written} == written  # not redone
+    assert not list(out.glob("*/*.tmp"))
+
+    reference = tmp_path / "reference"
+    prepare(str(tiny_raw), str(reference), size=64, shard_size=2)
+    for split in ("train", "val"):
+        resumed, uninterrupted = _read(out / split), _read(reference / split)
+        assert resumed == uninterrupted  # same keys, labels and bytes, in the same shards and order
+    manifests = [json.loads((d / "manifest.json").read_text()) for d in (out, reference)]
+    assert manifests[0]["hash"] == manifests[1]["hash"] and manifests[0]["status"] == "complete"

@@ -22,7 +22,7 @@ def test_sample_has_the_ilsvrc_layout_with_real_wnids(tiny_raw):
         rows = list(csv.DictReader(f))
     assert {r["ImageId"] + ".JPEG" for r in rows} == set(val)
     assert all(r["PredictionString"].split()[0] in wnids and len(r["PredictionString"].split()) == 5 for r in rows)
-    names = imagenet.read_synset_mapping(tiny_raw / "LOC_synset_mapping.txt")
+    names = imagenet.read_synset_mapping((tiny_raw / "LOC_synset_mapping.txt").read_text())
     assert names["n01440764"] == "tench" and names["n01484850"] == "great white shark"
 
 

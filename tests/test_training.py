@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from mlflow import MlflowClient
 from pipeline import checkpoint, config, training
 from pipeline.config import ConfigError
 from pipeline.data.shards import DataError
+from pipeline.data.stats import compute_stats
 from pipeline.data.transforms import eval_batch
 from pipeline.model import ImageClassifier
 
@@ -25,13 +27,21 @@ METRICS = ["train_loss", "train_top1_error", "val_top1_error", "val_top5_error",
 
 
 @pytest.fixture(scope="module")
-def trained(ray_cluster, tiny_shards, tmp_path_factory):
+def measured_shards(ray_cluster, tiny_shards, tmp_path_factory):
+    """tiny_shards with their own stats.json: training must use it instead of the published values."""
+    root = shutil.copytree(tiny_shards, tmp_path_factory.mktemp("measured") / "shards")
+    compute_stats(str(root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, measured_shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     cfg = config.resolve(
         "sample",
-        data=str(tiny_shards),
+        data=str(measured_shards),
         epochs=2,
         batch_size=8,
         workers=2,
@@ -55,9 +65,20 @@ def test_the_run_holds_every_epochs_metrics_exactly_once(trained):
     assert run.data.tags["dataset_hash"] and run.data.tags["num_classes"] == "4"
 
 
-def test_validation_counts_every_image_across_workers(trained, tiny_shards):
+def test_the_run_says_which_colour_statistics_it_used(trained, measured_shards):
     summary, _, uri = trained
-    n = json.loads((tiny_shards / "manifest.json").read_text())["splits"]["val"]["images"]
+    run = MlflowClient(uri).get_run(summary.run_id)
+    assert run.data.params["colour_stats"] == f"dataset {run.data.tags['dataset_hash']} (stats.json)"
+    logged = json.loads(Path(MlflowClient(uri).download_artifacts(summary.run_id, "stats.json")).read_text())
+    measured = json.loads((measured_shards / "stats.json").read_text())
+    assert {k: logged[k] for k in ("mean", "std", "eigenvalues", "eigenvectors")} == {
+        k: measured[k] for k in ("mean", "std", "eigenvalues", "eigenvectors")
+    }
+
+
+def test_validation_counts_every_image_across_workers(trained, measured_shards):
+    summary, _, uri = trained
+    n = json.loads((measured_shards / "manifest.json").read_text())["splits"]["val"]["images"]
     for m in MlflowClient(uri).get_metric_history(summary.run_id, "val_top1_error"):
         assert m.value * n == pytest.approx(round(m.value * n), abs=1e-6)  # a whole number of the 24 images
 
@@ -72,14 +93,15 @@ def test_the_checkpoint_describes_itself(trained):
 
 
 @pytest.mark.parametrize("batch", [1, 3, 7])
-def test_the_registered_model_loads_by_version_and_matches_the_checkpoint(trained, tiny_shards, batch):
+def test_the_registered_model_loads_by_version_and_matches_the_checkpoint(trained, measured_shards, batch):
     summary, _, uri = trained
     model_uri = f"models:/{summary.model_name}/{summary.model_version}"
-    rows = pq.read_table(tiny_shards / "val").slice(0, batch).to_pydict()
+    rows = pq.read_table(measured_shards / "val").slice(0, batch).to_pydict()
     images = eval_batch({"image": np.array(rows["image"], dtype=object), "label": np.array(rows["label"])}, 64)["image"]
 
+    stats = json.loads((measured_shards / "stats.json").read_text())  # normalised as in training
     net, _ = checkpoint.load_model(summary.checkpoint)
-    expected = ImageClassifier(net, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)).eval()(torch.from_numpy(images))
+    expected = ImageClassifier(net, stats["mean"], stats["std"]).eval()(torch.from_numpy(images))
 
     loaded = mlflow.pytorch.load_model(model_uri)
     torch.testing.assert_close(loaded(torch.from_numpy(images)), expected, rtol=1e-4, atol=1e-4)
@@ -107,7 +129,14 @@ def _fake_dataset(root: Path, columns: dict) -> Path:
         pq.write_table(pa.table(columns), root / split / f"{split}-00000.parquet")
     (root / "classes.json").write_text(json.dumps([{"index": 0, "wnid": "n01440764", "name": "tench"}]))
     splits = {s: {"images": 1, "shards": [{"file": f"{s}/{s}-00000.parquet", "rows": 1}]} for s in ("train", "val")}
-    (root / "manifest.json").write_text(json.dumps({"size": 72, "splits": splits, "hash": "x", "bad_files": []}))
+    manifest = {"size": 72, "splits": splits, "hash": "x", "bad_files": [], "status": "complete"}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def _unfinished(root: Path) -> Path:
+    manifest = json.loads((root / "manifest.json").read_text())
+    (root / "manifest.json").write_text(json.dumps({**manifest, "status": "in progress"}))
     return root
 
 
@@ -121,7 +150,8 @@ def test_bad_data_fails_before_any_cluster_work(tmp_path):
         (tmp_path / "missing", "does not exist"),
         (tmp_path, "has no classes.json"),
         (_fake_dataset(tmp_path / "foreign", {"img": [b"x"], "y": [0]}), "lacks columns"),
-        (_broken_manifest(_fake_dataset(tmp_path / "broken", {"img": [b"x"]})), "is not what jobs/prepare.py writes"),
+        (_broken_manifest(_fake_dataset(tmp_path / "broken", {"img": [b"x"]})), "is not what this version of"),
+        (_unfinished(_fake_dataset(tmp_path / "unfinished", {"img": [b"x"]})), "run the jobs/prepare.py command"),
     ]
     for path, message in cases:
         with pytest.raises(DataError, match=message):

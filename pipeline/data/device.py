@@ -44,13 +44,26 @@ def lighting_shift(
 
 
 class DeviceAugment:
-    """uint8 NHWC batch → normalised float NCHW, with PCA lighting when ``alpha_std`` > 0."""
+    """uint8 NHWC batch → normalised float NCHW, with PCA lighting when ``alpha_std`` > 0.
 
-    def __init__(self, device: torch.device, alpha_std: float = 0.1, seed: int | None = None) -> None:
+    ``mean``/``std``/``eigval``/``eigvec`` default to the published ImageNet values; training
+    passes the dataset's own (stats.json) when it has them.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        alpha_std: float = 0.1,
+        seed: int | None = None,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        eigval=IMAGENET_EIGVAL,
+        eigvec=IMAGENET_EIGVEC,
+    ) -> None:
         as_tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=device)  # noqa: E731
-        self.mean = as_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        self.std = as_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        self.eigval, self.eigvec = as_tensor(IMAGENET_EIGVAL), as_tensor(IMAGENET_EIGVEC)
+        self.mean = as_tensor(mean).view(1, 3, 1, 1)
+        self.std = as_tensor(std).view(1, 3, 1, 1)
+        self.eigval, self.eigvec = as_tensor(eigval), as_tensor(eigvec)
         self.alpha_std = alpha_std
         self.generator = None
         if seed is not None:

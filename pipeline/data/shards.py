@@ -4,9 +4,11 @@
     OUT/val/val-00000.parquet ...
     OUT/classes.json                    [{"index", "wnid", "name"}, ...] in sorted-wnid order
     OUT/manifest.json                   image size, counts and shard files per split, bad files, hash
+    OUT/stats.json                      RGB mean, std, covariance and its eigen-decomposition (optional)
 
-``open_dataset`` checks all of it on the driver, before any cluster work, so a wrong path or a
-foreign Parquet file fails with a message instead of a traceback from inside a Ray worker.
+OUT is a local folder or an s3:// prefix. ``open_dataset`` checks all of it on the driver, before
+any cluster work, so a wrong path, an unfinished prepare or a foreign Parquet file fails with a
+message instead of a traceback from inside a Ray worker.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -23,6 +24,7 @@ import pyarrow.parquet as pq
 
 from pipeline.data.imagenet import ClassInfo
 from pipeline.errors import InputError
+from pipeline.storage import Location, locate
 
 SPLITS = ("train", "val")
 SCHEMA = pa.schema(
@@ -33,7 +35,7 @@ SCHEMA = pa.schema(
         pa.field("key", pa.string()),  # the source file's name
     ]
 )
-CLASSES_FILE, MANIFEST_FILE = "classes.json", "manifest.json"
+CLASSES_FILE, MANIFEST_FILE, STATS_FILE = "classes.json", "manifest.json", "stats.json"
 
 
 class DataError(InputError):
@@ -42,7 +44,7 @@ class DataError(InputError):
 
 @dataclass(frozen=True)
 class PreparedDataset:
-    root: Path
+    root: Location
     classes: list[ClassInfo]
     manifest: dict[str, Any]
 
@@ -58,8 +60,12 @@ class PreparedDataset:
     def dataset_hash(self) -> str:
         return self.manifest["hash"]
 
-    def split_dir(self, split: str) -> str:
-        return str(self.root / split)
+    @property
+    def uri(self) -> str:
+        return self.root.uri
+
+    def split_dir(self, split: str) -> Location:
+        return self.root.join(split)
 
     def count(self, split: str) -> int:
         return int(self.manifest["splits"][split]["images"])
@@ -69,17 +75,26 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:05d}.parquet"
 
 
-def write_classes(root: Path, classes: list[ClassInfo]) -> None:
+def write_classes(root: Location, classes: list[ClassInfo]) -> None:
     rows = [dataclasses.asdict(c) for c in classes]
-    (root / CLASSES_FILE).write_text(json.dumps(rows, indent=1) + "\n")
+    root.join(CLASSES_FILE).write_text(json.dumps(rows, indent=1) + "\n")
 
 
-def read_classes(path: Path) -> list[ClassInfo]:
+def read_classes(path: Location) -> list[ClassInfo]:
     rows = json.loads(path.read_text())
     classes = [ClassInfo(int(r["index"]), r["wnid"], r["name"]) for r in rows]
     if [c.index for c in classes] != list(range(len(classes))):
-        raise DataError(f"{path}: indices must be 0..{len(classes) - 1} in order")
+        raise DataError(f"{path.uri}: indices must be 0..{len(classes) - 1} in order")
     return classes
+
+
+def read_manifest(root: Location) -> dict[str, Any] | None:
+    path = root.join(MANIFEST_FILE)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_manifest(root: Location, manifest: dict[str, Any]) -> None:
+    root.join(MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 def manifest_hash(manifest: dict[str, Any], classes: list[ClassInfo]) -> str:
@@ -87,46 +102,52 @@ def manifest_hash(manifest: dict[str, Any], classes: list[ClassInfo]) -> str:
     content = {
         "classes": [c.wnid for c in classes],
         "size": manifest["size"],
-        "splits": {s: manifest["splits"][s]["shards"] for s in SPLITS},
+        "splits": {s: [(sh["file"], sh["rows"]) for sh in manifest["splits"][s]["shards"]] for s in SPLITS},
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def open_dataset(root: str | Path) -> PreparedDataset:
-    root = Path(root).expanduser().resolve()
+def open_dataset(uri: str | Location) -> PreparedDataset:
+    root = uri if isinstance(uri, Location) else locate(uri)
     if not root.is_dir():
-        raise DataError(f"data directory {root} does not exist; create it with jobs/prepare.py --out {root}")
+        raise DataError(f"data directory {root.uri} does not exist; create it with jobs/prepare.py --out {root.uri}")
     for name in (CLASSES_FILE, MANIFEST_FILE):
-        if not (root / name).is_file():
-            raise DataError(f"{root} has no {name}: it is not a prepared dataset; run jobs/prepare.py --out {root}")
+        if not root.join(name).is_file():
+            raise DataError(
+                f"{root.uri} has no {name}: it is not a prepared dataset; run jobs/prepare.py --out {root.uri}"
+            )
     try:
-        classes = read_classes(root / CLASSES_FILE)
-        manifest = json.loads((root / MANIFEST_FILE).read_text())
+        classes = read_classes(root.join(CLASSES_FILE))
+        manifest = read_manifest(root) or {}
         counts = {split: int(manifest["splits"][split]["images"]) for split in SPLITS}
-        if not {"size", "hash"} <= manifest.keys():
-            raise KeyError("size and hash")
+        status = manifest["status"]
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(
-            f"{root}: {CLASSES_FILE} or {MANIFEST_FILE} is not what jobs/prepare.py writes ({exc!r}); prepare it again"
+            f"{root.uri}: {CLASSES_FILE} or {MANIFEST_FILE} is not what this version of jobs/prepare.py writes "
+            f"({exc!r}); prepare it again with --overwrite"
         ) from exc
-    if not classes:
+    if status != "complete":
         raise DataError(
-            f"{root / CLASSES_FILE} lists no classes; re-run jobs/prepare.py on a source with class folders"
+            f"{root.uri} is not finished (manifest status {status!r}): run the jobs/prepare.py command that "
+            "started it again; it continues where it stopped"
         )
+    if not classes:
+        raise DataError(f"{root.uri}/{CLASSES_FILE} lists no classes; re-run jobs/prepare.py on a source with classes")
     for split in SPLITS:
         _check_split(root, split, counts[split])
     return PreparedDataset(root, classes, manifest)
 
 
-def _check_split(root: Path, split: str, images: int) -> None:
-    files = sorted((root / split).glob("*.parquet"))
+def _check_split(root: Location, split: str, images: int) -> None:
+    files = [e for e in root.join(split).listdir() if e.base_name.endswith(".parquet")]
     if not files:
-        raise DataError(f"{root / split} holds no .parquet shards; run jobs/prepare.py --out {root}")
+        raise DataError(f"{root.uri}/{split} holds no .parquet shards; run jobs/prepare.py --out {root.uri}")
     if images == 0:
-        raise DataError(f"{root}: the {split} split has no images (see bad_files in {MANIFEST_FILE})")
-    schema = pq.read_schema(files[0])
+        raise DataError(f"{root.uri}: the {split} split has no images (see bad_files in {MANIFEST_FILE})")
+    schema = pq.read_schema(files[0].path, filesystem=root.fs)
     missing = [f"{f.name} ({f.type})" for f in SCHEMA if f.name not in schema.names]
     if missing:
         raise DataError(
-            f"shard {files[0]} lacks columns {missing} (has {schema.names}); shards must come from jobs/prepare.py"
+            f"shard {root.uri_of(files[0].path)} lacks columns {missing} (has {schema.names}); "
+            "shards must come from jobs/prepare.py"
         )

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 JPEG_QUALITY = 90  # for re-encoded shards: visually lossless at ~1/3 the bytes of quality 100
+MIN_INPUT_SIZE = 63  # the smallest square AlexNet's conv/pool stack accepts (pipeline.model)
 
 
 def square_image(image: Image.Image, size: int) -> Image.Image:
@@ -28,6 +29,19 @@ def square_image(image: Image.Image, size: int) -> Image.Image:
     image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return image.crop((left, top, left + size, top + size))
+
+
+def load_square(data: bytes, size: int) -> Image.Image:
+    """Source file bytes (JPEG, PNG, ...; any colour mode) → the RGB size×size square.
+
+    A JPEG at least twice the target size is decoded at a reduced DCT scale (1/2, 1/4, 1/8; never
+    below `size` on the short side) before the antialiased resize: the same result to the eye,
+    several times faster on large photos. A truncated or undecodable file raises.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        if image.format == "JPEG":
+            image.draft("RGB", (size, size))
+        return square_image(image, size)
 
 
 def encode_jpeg(image: Image.Image, quality: int = JPEG_QUALITY) -> bytes:

@@ -1,0 +1,115 @@
+"""RGB statistics of a prepared training set: what the paper's colour augmentation is built on.
+
+Over every pixel of the stored training squares, scaled to [0, 1]: the per-channel mean and
+standard deviation, the 3×3 covariance and its eigen-decomposition (eigenvalues descending,
+eigenvectors as the *columns* of the matrix, each signed so that its largest component is
+positive; the sign does not matter to the augmentation, whose α is symmetric).
+
+Computed as a Ray Data aggregation: each decode task sums pixel values and their pairwise
+products as exact integers (uint8 × uint8 fits int64 for any dataset below ~10^14 pixels), Ray
+Data adds the partial sums, and only the final division happens in float64. Written to
+``OUT/stats.json``; training uses it for the lighting noise and the normalisation when present.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.data import shards
+from pipeline.data.device import IMAGENET_EIGVAL, IMAGENET_EIGVEC, IMAGENET_MEAN, IMAGENET_STD
+from pipeline.data.transforms import decode
+from pipeline.ingest import read_shards
+from pipeline.storage import Location
+
+PAIRS = [(i, j) for i in range(3) for j in range(i, 3)]  # the 6 distinct entries of a 3×3 symmetric matrix
+SUM_COLUMNS = ["pixels", "s0", "s1", "s2"] + [f"p{i}{j}" for i, j in PAIRS]
+
+
+@dataclass(frozen=True)
+class ColourStats:
+    mean: list[float]
+    std: list[float]
+    eigenvalues: list[float]
+    eigenvectors: list[list[float]]  # columns are the eigenvectors
+    source: str  # "dataset <hash>" or "published ImageNet values"
+
+
+PUBLISHED = ColourStats(
+    mean=list(IMAGENET_MEAN),
+    std=list(IMAGENET_STD),
+    eigenvalues=list(IMAGENET_EIGVAL),
+    eigenvectors=[list(row) for row in IMAGENET_EIGVEC],
+    source="published ImageNet values",
+)
+
+
+def compute_stats(data: str | Location) -> dict:
+    """Statistics of the training split of a prepared dataset; also written to its stats.json."""
+    dataset = shards.open_dataset(data)
+    sums = (
+        read_shards(dataset.split_dir("train"), columns=["image"])
+        .map_batches(_pixel_sums, batch_size=None, batch_format="numpy")  # fused with the read
+        .sum(SUM_COLUMNS)
+    )
+    stats = stats_from_sums({name: int(sums[f"sum({name})"]) for name in SUM_COLUMNS})
+    stats["images"] = dataset.count("train")
+    stats["dataset_hash"] = dataset.dataset_hash
+    dataset.root.join(shards.STATS_FILE).write_text(json.dumps(stats, indent=1) + "\n")
+    return stats
+
+
+def stats_from_sums(sums: dict[str, int]) -> dict:
+    n = sums["pixels"]
+    s = np.array([sums[f"s{c}"] for c in range(3)], dtype=np.float64)
+    products = np.zeros((3, 3), dtype=np.float64)
+    for i, j in PAIRS:
+        products[i, j] = products[j, i] = sums[f"p{i}{j}"]
+    mean = s / n
+    cov = products / n - np.outer(mean, mean)  # in 0..255 units; exact sums, so no drift
+    mean, cov = mean / 255.0, cov / 255.0**2
+    eigenvalues, eigenvectors = np.linalg.eigh(cov)
+    order = np.argsort(eigenvalues)[::-1]
+    eigenvalues, eigenvectors = eigenvalues[order], eigenvectors[:, order]
+    eigenvectors *= np.sign(eigenvectors[np.abs(eigenvectors).argmax(axis=0), range(3)])
+    return {
+        "pixels": n,
+        "mean": mean.tolist(),
+        "std": np.sqrt(np.diag(cov)).tolist(),
+        "covariance": cov.tolist(),
+        "eigenvalues": eigenvalues.tolist(),
+        "eigenvectors": eigenvectors.tolist(),
+        "scale": "pixels in [0, 1]; eigenvectors are the columns",
+    }
+
+
+def read_stats(dataset: shards.PreparedDataset) -> ColourStats:
+    """The dataset's stats.json when it has one for these very shards, else the published values."""
+    path = dataset.root.join(shards.STATS_FILE)
+    if not path.is_file():
+        return PUBLISHED
+    stats = json.loads(path.read_text())
+    if stats.get("dataset_hash") != dataset.dataset_hash:
+        raise shards.DataError(
+            f"{path.uri} was computed for dataset {stats.get('dataset_hash')}, not these shards "
+            f"({dataset.dataset_hash}); recompute it with jobs/prepare.py --stats --out {dataset.uri}"
+        )
+    return ColourStats(
+        mean=stats["mean"],
+        std=stats["std"],
+        eigenvalues=stats["eigenvalues"],
+        eigenvectors=stats["eigenvectors"],
+        source=f"dataset {dataset.dataset_hash} ({shards.STATS_FILE})",
+    )
+
+
+def _pixel_sums(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One row of exact integer sums per batch: pixel count, Σx per channel, Σxy per channel pair."""
+    totals = np.zeros(len(SUM_COLUMNS), dtype=np.int64)
+    for data in batch["image"]:
+        x = decode(data).reshape(-1, 3).astype(np.float64)  # float64 BLAS is exact below 2^53
+        xtx = x.T @ x
+        totals += np.array([len(x), *x.sum(axis=0), *(xtx[i, j] for i, j in PAIRS)], dtype=np.float64).astype(np.int64)
+    return {name: totals[k : k + 1] for k, name in enumerate(SUM_COLUMNS)}

@@ -1,0 +1,151 @@
+"""Local paths and s3:// URIs behind one small interface (pyarrow's filesystems).
+
+S3 and S3-compatible stores are configured the usual AWS way: ``AWS_ENDPOINT_URL`` (MinIO, Ceph,
+moto, ...), ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` or an
+instance profile, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``. A ``Location`` pickles with its
+filesystem, so Ray tasks on other nodes reach the same store with the driver's settings.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+from pipeline.errors import InputError
+
+
+class StorageError(InputError):
+    """A path or bucket that cannot be used; the message names it and says what to check."""
+
+
+@dataclass(frozen=True)
+class Location:
+    fs: pafs.FileSystem
+    path: str  # inside fs: "/abs/local/dir" or "bucket/prefix"
+    uri: str  # what the user wrote, made absolute: "/abs/local/dir" or "s3://bucket/prefix"
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def join(self, *parts: str) -> Location:
+        rel = posixpath.join(*parts)
+        return Location(self.fs, posixpath.join(self.path, rel), posixpath.join(self.uri, rel))
+
+    def at(self, path: str) -> Location:
+        """Another path in the same filesystem."""
+        return Location(self.fs, path, self.uri_of(path))
+
+    def uri_of(self, path: str) -> str:
+        """What users call a path of this filesystem: itself locally, s3://bucket/key in S3."""
+        return path if self.is_local else f"s3://{path}"
+
+    def info(self) -> pafs.FileInfo:
+        try:
+            return self.fs.get_file_info(self.path)
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.uri}: {_reason(exc)}") from exc
+
+    def is_dir(self) -> bool:
+        return self.info().type == pafs.FileType.Directory
+
+    def is_file(self) -> bool:
+        return self.info().type == pafs.FileType.File
+
+    def listdir(self) -> list[pafs.FileInfo]:
+        """Entries directly under this directory, sorted by name."""
+        try:
+            entries = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        except OSError as exc:
+            raise StorageError(f"cannot list {self.uri}: {_reason(exc)}") from exc
+        return sorted(entries, key=lambda e: e.path)
+
+    def check_writable(self) -> None:
+        """An S3 destination's bucket must exist (it is not created behind the user's back)."""
+        if self.is_local:
+            return
+        bucket = self.path.split("/", 1)[0]
+        try:
+            missing = self.fs.get_file_info(bucket).type == pafs.FileType.NotFound
+        except OSError as exc:
+            raise StorageError(f"cannot reach s3://{bucket}: {_reason(exc)}") from exc
+        if missing:
+            raise StorageError(f"bucket s3://{bucket} does not exist (or is not visible with these credentials)")
+
+    def read_bytes(self) -> bytes:
+        try:
+            with self.fs.open_input_file(self.path) as f:
+                return f.read()
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.uri}: {_reason(exc)}") from exc
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode("utf-8")
+
+    def write_bytes(self, data: bytes) -> None:
+        """Whole or not at all: a local file is renamed into place, an S3 object appears on close."""
+        self.fs.create_dir(posixpath.dirname(self.path), recursive=True)
+        target = self.path
+        if self.is_local:
+            target = f"{self.path}.{uuid.uuid4().hex[:8]}.tmp"
+        with self.fs.open_output_stream(target) as f:
+            f.write(data)
+        if target != self.path:
+            self.fs.move(target, self.path)
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode("utf-8"))
+
+
+def locate(uri: str | os.PathLike) -> Location:
+    """A local path (relative or absolute, ~ expanded) or an s3:// URI."""
+    text = str(uri)
+    if text.startswith("s3://"):
+        bucket = text[len("s3://") :].split("/", 1)[0]
+        if not bucket:
+            raise StorageError(f"{text!r} names no bucket; write s3://BUCKET/PREFIX")
+        try:
+            fs = s3_filesystem()
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"cannot open {text}: {_reason(exc)}; check AWS_ENDPOINT_URL and credentials") from exc
+        return Location(fs, text[len("s3://") :].rstrip("/"), text.rstrip("/"))
+    if "://" in text:
+        raise StorageError(f"{text!r}: only local paths and s3:// URIs are supported")
+    path = os.path.abspath(os.path.expanduser(text))
+    return Location(pafs.LocalFileSystem(), path, path)
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """S3 as the driver's AWS variables describe it, spelled out so that it pickles whole.
+
+    Ray tasks on other nodes (or in worker processes started before the variables were set)
+    unpickle this and reach the same endpoint with the same credentials. Without keys in the
+    environment each node uses its own credential chain (instance profile, ~/.aws).
+    """
+    env = os.environ.get
+    options = {
+        "endpoint_override": env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL"),
+        "region": env("AWS_REGION") or env("AWS_DEFAULT_REGION"),
+    }
+    if env("AWS_ACCESS_KEY_ID") and env("AWS_SECRET_ACCESS_KEY"):
+        options.update(
+            access_key=env("AWS_ACCESS_KEY_ID"),
+            secret_key=env("AWS_SECRET_ACCESS_KEY"),
+            session_token=env("AWS_SESSION_TOKEN"),
+        )
+    return pafs.S3FileSystem(**{k: v for k, v in options.items() if v})
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    if "NO_SUCH_BUCKET" in text or "NoSuchBucket" in text:
+        return "the bucket does not exist"
+    if "ACCESS_DENIED" in text or "AccessDenied" in text or "InvalidAccessKeyId" in text:
+        return "access denied (check AWS credentials)"
+    if "Could not resolve host" in text or "Couldn't connect" in text or "connect" in text.lower():
+        return f"the store is unreachable ({text.splitlines()[0]}); check AWS_ENDPOINT_URL"
+    return text.splitlines()[0] if text else type(exc).__name__
