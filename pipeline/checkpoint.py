@@ -2,9 +2,11 @@
 
     model.pt       AlexNet state_dict (torchvision key names)
     optimizer.pt   SGD state (momentum buffers)
-    meta.json      epoch, metrics, config, classes, MLflow run id, dataset hash
+    meta.json      progress (epoch, step in epoch, validation history), the epoch's metrics,
+                   config, classes, colour statistics, MLflow run id, dataset hash
 
 Tensors load with ``weights_only=True``: a checkpoint cannot run code on the machine that reads it.
+A checkpoint for another class count or architecture fails with a message saying what differs.
 """
 
 from __future__ import annotations
@@ -15,9 +17,14 @@ from typing import Any
 
 import torch
 
+from pipeline.errors import InputError
 from pipeline.model import AlexNet
 
 MODEL_FILE, OPTIMIZER_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
+
+
+class CheckpointError(InputError):
+    """A checkpoint that does not fit the model it is loaded into; the message says what differs."""
 
 
 def save(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
@@ -28,7 +35,10 @@ def save(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
-    return json.loads((Path(directory) / META_FILE).read_text())
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a checkpoint of this project (no {META_FILE})")
+    return json.loads(path.read_text())
 
 
 def load_state(directory: str | Path, name: str = MODEL_FILE) -> dict[str, Any]:
@@ -40,5 +50,36 @@ def load_model(directory: str | Path) -> tuple[AlexNet, dict[str, Any]]:
     meta = read_meta(directory)
     cfg = meta["config"]
     model = AlexNet(len(meta["classes"]), lrn=cfg["lrn"], dropout=cfg["dropout"])
-    model.load_state_dict(load_state(directory))
+    _load_checked(model, load_state(directory), directory)
     return model.eval(), meta
+
+
+def check_compatible(directory: str | Path, cfg: Any, num_classes: int) -> dict[str, Any]:
+    """The checkpoint's meta, if its weights fit the model `cfg` builds for `num_classes`; else a clear error."""
+    meta = read_meta(directory)
+    differences = []
+    if len(meta["classes"]) != num_classes:
+        differences.append(f"{len(meta['classes'])} classes in the checkpoint, {num_classes} here")
+    if meta["config"]["lrn"] != cfg.lrn:
+        differences.append(f"lrn={meta['config']['lrn']} in the checkpoint, lrn={cfg.lrn} here")
+    if differences:
+        raise CheckpointError(f"checkpoint {directory} does not fit this model: {'; '.join(differences)}")
+    _load_checked(AlexNet(num_classes, lrn=cfg.lrn), load_state(directory), directory)
+    return meta
+
+
+def _load_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], directory: str | Path) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != found:
+        missing, extra = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+        shapes = [
+            f"{k}: {found[k]} vs {expected[k]}"
+            for k in sorted(expected.keys() & found.keys())
+            if found[k] != expected[k]
+        ]
+        raise CheckpointError(
+            f"checkpoint {directory} holds another architecture: missing {missing[:4]}, unexpected {extra[:4]}, "
+            f"shapes (checkpoint vs model) {shapes[:4]}"
+        )
+    model.load_state_dict(state)

@@ -16,6 +16,9 @@ from typing import Any
 
 from pipeline.errors import InputError
 from pipeline.model import INITS
+from pipeline.schedules import SCHEDULES
+
+NORMALIZATIONS = ("mean-std", "mean-image")
 
 
 class ConfigError(InputError):
@@ -32,9 +35,14 @@ class TrainConfig:
     batch_size: int = 128  # per train worker
     lr: float = 0.01  # learning rate for `lr_batch` images; scaled linearly with the global batch
     lr_batch: int = 128  # the batch size `lr` is quoted for (the paper: 0.01 at 128)
+    schedule: str = "plateau"  # lr schedule: "plateau" (the paper's), "step" (torchvision's) or "constant"
+    plateau_patience: int = 5  # plateau: epochs without a new best val top-1 error before lr ÷10
+    lr_drops: int = 3  # plateau: at most this many ÷10 drops (the paper: three)
+    step_epochs: int = 30  # step: lr ÷10 every this many epochs (torchvision: 30)
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # L2 weight decay, on every parameter as in the paper
     lighting_std: float = 0.1  # σ of the paper's PCA colour augmentation; 0 turns it off
+    normalize: str = "mean-std"  # "mean-std" (per-channel mean and std) or "mean-image" (the paper's)
     lrn: bool = False  # the paper's local response normalisation after conv1 and conv2
     init: str = "torchvision"  # "torchvision" (PyTorch defaults) or "paper" (N(0, 0.01), biases 1)
     paper_bias: float = 1.0  # positive bias of init="paper" (Caffe used 0.1)
@@ -42,6 +50,7 @@ class TrainConfig:
     clip_grad_norm: float = 0.0  # clip the global gradient norm to this; 0: off (the paper does not clip)
     workers: int = 1  # Ray Train workers (DDP ranks)
     gpu: bool = False  # one GPU per worker
+    compile: bool = False  # torch.compile the model (worth it on GPUs; slow to start on CPUs)
     cpus_per_worker: float = 1.0  # CPUs each train worker reserves; the rest of the cluster decodes
     data_cpus: int = 2  # CPUs a locally started Ray keeps for Ray Data beside the train workers
     seed: int = 0  # model init, file order, colour augmentation
@@ -49,13 +58,20 @@ class TrainConfig:
     model_name: str = "alexnet"  # MLflow registered model
     storage_path: str = "runs"  # Ray Train checkpoints (local directory)
     name: str = ""  # run name; empty: alexnet-<profile>-<timestamp>
-    keep_checkpoints: int = 2  # best checkpoints kept, by val_top1_error
-    max_failures: int = 0  # worker-group restarts Ray Train may make before giving up
+    resume: str = ""  # continue the stopped run of this name from its latest checkpoint, in the same MLflow run
+    keep_checkpoints: int = 2  # best checkpoints kept, by val_top1_error (the latest is always kept too)
+    checkpoint_every_steps: int = 0  # also checkpoint every N training steps, mid-epoch; 0: at epoch ends only
+    max_failures: int = 0  # worker-group restarts Ray Train may make before giving up (-1: no limit)
 
     def __post_init__(self) -> None:
         checks = [
             (self.profile in PROFILE_NAMES, f"unknown profile {self.profile!r}; choose one of {PROFILE_NAMES}"),
             (self.init in INITS, f"init must be one of {INITS}, got {self.init!r}"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
+            (self.normalize in NORMALIZATIONS, f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}"),
+            (self.plateau_patience >= 1 and self.step_epochs >= 1, "plateau_patience and step_epochs must be >= 1"),
+            (self.lr_drops >= 0, f"lr_drops must be >= 0, got {self.lr_drops}"),
+            (self.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0 (0: at epoch ends only)"),
             (self.crop >= 63, f"crop must be at least 63 pixels (AlexNet's smallest input), got {self.crop}"),
             (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
@@ -97,7 +113,8 @@ class TrainConfig:
 
 # Profiles: a name and the fields in which it differs from the dataclass defaults (the paper's).
 PROFILES: dict[str, dict[str, Any]] = {
-    # The paper on ILSVRC-2012: batch 128, lr 0.01, momentum 0.9, weight decay 5e-4, 90 epochs.
+    # The paper on ILSVRC-2012: batch 128, lr 0.01, momentum 0.9, weight decay 5e-4, 90 epochs,
+    # lr ÷10 when the validation error stops improving (at most three times).
     "imagenet": {},
     # The bundled sample on a laptop CPU: 72-pixel shards, 64-pixel crops, minutes not days.
     # One worker using both cores of a small machine is twice as fast as two DDP workers there
@@ -113,6 +130,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "cpus_per_worker": 2.0,
         "clip_grad_norm": 5.0,
         "keep_checkpoints": 1,
+        # The sample's loss sits at ln 10 for its first ~6 epochs before it falls: a plateau
+        # schedule would cut the lr before learning starts. 22 epochs at a constant lr instead.
+        "schedule": "constant",
     },
 }
 PROFILE_NAMES = tuple(PROFILES)

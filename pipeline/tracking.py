@@ -91,29 +91,48 @@ def start_run(cfg: TrainConfig, data: PreparedDataset, run_name: str, colour: Co
 
 
 class RunLogger:
-    """Logs metrics into an existing run by id, from whichever process holds it (rank 0)."""
+    """Logs into an existing run by id, from whichever process holds it (rank 0).
+
+    Each epoch's metrics are logged once, with step = epoch, however often the worker group
+    restarts: the epochs the run already has are read from MLflow before logging.
+    """
+
+    EPOCH_KEY = "val_top1_error"  # present in every logged epoch
 
     def __init__(self, run_id: str, tracking_uri: str) -> None:
         self.run_id = run_id
         self.client = MlflowClient(tracking_uri)
+        self.logged = {m.step for m in self.client.get_metric_history(run_id, self.EPOCH_KEY)}
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_epoch(self, epoch: int, metrics: dict[str, float] | None) -> None:
+        if not metrics or epoch < 1 or epoch in self.logged:
+            return
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != "epoch"]
         self.client.log_batch(self.run_id, metrics=batch)
+        self.logged.add(epoch)
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    def count_attempt(self, step: int) -> int:
+        """Record that the training function started again; returns the restarts so far."""
+        run = self.client.get_run(self.run_id)
+        attempts = int(run.data.tags.get("attempts", "0")) + 1
+        restarts = attempts - 1
+        self.client.log_batch(
+            self.run_id,
+            metrics=[Metric("restarts", restarts, int(time.time() * 1000), step)],
+            tags=[RunTag("attempts", str(attempts)), RunTag("restarts", str(restarts))],
+        )
+        return restarts
 
 
 class NullLogger:
     """RunLogger's methods, doing nothing: what ranks other than 0 get."""
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_epoch(self, epoch: int, metrics: dict[str, float] | None) -> None:
         pass
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        pass
+    def count_attempt(self, step: int) -> int:
+        return 0
 
 
 def signature(crop: int, num_classes: int) -> ModelSignature:
@@ -173,6 +192,11 @@ def log_and_register(
         client.set_model_version_tag(cfg.model_name, version, key, f"{best[key]:.4f}")
     client.set_model_version_tag(cfg.model_name, version, "dataset_hash", data.dataset_hash)
     return version
+
+
+def reopen_run(run_id: str) -> None:
+    """Mark a stopped run as running again (--resume): its params and metrics stay as they were."""
+    MlflowClient().update_run(run_id, status="RUNNING")
 
 
 def finish_run(run_id: str, status: str) -> None:

@@ -1,8 +1,14 @@
 """The function every Ray Train worker runs: AlexNet under DDP, fed by its Ray Data shard.
 
-Per epoch: train over the worker's split of the training stream, evaluate on its split of the
+Per epoch: set the lr from the schedule, train over the worker's split of the training stream
+(checkpointing every `checkpoint_every_steps` steps if asked), evaluate on its split of the
 validation stream, all-reduce the sums, then report metrics and a checkpoint to Ray Train and
 (rank 0 only) to MLflow. Nothing syncs the host with the device inside the step loop.
+
+Restarts: Ray Train hands a restarted worker group (or a `--resume`d job) the latest checkpoint.
+Its meta holds the epoch, the step within the epoch, the partial sums of a mid-epoch checkpoint
+and the validation history, so the schedule, the epoch's metrics and the MLflow steps continue
+where they stopped; epochs already in the MLflow run are never logged twice.
 """
 
 from __future__ import annotations
@@ -10,7 +16,8 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import ray.train
 import ray.train.torch
@@ -19,12 +26,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from ray.train.v2._internal.execution import context as ray_train_context
 
-from pipeline import checkpoint
+from pipeline import checkpoint, schedules
 from pipeline.config import TrainConfig
 from pipeline.data.device import DeviceAugment
 from pipeline.metrics import format_duration, topk_correct
 from pipeline.model import AlexNet
 from pipeline.tracking import NullLogger, RunLogger
+
+NO_VALIDATION_SCORE = 2.0  # ranks a mid-epoch checkpoint below every validated one (errors are <= 1)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
@@ -41,21 +50,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     # ---- model, optimizer, resume -------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = AlexNet(len(classes), lrn=cfg.lrn, init=cfg.init, dropout=cfg.dropout, paper_bias=cfg.paper_bias)
-    restored, start_epoch, best = ray.train.get_checkpoint(), 0, None
+    progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "val_errors": [], "best": None}
+    restored, optimizer_state = ray.train.get_checkpoint(), None
     if restored:
         with restored.as_directory() as ckpt_dir:
+            meta = checkpoint.check_compatible(ckpt_dir, cfg, len(classes))
             model.load_state_dict(checkpoint.load_state(ckpt_dir))
             optimizer_state = checkpoint.load_state(ckpt_dir, checkpoint.OPTIMIZER_FILE)
-            meta = checkpoint.read_meta(ckpt_dir)
-        start_epoch, best = meta["epoch"], meta.get("best")
-        print0(f"resumed from epoch {start_epoch} ({restored.path})")
+        progress = meta["progress"]
+        logger.log_epoch(progress["epoch"], meta.get("epoch_metrics"))  # if it was lost before MLflow had it
+    restarts = logger.count_attempt(step=progress["epoch"])
+    if restored:
+        where = f"epoch {progress['epoch']}" + (
+            f" + {progress['step_in_epoch']} steps" if progress["step_in_epoch"] else ""
+        )
+        print0(f"resumed from {where} ({restored.path}); restarts so far: {restarts}", flush=True)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)  # the uint8 NHWC batches arrive that way
     model = ray.train.torch.prepare_model(model)  # device placement + DDP
+    if cfg.compile:
+        model = torch.compile(model)
     optimizer = torch.optim.SGD(  # fused: decay, momentum and update in one pass, ~4x faster on CPU
         model.parameters(), lr=cfg.scaled_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True
     )
-    if restored:
+    if optimizer_state:
         optimizer.load_state_dict(optimizer_state)
     colour = loop_config["colour"]  # the dataset's stats.json, or the published ImageNet values
     augment = DeviceAugment(
@@ -68,21 +86,45 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         eigvec=colour["eigenvectors"],
     )
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    steps_per_epoch = loop_config["train_images"] // world // cfg.batch_size  # equal splits, full batches
     # Ray Train logs every report at INFO through a logger named after its file, not "ray.train",
     # so RunConfig's LoggingConfig does not reach it; the epoch line below says the same.
     logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
 
+    def save_mid_epoch(epoch: int, step_in_epoch: int, partial: torch.Tensor) -> None:
+        """A checkpoint inside `epoch`: the epochs before it are done, `step_in_epoch` steps of it."""
+        state = {**progress, "step_in_epoch": step_in_epoch, "global_step": progress["global_step"] + step_in_epoch}
+        state["partial_sums"] = _all_reduce(partial.clone()).tolist()  # every rank's share of the epoch so far
+        metrics = {"epoch": epoch - 1, "step_in_epoch": step_in_epoch, "score": NO_VALIDATION_SCORE}
+        report(model, optimizer, metrics, state, None, cfg, loop_config, rank)
+
     # ---- epochs -------------------------------------------------------------------------------
     epoch_seconds = []
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+    for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
+        lr = schedules.learning_rate(
+            cfg.schedule,
+            cfg.scaled_lr,
+            epoch,
+            progress["val_errors"],
+            patience=cfg.plateau_patience,
+            max_drops=cfg.lr_drops,
+            step_epochs=cfg.step_epochs,
+        )
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         started = time.perf_counter()
-        train = run_train_epoch(model, optimizer, augment, train_shard, cfg, device)
+        resume_at = progress["step_in_epoch"]  # > 0 only in the first epoch after a mid-epoch checkpoint
+        partial = progress.get("partial_sums") if rank == 0 else None  # counted once, on rank 0
+        train = run_train_epoch(
+            model, optimizer, augment, train_shard, cfg, device, epoch, steps_per_epoch, resume_at, partial,
+            save_mid_epoch,
+        )  # fmt: skip
         val = evaluate(model, augment, val_shard, cfg, device)
         epoch_seconds.append(time.perf_counter() - started)
 
         metrics = {
             "epoch": epoch,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "train_loss": train["loss"],
             "train_top1_error": train["top1_error"],
             "val_loss": val["loss"],
@@ -92,29 +134,48 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             "data_wait_fraction": train["data_wait_fraction"],
             "epoch_seconds": epoch_seconds[-1],
         }
+        best = progress["best"]
         if best is None or metrics["val_top1_error"] < best["val_top1_error"]:
             best = {k: metrics[k] for k in ("epoch", "val_top1_error", "val_top5_error")}
-        report(model, optimizer, metrics, best, cfg, loop_config, rank)
-        logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        progress = {
+            "epoch": epoch,
+            "step_in_epoch": 0,
+            "global_step": progress["global_step"] + steps_per_epoch,
+            "val_errors": [*progress["val_errors"], metrics["val_top1_error"]],
+            "best": best,
+        }
+        report(
+            model, optimizer, {**metrics, "score": metrics["val_top1_error"]}, progress, metrics, cfg, loop_config, rank
+        )
+        logger.log_epoch(epoch, metrics)
 
         eta = (cfg.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)
         print0(
-            f"epoch {epoch:>3}/{cfg.epochs}  train loss {train['loss']:.3f}  top-1 err {train['top1_error']:.3f}"
+            f"epoch {epoch:>3}/{cfg.epochs}  lr {lr:.2g}  train loss {train['loss']:.3f}  top-1 err {train['top1_error']:.3f}"
             f"  |  val loss {val['loss']:.3f}  top-1 err {val['top1_error']:.3f}  top-5 err {val['top5_error']:.3f}"
             f"  |  {train['images_per_s']:,.0f} img/s  data wait {train['data_wait_fraction']:.0%}"
             f"  |  {format_duration(epoch_seconds[-1])}/epoch  ETA {format_duration(eta)}",
             flush=True,
         )
-    return {"best": best, "epochs": cfg.epochs, "world_size": world}
+    return {"best": progress["best"], "epochs": cfg.epochs, "world_size": world, "restarts": restarts}
 
 
-def run_train_epoch(model, optimizer, augment, shard, cfg: TrainConfig, device) -> dict[str, float]:
+def run_train_epoch(
+    model, optimizer, augment, shard, cfg: TrainConfig, device, epoch, steps_per_epoch, resume_at, partial, save
+) -> dict[str, float]:
+    """One epoch (or its rest, from step `resume_at`), checkpointing every cfg.checkpoint_every_steps."""
     model.train()
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss·n, top-1 correct, n
-    wait = 0.0
-    started = time.perf_counter()
-    batches = shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, prefetch_batches=2)
+    sums = torch.zeros(5, device=device, dtype=torch.float64)  # loss·n, top-1 correct, n, wait s, busy s
+    if partial:
+        sums += torch.tensor(partial, dtype=torch.float64, device=device)
+    started, wait = time.perf_counter(), 0.0
+    batches = shard.iter_torch_batches(
+        batch_size=cfg.batch_size, drop_last=True, prefetch_batches=2, pin_memory=device.type == "cuda"
+    )
+    step = resume_at
     for batch, waited in _timed(batches):
+        if step >= steps_per_epoch:  # a resumed epoch ends where an uninterrupted one would
+            break
         wait += waited
         images = augment(batch["image"].to(device, non_blocking=True), train=True)
         labels = batch["label"].to(device, non_blocking=True)
@@ -130,13 +191,17 @@ def run_train_epoch(model, optimizer, augment, shard, cfg: TrainConfig, device) 
         sums[0] += loss.detach() * len(labels)  # device-side sums: no host sync per step
         sums[1] += top1
         sums[2] += len(labels)
-    elapsed = time.perf_counter() - started
-    timing = torch.tensor([wait, elapsed], dtype=torch.float64, device=device)
-    sums, timing = _all_reduce(sums), _all_reduce(timing)
-    loss_sum, correct, n = sums.tolist()
+        step += 1
+        if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step < steps_per_epoch:
+            sums[3] += wait
+            sums[4] += time.perf_counter() - started
+            save(epoch, step, sums)
+            started, wait = time.perf_counter(), 0.0
+    sums[3] += wait
+    sums[4] += time.perf_counter() - started
+    loss_sum, correct, n, wait_total, elapsed_total = _all_reduce(sums).tolist()
     if n == 0:
         raise RuntimeError("a training epoch produced no full batch: lower --batch-size or add training images")
-    wait_total, elapsed_total = timing.tolist()
     world = dist.get_world_size() if dist.is_initialized() else 1
     return {
         "loss": loss_sum / n,
@@ -150,7 +215,9 @@ def run_train_epoch(model, optimizer, augment, shard, cfg: TrainConfig, device) 
 def evaluate(model, augment, shard, cfg: TrainConfig, device) -> dict[str, float]:
     model.eval()
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss·n, top-1, top-5, n
-    for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, prefetch_batches=2):
+    for batch in shard.iter_torch_batches(
+        batch_size=cfg.batch_size, prefetch_batches=2, pin_memory=device.type == "cuda"
+    ):
         images = augment(batch["image"].to(device, non_blocking=True), train=False)
         labels = batch["label"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -165,18 +232,20 @@ def evaluate(model, augment, shard, cfg: TrainConfig, device) -> dict[str, float
     return {"loss": loss_sum / n, "top1_error": 1 - top1 / n, "top5_error": 1 - top5 / n}
 
 
-def report(model, optimizer, metrics, best, cfg: TrainConfig, loop_config, rank: int) -> None:
-    """Report the epoch to Ray Train; rank 0 attaches the checkpoint, the others only metrics."""
+def report(model, optimizer, metrics, progress, epoch_metrics, cfg: TrainConfig, loop_config, rank: int) -> None:
+    """Report to Ray Train; rank 0 attaches the checkpoint, the others only metrics."""
     if rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
         meta = {
-            "epoch": metrics["epoch"],
-            "metrics": metrics,
-            "best": best,
+            "epoch": progress["epoch"],
+            "progress": progress,
+            "epoch_metrics": epoch_metrics,
+            "best": progress["best"],
             "config": cfg.to_dict(),
             "classes": loop_config["classes"],
+            "colour": loop_config["colour"],
             "run_id": loop_config["run_id"],
             "dataset_hash": loop_config["dataset_hash"],
         }
@@ -203,4 +272,5 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     return model.module if hasattr(model, "module") else model

@@ -7,6 +7,7 @@ is checked here, before the cluster does any work.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -16,6 +17,7 @@ from typing import Any, Callable
 
 import mlflow
 import numpy as np
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import ray.train
@@ -32,7 +34,9 @@ from pipeline.data.stats import ColourStats, read_stats
 from pipeline.data.transforms import eval_batch
 from pipeline.model import ImageClassifier
 from pipeline.prepare import MANIFEST_FORMAT, prepare
-from pipeline.storage import locate
+from pipeline.storage import Location, locate
+
+RUN_RECORD = "alexnet_run.json"  # in the run directory: MLflow run id, tracking URI, config (for --resume)
 from pipeline.train_loop import train_loop_per_worker
 
 
@@ -112,38 +116,68 @@ def run_name(cfg: TrainConfig) -> str:
     """cfg.name, or a fresh timestamped one; a name whose run directory exists is refused.
 
     Ray Train resumes a run whose storage_path/name already holds checkpoints, so reusing a name
-    would silently continue an old run under a new MLflow run.
+    would silently continue an old run under a new MLflow run: that is what --resume is for.
     """
     name = cfg.name or f"alexnet-{cfg.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
-    existing = Path(cfg.storage_path).expanduser().resolve() / name
-    if existing.exists():
-        raise ConfigError(f"run directory {existing} already exists; pass another --name")
+    existing = run_dir(cfg.storage_path, name)
+    if existing.info().type != pafs.FileType.NotFound:
+        raise ConfigError(
+            f"run directory {existing.uri} already exists; pass another --name, or --resume {name} to continue it"
+        )
     return name
+
+
+def run_dir(storage_path: str, name: str) -> Location:
+    return locate(storage_path).join(name)
+
+
+def read_run_record(cfg: TrainConfig) -> dict[str, Any]:
+    """What --resume needs of a stopped run: its MLflow run, tracking URI and config."""
+    record = run_dir(cfg.storage_path, cfg.resume).join(RUN_RECORD)
+    if not record.is_file():
+        raise ConfigError(
+            f"nothing to resume: {record.uri} does not exist; --resume takes the name of a run started "
+            f"with --storage-path {cfg.storage_path}"
+        )
+    return json.loads(record.read_text())
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
     started = time.time()
+    record = None
+    if cfg.resume:  # the stopped run's own config, data and MLflow run
+        record = read_run_record(cfg)
+        cfg = TrainConfig.from_dict({**record["config"], "resume": cfg.resume})
+        log(f"resuming run {cfg.resume} (MLflow run {record['run_id']}) with its own config")
     data = load_data(cfg)  # fails fast, before Ray starts
-    name = run_name(cfg)
+    name = cfg.resume or run_name(cfg)
     connect_ray(cfg, log)
     if data is None:
         data = _check_crop(cfg, open_dataset(str(sample_shards(cfg, log))))
     colour = read_stats(data)
     log(f"colour statistics: {colour.source}")
-    tracking_uri = tracking.resolve_tracking_uri()
+    tracking_uri = record["tracking_uri"] if record else tracking.resolve_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
-    run_id = tracking.start_run(cfg, data, name, colour)
+    if record:
+        run_id = record["run_id"]
+        tracking.reopen_run(run_id)
+    else:
+        run_id = tracking.start_run(cfg, data, name, colour)
+        record = {"run_id": run_id, "tracking_uri": tracking_uri, "config": cfg.to_dict(), "data": data.uri}
+        run_dir(cfg.storage_path, name).join(RUN_RECORD).write_text(json.dumps(record, indent=1) + "\n")
     log(f"MLflow run {run_id} ({name}) in experiment {cfg.experiment!r} at {tracking_uri}")
 
     status = "FAILED"
     try:
         result = _fit(cfg, data, colour, run_id, name, tracking_uri)
-        best_checkpoint, best_metrics = min(result.best_checkpoints, key=lambda cm: cm[1]["val_top1_error"])
+        validated = [(c, m) for c, m in result.best_checkpoints if "val_top1_error" in m]
+        best_checkpoint, best_metrics = min(validated, key=lambda cm: cm[1]["val_top1_error"])
         with best_checkpoint.as_directory() as ckpt_dir:
             version = _register(cfg, data, colour, run_id, ckpt_dir, best_metrics)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
+        log(f"\nstopped; continue it with: python jobs/train.py --resume {name} --storage-path {cfg.storage_path}")
         raise
     finally:
         tracking.finish_run(run_id, status)
@@ -167,12 +201,14 @@ def _fit(
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     # One progress bar per dataset rather than one per operator.
     DataContext.get_current().enable_operator_progress_bars = False
+    storage = locate(cfg.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.to_dict(),
             "classes": [dataclasses.asdict(c) for c in data.classes],
             "colour": dataclasses.asdict(colour),
+            "train_images": data.count("train"),
             "dataset_hash": data.dataset_hash,
             "run_id": run_id,
             "tracking_uri": tracking_uri,
@@ -182,10 +218,11 @@ def _fit(
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=str(Path(cfg.storage_path).expanduser().resolve()),
+            storage_path=storage.path,
+            storage_filesystem=storage.fs,
             checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.keep_checkpoints,
-                checkpoint_score_attribute="val_top1_error",
+                num_to_keep=cfg.keep_checkpoints,  # the best by val top-1 error; Ray keeps the latest too
+                checkpoint_score_attribute="score",  # val_top1_error at epoch ends, worse than any mid-epoch
                 checkpoint_score_order="min",
             ),
             failure_config=FailureConfig(max_failures=cfg.max_failures),

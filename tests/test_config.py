@@ -40,6 +40,12 @@ def test_imagenet_profile_is_the_paper_recipe():
     )
 
 
+def test_imagenet_profile_divides_the_lr_on_plateaus_at_most_three_times():
+    cfg = config.resolve("imagenet")
+    assert (cfg.schedule, cfg.lr_drops, cfg.normalize) == ("plateau", 3, "mean-std")
+    assert config.resolve("imagenet", schedule="step").step_epochs == 30
+
+
 def test_lr_scales_linearly_with_the_global_batch():
     assert config.resolve("imagenet", workers=8, batch_size=128).scaled_lr == pytest.approx(0.08)
     assert config.resolve("imagenet", workers=1, batch_size=64).scaled_lr == pytest.approx(0.005)
@@ -54,7 +60,15 @@ def test_flags_are_generated_from_fields_and_override_the_profile():
 
 @pytest.mark.parametrize(
     "overrides, message",
-    [({"crop": 32}, "at least 63"), ({"init": "he"}, "init must be one of"), ({"workers": 0}, "workers")],
+    [
+        ({"crop": 32}, "at least 63"),
+        ({"init": "he"}, "init must be one of"),
+        ({"workers": 0}, "workers"),
+        ({"schedule": "cosine"}, "schedule must be one of \\('plateau', 'step', 'constant'\\)"),
+        ({"normalize": "zca"}, "normalize must be one of \\('mean-std', 'mean-image'\\)"),
+        ({"lr_drops": -1}, "lr_drops must be >= 0"),
+        ({"checkpoint_every_steps": -5}, "checkpoint_every_steps must be >= 0"),
+    ],
 )
 def test_bad_values_fail_with_a_message(overrides, message):
     with pytest.raises(ConfigError, match=message):
