@@ -1,7 +1,9 @@
 """End to end on a real local Ray, real Parquet shards of real JPEGs and a real MLflow sqlite store."""
 
 import dataclasses
+import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,9 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 from mlflow import MlflowClient
+from PIL import Image
 
-from pipeline import checkpoint, config, training
+from pipeline import checkpoint, config, evaluation, training
 from pipeline.config import ConfigError
 from pipeline.data.shards import DataError
 from pipeline.data.stats import compute_stats
@@ -176,3 +180,57 @@ def test_the_train_job_reports_a_missing_data_dir_without_starting_ray(tmp_path)
     assert proc.returncode == 2
     assert "error: data directory" in proc.stderr and "jobs/prepare.py" in proc.stderr
     assert "Ray" not in proc.stdout + proc.stderr
+
+
+def test_ten_crop_evaluation_matches_a_direct_pytorch_computation(trained, measured_shards):
+    summary, _, uri = trained
+    model_uri = f"models:/{summary.model_name}/{summary.model_version}"
+    results = evaluation.evaluate(model_uri, str(measured_shards), ten_crop=True, tracking_uri=uri, batch_size=5)
+
+    # Reference: torchvision's ten_crop of each decoded stored square, the checkpoint's network.
+    rows = pq.read_table(measured_shards / "val").to_pydict()
+    stats = json.loads((measured_shards / "stats.json").read_text())
+    net, _ = checkpoint.load_model(summary.checkpoint)
+    model = ImageClassifier(net, stats["mean"], stats["std"]).eval()
+    correct = {"centre": [0, 0], "ten_crop": [0, 0]}
+    with torch.no_grad():
+        for data, label in zip(rows["image"], rows["label"]):
+            chw = torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
+            views = torch.stack(TF.ten_crop(chw, 64)).permute(0, 2, 3, 1).contiguous()
+            probs = torch.softmax(model(views), dim=1)
+            for name, p in (("centre", probs[4]), ("ten_crop", probs.mean(dim=0))):
+                top = p.topk(min(5, len(p))).indices.tolist()
+                correct[name][0] += top[0] == label
+                correct[name][1] += label in top
+    n = len(rows["label"])
+    for name, (top1, top5) in correct.items():
+        assert results[name]["images"] == n
+        assert results[name]["top1_error"] == pytest.approx(1 - top1 / n, abs=1e-9), name
+        assert results[name]["top5_error"] == pytest.approx(1 - top5 / n, abs=1e-9), name
+    from_checkpoint = evaluation.evaluate(summary.checkpoint, str(measured_shards), ten_crop=True, tracking_uri=uri)
+    assert from_checkpoint == results
+
+
+def test_the_evaluate_job_prints_the_table_and_logs_it_to_the_models_run(ray_cluster, trained, measured_shards):
+    summary, _, uri = trained
+    model_uri = f"models:/{summary.model_name}/{summary.model_version}"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": uri}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs/evaluate.py"), "--model", model_uri, "--data", str(measured_shards), "--ten-crop"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| model | top-1 error | top-5 error |" in proc.stdout
+    assert f"| {model_uri}, centre crop |" in proc.stdout and f"| {model_uri}, 10 crops |" in proc.stdout
+    metrics = MlflowClient(uri).get_run(summary.run_id).data.metrics
+    assert {"eval_centre_top1_error", "eval_ten_crop_top1_error", "eval_ten_crop_top5_error"} <= set(metrics)
+
+
+def test_evaluating_an_unknown_model_fails_before_any_cluster_work(trained, measured_shards):
+    _, _, uri = trained
+    with pytest.raises(evaluation.EvaluationError, match="cannot load models:/alexnet-test/99"):
+        evaluation.evaluate("models:/alexnet-test/99", str(measured_shards), tracking_uri=uri)
+    with pytest.raises(evaluation.EvaluationError, match="neither a models:/ URI nor a checkpoint"):
+        evaluation.evaluate("/no/such/checkpoint", str(measured_shards), tracking_uri=uri)

@@ -5,6 +5,7 @@
 - ``train_batch``: decode stored squares, random crop, random horizontal flip (the paper's
   training augmentation); uint8 NHWC out.
 - ``eval_batch``: decode stored squares, centre crop; uint8 NHWC out.
+- ``ten_crop_batch``: decode stored squares into the paper's ten test views (evaluation).
 
 Batches are Ray Data numpy batches: ``{"image": object array of JPEG bytes, "label": int32}``.
 """
@@ -63,6 +64,19 @@ def center_crop(image: np.ndarray, crop: int) -> np.ndarray:
     return image[top : top + crop, left : left + crop]
 
 
+def ten_crop(image: np.ndarray, crop: int) -> np.ndarray:
+    """The paper's test views: four corner crops and the centre crop, then their mirror images.
+
+    Shape (10, crop, crop, 3), in torchvision's ``ten_crop`` order: top-left, top-right,
+    bottom-left, bottom-right, centre, then the same five flipped horizontally.
+    """
+    h, w = image.shape[:2]
+    _check_fits(h, w, crop)
+    corners = [(0, 0), (0, w - crop), (h - crop, 0), (h - crop, w - crop)]
+    views = [image[t : t + crop, left : left + crop] for t, left in corners] + [center_crop(image, crop)]
+    return np.stack(views + [v[:, ::-1] for v in views])
+
+
 def random_crop_flip(image: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
     h, w = image.shape[:2]
     _check_fits(h, w, crop)
@@ -86,6 +100,12 @@ def train_batch(batch: dict[str, np.ndarray], crop: int) -> dict[str, np.ndarray
 
 def eval_batch(batch: dict[str, np.ndarray], crop: int) -> dict[str, np.ndarray]:
     images = np.stack([center_crop(decode(data), crop) for data in batch["image"]])
+    return {"image": images, "label": batch["label"].astype(np.int64)}
+
+
+def ten_crop_batch(batch: dict[str, np.ndarray], crop: int) -> dict[str, np.ndarray]:
+    """Decode stored squares into their ten test views: image (n, 10, crop, crop, 3) uint8."""
+    images = np.stack([ten_crop(decode(data), crop) for data in batch["image"]])
     return {"image": images, "label": batch["label"].astype(np.int64)}
 
 

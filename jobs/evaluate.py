@@ -1,0 +1,63 @@
+"""Evaluate a model on prepared validation shards: top-1 and top-5 error, centre crop and the paper's 10 crops.
+
+    python jobs/evaluate.py --model models:/alexnet/1 --data data/sample/shards --ten-crop
+    python jobs/evaluate.py --model models:/alexnet@champion --data s3://bucket/imagenet-shards --ten-crop \\
+        --replicas 4 --gpus-per-replica 1
+    python jobs/evaluate.py --model runs/alexnet-sample-20261125-084915/checkpoint_2026-11-25_08-54-10.123456 \\
+        --data data/sample/shards
+
+Ray Data decodes the stored squares into test views on CPU workers and a pool of model actors
+(each loading the model once) scores them. Prints the table (model | top-1 error | top-5 error, one
+row per protocol) and logs it to the model's MLflow run (metrics eval_centre_top1_error, ...,
+artifacts evaluation/). MLflow: MLFLOW_TRACKING_URI, else ./mlflow.db.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
+
+from pipeline import evaluation, tracking  # noqa: E402
+from pipeline.data.shards import open_dataset  # noqa: E402
+from pipeline.errors import InputError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="models:/NAME/VERSION, models:/NAME@ALIAS or a checkpoint directory")
+    parser.add_argument("--data", required=True, help="prepared shards (jobs/prepare.py --out): local or s3://")
+    parser.add_argument("--ten-crop", action="store_true", help="also the paper's 10-crop protocol")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per model call (x10 views with --ten-crop)")
+    parser.add_argument("--replicas", type=int, default=1, help="model actors at most")
+    parser.add_argument("--gpus-per-replica", type=float, default=0, help="GPUs per model actor")
+    parser.add_argument("--no-log", action="store_true", help="do not log the results to the model's MLflow run")
+    args = parser.parse_args(argv)
+    try:
+        tracking_uri = tracking.resolve_tracking_uri()
+        dataset = open_dataset(args.data)
+        results = evaluation.evaluate(
+            args.model,
+            dataset,
+            ten_crop=args.ten_crop,
+            tracking_uri=tracking_uri,
+            batch_size=args.batch_size,
+            replicas=args.replicas,
+            gpus_per_replica=args.gpus_per_replica,
+        )
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"\n{dataset.count('val'):,} validation images of {dataset.uri}\n")
+    print(evaluation.table(args.model, results))
+    ref = evaluation.resolve_model(args.model, tracking_uri)
+    if not args.no_log and ref.run_id:
+        evaluation.log_to_run(ref, dataset, results)
+        print(f"\nlogged to MLflow run {ref.run_id} at {tracking_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
