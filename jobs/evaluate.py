@@ -27,7 +27,9 @@ from pipeline.errors import InputError  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="models:/NAME/VERSION, models:/NAME@ALIAS or a checkpoint directory")
+    parser.add_argument(
+        "--model", required=True, help="models:/NAME/VERSION, models:/NAME@ALIAS or a checkpoint directory"
+    )
     parser.add_argument("--data", required=True, help="prepared shards (jobs/prepare.py --out): local or s3://")
     parser.add_argument("--ten-crop", action="store_true", help="also the paper's 10-crop protocol")
     parser.add_argument("--batch-size", type=int, default=64, help="images per model call (x10 views with --ten-crop)")

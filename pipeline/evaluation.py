@@ -28,7 +28,7 @@ from ray.data import ActorPoolStrategy
 
 from pipeline import checkpoint
 from pipeline.data.shards import PreparedDataset, open_dataset
-from pipeline.data.stats import PUBLISHED
+from pipeline.data.stats import PUBLISHED, normalization
 from pipeline.data.transforms import eval_batch, ten_crop_batch
 from pipeline.errors import InputError
 from pipeline.ingest import read_shards
@@ -78,7 +78,13 @@ def resolve_model(spec: str, tracking_uri: str) -> ModelRef:
     if not path.is_dir():
         raise EvaluationError(f"model {spec!r} is neither a models:/ URI nor a checkpoint directory")
     meta = checkpoint.read_meta(path)
-    return ModelRef(str(path.resolve()), meta["config"]["crop"], [c["wnid"] for c in meta["classes"]], meta.get("run_id"), tracking_uri)
+    return ModelRef(
+        str(path.resolve()),
+        meta["config"]["crop"],
+        [c["wnid"] for c in meta["classes"]],
+        meta.get("run_id"),
+        tracking_uri,
+    )
 
 
 def load(ref: ModelRef) -> torch.nn.Module:
@@ -88,7 +94,8 @@ def load(ref: ModelRef) -> torch.nn.Module:
         return mlflow.pytorch.load_model(ref.uri)
     net, meta = checkpoint.load_model(ref.uri)
     colour = meta.get("colour") or dataclasses.asdict(PUBLISHED)
-    return ImageClassifier(net, colour["mean"], colour["std"]).eval()
+    mean, std = normalization(colour, meta["config"].get("normalize", "mean-std"), meta["config"]["crop"])
+    return ImageClassifier(net, mean, std).eval()
 
 
 class Predictor:
@@ -169,7 +176,9 @@ PROTOCOL_NAMES = {"centre": "centre crop", "ten_crop": "10 crops"}
 
 def table(model: str, results: dict[str, dict[str, Any]]) -> str:
     """The paper's table: model | top-1 error | top-5 error, one row per protocol."""
-    rows = [f"| {model}, {PROTOCOL_NAMES[p]} | {r['top1_error']:.3f} | {r['top5_error']:.3f} |" for p, r in results.items()]
+    rows = [
+        f"| {model}, {PROTOCOL_NAMES[p]} | {r['top1_error']:.3f} | {r['top5_error']:.3f} |" for p, r in results.items()
+    ]
     return "\n".join(["| model | top-1 error | top-5 error |", "| --- | --- | --- |", *rows])
 
 
@@ -180,8 +189,12 @@ def log_to_run(ref: ModelRef, dataset: PreparedDataset, results: dict[str, dict[
     for key, value in metrics.items():
         client.log_metric(ref.run_id, key, value)
     with tempfile.TemporaryDirectory() as tmp:
-        Path(tmp, "evaluation.md").write_text(table(ref.uri, results) + f"\n\ndataset {dataset.uri} ({dataset.dataset_hash})\n")
-        Path(tmp, "evaluation.json").write_text(json.dumps({"model": ref.uri, "dataset_hash": dataset.dataset_hash, "results": results}, indent=1))
+        Path(tmp, "evaluation.md").write_text(
+            table(ref.uri, results) + f"\n\ndataset {dataset.uri} ({dataset.dataset_hash})\n"
+        )
+        Path(tmp, "evaluation.json").write_text(
+            json.dumps({"model": ref.uri, "dataset_hash": dataset.dataset_hash, "results": results}, indent=1)
+        )
         client.log_artifacts(ref.run_id, tmp, "evaluation")
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.data.device import normalize, to_float
+from pipeline.data.device import as_nchw, normalize, to_float
 from pipeline.data.transforms import MIN_INPUT_SIZE  # noqa: F401 (part of this module's interface)
 
 LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0  # the paper's n, α, β, k
@@ -107,11 +107,12 @@ class ImageClassifier(nn.Module):
     (decode, resize, centre crop) in front of it, the same one validation uses.
     """
 
-    def __init__(self, net: AlexNet, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(self, net: AlexNet, mean, std) -> None:
+        """`mean`/`std`: per channel (3,), or a (3, crop, crop) mean image with std 1 (the paper's)."""
         super().__init__()
         self.net = net
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("mean", as_nchw(mean))
+        self.register_buffer("std", as_nchw(std))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(normalize(to_float(images), self.mean, self.std))

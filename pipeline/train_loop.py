@@ -29,6 +29,7 @@ from ray.train.v2._internal.execution import context as ray_train_context
 from pipeline import checkpoint, schedules
 from pipeline.config import TrainConfig
 from pipeline.data.device import DeviceAugment
+from pipeline.data.stats import normalization
 from pipeline.metrics import format_duration, topk_correct
 from pipeline.model import AlexNet
 from pipeline.tracking import NullLogger, RunLogger
@@ -76,12 +77,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     if optimizer_state:
         optimizer.load_state_dict(optimizer_state)
     colour = loop_config["colour"]  # the dataset's stats.json, or the published ImageNet values
+    mean, std = normalization(colour, cfg.normalize, cfg.crop)  # per channel, or the mean image
     augment = DeviceAugment(
         device,
         cfg.lighting_std,
         seed=cfg.seed * 1000 + rank,
-        mean=colour["mean"],
-        std=colour["std"],
+        mean=mean,
+        std=std,
         eigval=colour["eigenvalues"],
         eigvec=colour["eigenvectors"],
     )

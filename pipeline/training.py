@@ -30,7 +30,7 @@ from pipeline import checkpoint, ingest, tracking
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.data.sample import SAMPLE_IMAGE_SIZE, make_sample
 from pipeline.data.shards import PreparedDataset, open_dataset, read_manifest
-from pipeline.data.stats import ColourStats, read_stats
+from pipeline.data.stats import ColourStats, normalization, read_stats
 from pipeline.data.transforms import eval_batch
 from pipeline.model import ImageClassifier
 from pipeline.prepare import MANIFEST_FORMAT, prepare
@@ -155,7 +155,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
     if data is None:
         data = _check_crop(cfg, open_dataset(str(sample_shards(cfg, log))))
     colour = read_stats(data)
-    log(f"colour statistics: {colour.source}")
+    normalization(dataclasses.asdict(colour), cfg.normalize, cfg.crop)  # a missing mean image fails here
+    log(f"colour statistics: {colour.source}; normalisation: {cfg.normalize}")
     tracking_uri = record["tracking_uri"] if record else tracking.resolve_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
     if record:
@@ -241,7 +242,8 @@ def _register(
     cfg: TrainConfig, data: PreparedDataset, colour: ColourStats, run_id: str, ckpt_dir: str, best: dict[str, Any]
 ) -> str:
     net, _ = checkpoint.load_model(ckpt_dir)
-    model = ImageClassifier(net, colour.mean, colour.std).eval()  # normalises as training did
+    mean, std = normalization(dataclasses.asdict(colour), cfg.normalize, cfg.crop)
+    model = ImageClassifier(net, mean, std).eval()  # normalises as training did
     return tracking.log_and_register(run_id, model, _input_example(data, cfg.crop), cfg, data, best)
 
 

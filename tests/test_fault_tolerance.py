@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline import checkpoint, config, training
+from pipeline.data.stats import compute_stats
 from pipeline.model import AlexNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,8 +104,22 @@ def test_a_killed_worker_resumes_mid_epoch_in_the_same_mlflow_run(ray_cluster, t
 
 
 def test_a_stopped_job_continues_with_resume(ray_cluster, tiny_shards, tmp_path, tracking):
+    # Also the paper's normalisation: the dataset's mean image, which --resume must find again.
+    data = shutil.copytree(tiny_shards, tmp_path / "shards")
+    compute_stats(str(data))
     storage = tmp_path / "runs"
-    args = ["--data", str(tiny_shards), "--epochs", "3", "--batch-size", "16", "--cpus-per-worker", "1"]
+    args = [
+        "--data",
+        str(data),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--cpus-per-worker",
+        "1",
+        "--normalize",
+        "mean-image",
+    ]
     args += ["--storage-path", str(storage), "--name", "stopped", "--experiment", "resume", "--model-name", "resume"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": tracking}
     with (tmp_path / "job.log").open("wb") as log:

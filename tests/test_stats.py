@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import json
 import os
@@ -9,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.data import shards
-from pipeline.data.stats import PUBLISHED, compute_stats, read_stats
+from pipeline.data.device import DeviceAugment
+from pipeline.data.stats import PUBLISHED, compute_stats, normalization, read_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +44,25 @@ def test_stats_equal_numpy_float64_over_the_same_decoded_pixels(measured):
     np.testing.assert_allclose(np.abs(got), np.abs(eigenvectors), rtol=1e-6, atol=1e-9)  # columns, up to sign
     np.testing.assert_allclose(got @ np.diag(stats["eigenvalues"]) @ got.T, cov, rtol=1e-6, atol=1e-12)
     assert json.loads((root / "stats.json").read_text()) == stats
+
+
+def test_the_mean_image_is_the_per_pixel_mean_of_the_decoded_training_squares(measured):
+    root, stats = measured
+    images = pq.read_table(root / "train", columns=["image"])["image"].to_pylist()
+    expected = np.mean([np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), dtype=np.float64) for b in images], axis=0)
+    mean_image = np.load(root / stats["mean_image"])
+    assert mean_image.shape == (72, 72, 3) and mean_image.dtype == np.float32
+    np.testing.assert_allclose(mean_image, expected / 255.0, rtol=1e-6, atol=1e-7)
+
+    colour = dataclasses.asdict(read_stats(shards.open_dataset(root)))
+    mean, std = normalization(colour, "mean-image", crop=64)
+    np.testing.assert_array_equal(mean, mean_image[4:68, 4:68].transpose(2, 0, 1))  # its centre 64×64
+    assert std.tolist() == [1, 1, 1]
+    x = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    out = DeviceAugment(torch.device("cpu"), alpha_std=0.0, mean=mean, std=std)(x, train=False)
+    torch.testing.assert_close(out, x.permute(0, 3, 1, 2).float() / 255 - torch.from_numpy(mean)[None])
+    with pytest.raises(shards.DataError, match="needs the dataset's mean image"):
+        normalization(dataclasses.asdict(PUBLISHED), "mean-image", crop=64)
 
 
 def test_training_uses_the_datasets_stats_and_the_published_ones_without(measured, tiny_shards):

@@ -216,7 +216,15 @@ def test_the_evaluate_job_prints_the_table_and_logs_it_to_the_models_run(ray_clu
     model_uri = f"models:/{summary.model_name}/{summary.model_version}"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": uri}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "jobs/evaluate.py"), "--model", model_uri, "--data", str(measured_shards), "--ten-crop"],
+        [
+            sys.executable,
+            str(ROOT / "jobs/evaluate.py"),
+            "--model",
+            model_uri,
+            "--data",
+            str(measured_shards),
+            "--ten-crop",
+        ],
         env=env,
         capture_output=True,
         text=True,

@@ -31,6 +31,12 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
     return (x - mean) / std
 
 
+def as_nchw(values, device: torch.device | None = None) -> torch.Tensor:
+    """A per-channel (3,) or per-pixel (3, H, W) statistic, shaped to broadcast over NCHW batches."""
+    t = torch.as_tensor(values, dtype=torch.float32, device=device)
+    return t.reshape(1, 3, *(t.shape[1:] or (1, 1)))
+
+
 def lighting_shift(
     n: int,
     alpha_std: float,
@@ -60,10 +66,9 @@ class DeviceAugment:
         eigval=IMAGENET_EIGVAL,
         eigvec=IMAGENET_EIGVEC,
     ) -> None:
-        as_tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=device)  # noqa: E731
-        self.mean = as_tensor(mean).view(1, 3, 1, 1)
-        self.std = as_tensor(std).view(1, 3, 1, 1)
-        self.eigval, self.eigvec = as_tensor(eigval), as_tensor(eigvec)
+        self.mean, self.std = as_nchw(mean, device), as_nchw(std, device)  # per channel, or a mean image
+        self.eigval = torch.as_tensor(eigval, dtype=torch.float32, device=device)
+        self.eigvec = torch.as_tensor(eigvec, dtype=torch.float32, device=device)
         self.alpha_std = alpha_std
         self.generator = None
         if seed is not None:

@@ -13,6 +13,7 @@ Data adds the partial sums, and only the final division happens in float64. Writ
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 
@@ -22,10 +23,11 @@ from pipeline.data import shards
 from pipeline.data.device import IMAGENET_EIGVAL, IMAGENET_EIGVEC, IMAGENET_MEAN, IMAGENET_STD
 from pipeline.data.transforms import decode
 from pipeline.ingest import read_shards
-from pipeline.storage import Location
+from pipeline.storage import Location, locate
 
 PAIRS = [(i, j) for i in range(3) for j in range(i, 3)]  # the 6 distinct entries of a 3×3 symmetric matrix
 SUM_COLUMNS = ["pixels", "s0", "s1", "s2"] + [f"p{i}{j}" for i, j in PAIRS]
+MEAN_IMAGE_FILE = "mean_image.npy"
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class ColourStats:
     eigenvalues: list[float]
     eigenvectors: list[list[float]]  # columns are the eigenvectors
     source: str  # "dataset <hash>" or "published ImageNet values"
+    mean_image: str = ""  # URI of the dataset's mean image (size×size×3 float32 .npy), if measured
 
 
 PUBLISHED = ColourStats(
@@ -47,16 +50,23 @@ PUBLISHED = ColourStats(
 
 
 def compute_stats(data: str | Location) -> dict:
-    """Statistics of the training split of a prepared dataset; also written to its stats.json."""
+    """Statistics of the training split of a prepared dataset; also written to its stats.json.
+
+    Two passes over the training shards: the channel statistics as a Ray Data aggregation
+    (``Dataset.sum`` of exact per-task integer sums), then the mean image (the paper's
+    normalisation), whose per-task pixel sums stream to the driver and are added there.
+    """
     dataset = shards.open_dataset(data)
-    sums = (
-        read_shards(dataset.split_dir("train"), columns=["image"])
-        .map_batches(_pixel_sums, batch_size=None, batch_format="numpy")  # fused with the read
-        .sum(SUM_COLUMNS)
-    )
+    train = read_shards(dataset.split_dir("train"), columns=["image"])
+    sums = train.map_batches(_pixel_sums, batch_size=None, batch_format="numpy").sum(SUM_COLUMNS)  # fused read
     stats = stats_from_sums({name: int(sums[f"sum({name})"]) for name in SUM_COLUMNS})
-    stats["images"] = dataset.count("train")
-    stats["dataset_hash"] = dataset.dataset_hash
+    total = np.zeros((dataset.image_size, dataset.image_size, 3), dtype=np.int64)
+    for row in train.map_batches(_image_sums, batch_size=None, batch_format="numpy").iter_rows():
+        total += np.frombuffer(row["sums"], dtype=np.int64).reshape(total.shape)
+    out = io.BytesIO()
+    np.save(out, (total / dataset.count("train") / 255.0).astype(np.float32))
+    dataset.root.join(MEAN_IMAGE_FILE).write_bytes(out.getvalue())
+    stats.update(images=dataset.count("train"), dataset_hash=dataset.dataset_hash, mean_image=MEAN_IMAGE_FILE)
     dataset.root.join(shards.STATS_FILE).write_text(json.dumps(stats, indent=1) + "\n")
     return stats
 
@@ -102,7 +112,26 @@ def read_stats(dataset: shards.PreparedDataset) -> ColourStats:
         eigenvalues=stats["eigenvalues"],
         eigenvectors=stats["eigenvectors"],
         source=f"dataset {dataset.dataset_hash} ({shards.STATS_FILE})",
+        mean_image=dataset.root.join(stats["mean_image"]).uri if stats.get("mean_image") else "",
     )
+
+
+def normalization(colour: dict, normalize: str, crop: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) to normalise [0, 1] crops with: per channel (3,), or the mean image (3, crop, crop).
+
+    "mean-image" is the paper's: subtract the training set's mean image (its centre crop, for the
+    crop size), no division.
+    """
+    if normalize == "mean-std":
+        return np.asarray(colour["mean"], dtype=np.float32), np.asarray(colour["std"], dtype=np.float32)
+    if not colour.get("mean_image"):
+        raise shards.DataError(
+            "--normalize mean-image needs the dataset's mean image; compute it with jobs/prepare.py --stats --out DATA"
+        )
+    image = np.load(io.BytesIO(locate(colour["mean_image"]).read_bytes()))
+    top, left = (image.shape[0] - crop) // 2, (image.shape[1] - crop) // 2
+    mean = image[top : top + crop, left : left + crop].transpose(2, 0, 1)
+    return np.ascontiguousarray(mean, dtype=np.float32), np.ones(3, dtype=np.float32)
 
 
 def _pixel_sums(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -113,3 +142,9 @@ def _pixel_sums(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         xtx = x.T @ x
         totals += np.array([len(x), *x.sum(axis=0), *(xtx[i, j] for i, j in PAIRS)], dtype=np.float64).astype(np.int64)
     return {name: totals[k : k + 1] for k, name in enumerate(SUM_COLUMNS)}
+
+
+def _image_sums(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One row per block: the per-pixel sums of its images, as int64 bytes."""
+    total = sum(decode(data).astype(np.int64) for data in batch["image"])
+    return {"sums": np.array([np.ascontiguousarray(total).tobytes()], dtype=object)}
