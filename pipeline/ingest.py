@@ -25,7 +25,7 @@ def train_dataset(shard_dir: str | Location, crop: int, seed: int) -> Dataset:
     # A different file order every epoch (seed + epoch), reproducible for a given seed.
     shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True)
     return read_shards(shard_dir, shuffle=shuffle).map_batches(
-        train_batch, fn_kwargs={"crop": crop}, batch_size=None, batch_format="numpy"
+        train_batch, fn_kwargs={"crop": crop, "seed": seed}, batch_size=None, batch_format="numpy"
     )
 
 
@@ -81,6 +81,12 @@ class IngestConfig(DataConfig):
     def __init__(self, exact: tuple[str, ...] = ("val",), **kwargs) -> None:
         super().__init__(**kwargs)
         self._exact = exact
+
+    def _resolve_execution_options(self, dataset_name: str):
+        """Blocks reach the workers in file order: with seeded crops, runs repeat exactly."""
+        options = super()._resolve_execution_options(dataset_name)
+        options.preserve_order = True
+        return options
 
     def configure(
         self, datasets, world_size, worker_handles, worker_node_ids, **kwargs

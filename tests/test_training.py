@@ -242,3 +242,15 @@ def test_evaluating_an_unknown_model_fails_before_any_cluster_work(trained, meas
         evaluation.evaluate("models:/alexnet-test/99", str(measured_shards), tracking_uri=uri)
     with pytest.raises(evaluation.EvaluationError, match="neither a models:/ URI nor a checkpoint"):
         evaluation.evaluate("/no/such/checkpoint", str(measured_shards), tracking_uri=uri)
+
+
+def test_a_second_run_with_the_same_seed_and_workers_repeats_every_epochs_metrics(trained, tmp_path):
+    summary, cfg, uri = trained
+    again = training.train(dataclasses.replace(cfg, storage_path=str(tmp_path / "runs")), log=lambda m: None)
+    client = MlflowClient(uri)
+    for key in ("train_loss", "train_top1_error", "val_loss", "val_top1_error", "val_top5_error"):
+        first, second = (
+            [(m.step, m.value) for m in sorted(client.get_metric_history(run, key), key=lambda m: m.step)]
+            for run in (summary.run_id, again.run_id)
+        )
+        assert first == second, key

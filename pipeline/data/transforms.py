@@ -13,6 +13,7 @@ Batches are Ray Data numpy batches: ``{"image": object array of JPEG bytes, "lab
 from __future__ import annotations
 
 import io
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -85,14 +86,16 @@ def random_crop_flip(image: np.ndarray, crop: int, rng: np.random.Generator) -> 
     return out[:, ::-1] if rng.random() < 0.5 else out
 
 
-def train_batch(batch: dict[str, np.ndarray], crop: int) -> dict[str, np.ndarray]:
+def train_batch(batch: dict[str, np.ndarray], crop: int, seed: int | None = None) -> dict[str, np.ndarray]:
     """Decode, random crop, random flip, and shuffle the rows of the batch.
 
     The row shuffle complements the per-epoch file shuffle of the reader: shards are written with
     classes mixed, so file order × in-batch order gives every epoch a fresh sample order without
-    a shuffle buffer's copies.
+    a shuffle buffer's copies. With a `seed`, the randomness is a function of the seed, the
+    block's position in this epoch's (seeded) file order and its labels: the same every run,
+    different every epoch.
     """
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(None if seed is None else [seed, _task_index(), zlib.crc32(batch["label"].tobytes())])
     order = rng.permutation(len(batch["label"]))
     images = np.stack([random_crop_flip(decode(batch["image"][i]), crop, rng) for i in order])
     return {"image": images, "label": batch["label"][order].astype(np.int64)}
@@ -107,6 +110,14 @@ def ten_crop_batch(batch: dict[str, np.ndarray], crop: int) -> dict[str, np.ndar
     """Decode stored squares into their ten test views: image (n, 10, crop, crop, 3) uint8."""
     images = np.stack([ten_crop(decode(data), crop) for data in batch["image"]])
     return {"image": images, "label": batch["label"].astype(np.int64)}
+
+
+def _task_index() -> int:
+    """The index of this Ray Data task in its execution: for a fused read, the file's position."""
+    from ray.data._internal.execution.interfaces.task_context import TaskContext
+
+    context = TaskContext.get_current()
+    return context.task_idx if context is not None else 0
 
 
 def _check_fits(h: int, w: int, crop: int) -> None:
