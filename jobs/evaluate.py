@@ -15,6 +15,7 @@ artifacts evaluation/). MLflow: MLFLOW_TRACKING_URI, else ./mlflow.db.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus-per-replica", type=float, default=0, help="GPUs per model actor")
     parser.add_argument("--no-log", action="store_true", help="do not log the results to the model's MLflow run")
     args = parser.parse_args(argv)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # the table says it
     try:
         tracking_uri = tracking.resolve_tracking_uri()
         dataset = open_dataset(args.data)

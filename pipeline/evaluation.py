@@ -109,10 +109,10 @@ class Predictor:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        views = torch.from_numpy(batch["image"]).to(self.device)  # (n, V, crop, crop, 3) uint8
+        views = torch.from_numpy(_writable(batch["image"])).to(self.device)  # (n, V, crop, crop, 3) uint8
         n, v = views.shape[:2]
         probs = torch.softmax(self.model(views.reshape(n * v, *views.shape[2:])).float(), dim=1).reshape(n, v, -1)
-        labels = torch.from_numpy(batch["label"]).to(self.device)
+        labels = torch.from_numpy(_writable(batch["label"])).to(self.device)
         out = {}
         centre = CENTRE_VIEW if v == 10 else 0
         for name, p in (("centre", probs[:, centre]), ("ten_crop", probs.mean(dim=1))):
@@ -196,6 +196,11 @@ def log_to_run(ref: ModelRef, dataset: PreparedDataset, results: dict[str, dict[
             json.dumps({"model": ref.uri, "dataset_hash": dataset.dataset_hash, "results": results}, indent=1)
         )
         client.log_artifacts(ref.run_id, tmp, "evaluation")
+
+
+def _writable(array: np.ndarray) -> np.ndarray:
+    """Arrays from the object store are read-only views; torch wants memory it may write."""
+    return array if array.flags.writeable else array.copy()
 
 
 def _centre_view_batch(batch: dict[str, np.ndarray], crop: int) -> dict[str, np.ndarray]:

@@ -78,3 +78,24 @@ def test_prepare_again_on_finished_s3_output_writes_nothing(s3_prepared, s3_serv
 def test_missing_buckets_fail_with_a_message_before_any_cluster_work(s3_server, source, out, message):
     with pytest.raises(InputError, match=message):
         prepare(source, out)
+
+
+def test_training_checkpoints_to_an_s3_storage_path(s3_prepared, s3_server, tmp_path):
+    import mlflow
+
+    from pipeline import config, training
+
+    s3_server.create_dir("runs")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        cfg = config.resolve(
+            "sample", data="s3://shards/imagenet", epochs=1, batch_size=16, cpus_per_worker=1.0,
+            storage_path="s3://runs/alexnet", name="on-s3", experiment="s3", model_name="s3",
+        )  # fmt: skip
+        summary = training.train(cfg, log=lambda m: None)
+    finally:
+        mlflow.set_tracking_uri(None)
+    stored = [i.path for i in s3_server.get_file_info(pafs.FileSelector("runs/alexnet/on-s3", recursive=True))]
+    assert "runs/alexnet/on-s3/alexnet_run.json" in stored
+    assert any(p.endswith("/model.pt") and "/checkpoint_" in p for p in stored)
+    assert summary.checkpoint.startswith("runs/alexnet/on-s3/checkpoint_") and summary.model_version == "1"
