@@ -12,15 +12,20 @@ A checkpoint for another class count or architecture fails with a message saying
 from __future__ import annotations
 
 import json
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import pyarrow.fs as pafs
 import torch
 
 from pipeline.errors import InputError
 from pipeline.model import AlexNet
+from pipeline.storage import Location
 
 MODEL_FILE, OPTIMIZER_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
+BEST_POINTER = "best.json"  # in the run directory: which best-epoch-NNNN/ holds the best checkpoint
 
 
 class CheckpointError(InputError):
@@ -32,6 +37,33 @@ def save(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.O
     torch.save(model.state_dict(), directory / MODEL_FILE)
     torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
     (directory / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+
+def save_best(run_dir: Location, local_dir: str | Path, epoch: int) -> None:
+    """Copy a checkpoint to <run>/best-epoch-NNNN/, then point best.json at it (one atomic write)."""
+    target = run_dir.join(f"best-epoch-{epoch:04d}")
+    run_dir.fs.create_dir(target.path, recursive=True)
+    pafs.copy_files(str(local_dir), target.path, pafs.LocalFileSystem(), run_dir.fs)
+    previous = best_checkpoint(run_dir)
+    run_dir.join(BEST_POINTER).write_text(json.dumps({"dir": target.name(), "epoch": epoch}) + "\n")
+    if previous is not None and previous.path != target.path:
+        run_dir.fs.delete_dir(previous.path)
+
+
+def best_checkpoint(run_dir: Location) -> Location | None:
+    pointer = run_dir.join(BEST_POINTER)
+    return run_dir.join(json.loads(pointer.read_text())["dir"]) if pointer.is_file() else None
+
+
+@contextmanager
+def local_copy(location: Location) -> Iterator[Path]:
+    """A checkpoint directory, local or in S3, as a local directory for the duration."""
+    if location.is_local:
+        yield Path(location.path)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        pafs.copy_files(location.path, tmp, location.fs, pafs.LocalFileSystem())
+        yield Path(tmp)
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:

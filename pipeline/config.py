@@ -58,8 +58,8 @@ class TrainConfig:
     model_name: str = "alexnet"  # MLflow registered model
     storage_path: str = "runs"  # Ray Train checkpoints (local directory)
     name: str = ""  # run name; empty: alexnet-<profile>-<timestamp>
-    resume: str = ""  # continue the stopped run of this name from its latest checkpoint, in the same MLflow run
-    keep_checkpoints: int = 2  # best checkpoints kept, by val_top1_error (the latest is always kept too)
+    resume: str = ""  # continue the stopped run of this name (under --storage-path) with its own config and MLflow run
+    keep_checkpoints: int = 2  # most recent checkpoints kept (the best is kept apart, in best-epoch-NNNN/)
     checkpoint_every_steps: int = 0  # also checkpoint every N training steps, mid-epoch; 0: at epoch ends only
     max_failures: int = 0  # worker-group restarts Ray Train may make before giving up (-1: no limit)
 

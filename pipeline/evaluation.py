@@ -50,6 +50,7 @@ class ModelRef:
     wnids: list[str]
     run_id: str | None  # the MLflow run the model came from
     tracking_uri: str
+    normalization: tuple[np.ndarray, np.ndarray] | None = None  # a checkpoint's (mean, std), read by the driver
 
 
 def resolve_model(spec: str, tracking_uri: str) -> ModelRef:
@@ -78,13 +79,10 @@ def resolve_model(spec: str, tracking_uri: str) -> ModelRef:
     if not path.is_dir():
         raise EvaluationError(f"model {spec!r} is neither a models:/ URI nor a checkpoint directory")
     meta = checkpoint.read_meta(path)
-    return ModelRef(
-        str(path.resolve()),
-        meta["config"]["crop"],
-        [c["wnid"] for c in meta["classes"]],
-        meta.get("run_id"),
-        tracking_uri,
-    )
+    colour = meta.get("colour") or dataclasses.asdict(PUBLISHED)
+    mean_std = normalization(colour, meta["config"].get("normalize", "mean-std"), meta["config"]["crop"])
+    wnids = [c["wnid"] for c in meta["classes"]]
+    return ModelRef(str(path.resolve()), meta["config"]["crop"], wnids, meta.get("run_id"), tracking_uri, mean_std)
 
 
 def load(ref: ModelRef) -> torch.nn.Module:
@@ -92,9 +90,8 @@ def load(ref: ModelRef) -> torch.nn.Module:
     if ref.uri.startswith("models:/"):
         mlflow.set_tracking_uri(ref.tracking_uri)
         return mlflow.pytorch.load_model(ref.uri)
-    net, meta = checkpoint.load_model(ref.uri)
-    colour = meta.get("colour") or dataclasses.asdict(PUBLISHED)
-    mean, std = normalization(colour, meta["config"].get("normalize", "mean-std"), meta["config"]["crop"])
+    net, _ = checkpoint.load_model(ref.uri)
+    mean, std = ref.normalization
     return ImageClassifier(net, mean, std).eval()
 
 

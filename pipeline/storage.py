@@ -36,6 +36,9 @@ class Location:
         rel = posixpath.join(*parts)
         return Location(self.fs, posixpath.join(self.path, rel), posixpath.join(self.uri, rel))
 
+    def name(self) -> str:
+        return posixpath.basename(self.path.rstrip("/"))
+
     def at(self, path: str) -> Location:
         """Another path in the same filesystem."""
         return Location(self.fs, path, self.uri_of(path))

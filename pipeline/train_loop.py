@@ -29,12 +29,9 @@ from ray.train.v2._internal.execution import context as ray_train_context
 from pipeline import checkpoint, schedules
 from pipeline.config import TrainConfig
 from pipeline.data.device import DeviceAugment
-from pipeline.data.stats import normalization
 from pipeline.metrics import format_duration, topk_correct
 from pipeline.model import AlexNet
 from pipeline.tracking import NullLogger, RunLogger
-
-NO_VALIDATION_SCORE = 2.0  # ranks a mid-epoch checkpoint below every validated one (errors are <= 1)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
@@ -77,7 +74,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     if optimizer_state:
         optimizer.load_state_dict(optimizer_state)
     colour = loop_config["colour"]  # the dataset's stats.json, or the published ImageNet values
-    mean, std = normalization(colour, cfg.normalize, cfg.crop)  # per channel, or the mean image
+    mean, std = loop_config["normalization"]  # per channel, or the mean image (read by the driver)
     augment = DeviceAugment(
         device,
         cfg.lighting_std,
@@ -97,7 +94,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         """A checkpoint inside `epoch`: the epochs before it are done, `step_in_epoch` steps of it."""
         state = {**progress, "step_in_epoch": step_in_epoch, "global_step": progress["global_step"] + step_in_epoch}
         state["partial_sums"] = _all_reduce(partial.clone()).tolist()  # every rank's share of the epoch so far
-        metrics = {"epoch": epoch - 1, "step_in_epoch": step_in_epoch, "score": NO_VALIDATION_SCORE}
+        metrics = {"epoch": epoch - 1, "step_in_epoch": step_in_epoch}
         report(model, optimizer, metrics, state, None, cfg, loop_config, rank)
 
     # ---- epochs -------------------------------------------------------------------------------
@@ -146,9 +143,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             "val_errors": [*progress["val_errors"], metrics["val_top1_error"]],
             "best": best,
         }
-        report(
-            model, optimizer, {**metrics, "score": metrics["val_top1_error"]}, progress, metrics, cfg, loop_config, rank
-        )
+        report(model, optimizer, metrics, progress, metrics, cfg, loop_config, rank)
         logger.log_epoch(epoch, metrics)
 
         eta = (cfg.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)
@@ -253,6 +248,8 @@ def report(model, optimizer, metrics, progress, epoch_metrics, cfg: TrainConfig,
         }
         checkpoint.save(tmp, _unwrap(model), optimizer, meta)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if epoch_metrics and progress["best"]["epoch"] == epoch_metrics["epoch"]:  # a new best epoch
+            checkpoint.save_best(loop_config["run_dir"], tmp, epoch_metrics["epoch"])
 
 
 def _timed(iterable) -> Iterator[tuple[Any, float]]:

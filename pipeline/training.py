@@ -170,10 +170,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
 
     status = "FAILED"
     try:
-        result = _fit(cfg, data, colour, run_id, name, tracking_uri)
-        validated = [(c, m) for c, m in result.best_checkpoints if "val_top1_error" in m]
-        best_checkpoint, best_metrics = min(validated, key=lambda cm: cm[1]["val_top1_error"])
-        with best_checkpoint.as_directory() as ckpt_dir:
+        _fit(cfg, data, colour, run_id, name, tracking_uri)
+        best_checkpoint = checkpoint.best_checkpoint(run_dir(cfg.storage_path, name))
+        with checkpoint.local_copy(best_checkpoint) as ckpt_dir:
+            best_metrics = checkpoint.read_meta(ckpt_dir)["epoch_metrics"]
             version = _register(cfg, data, colour, run_id, ckpt_dir, best_metrics)
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -190,7 +190,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
         model_name=cfg.model_name,
         model_version=version,
         best={k: best_metrics[k] for k in ("epoch", "val_top1_error", "val_top5_error")},
-        checkpoint=best_checkpoint.path,
+        checkpoint=best_checkpoint.uri,
         seconds=time.time() - started,
     )
 
@@ -210,6 +210,8 @@ def _fit(
             "classes": [dataclasses.asdict(c) for c in data.classes],
             "colour": dataclasses.asdict(colour),
             "train_images": data.count("train"),
+            "run_dir": run_dir(cfg.storage_path, name),  # a Location: carries the driver's S3 settings
+            "normalization": normalization(dataclasses.asdict(colour), cfg.normalize, cfg.crop),
             "dataset_hash": data.dataset_hash,
             "run_id": run_id,
             "tracking_uri": tracking_uri,
@@ -221,11 +223,8 @@ def _fit(
             name=name,
             storage_path=storage.path,
             storage_filesystem=storage.fs,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.keep_checkpoints,  # the best by val top-1 error; Ray keeps the latest too
-                checkpoint_score_attribute="score",  # val_top1_error at epoch ends, worse than any mid-epoch
-                checkpoint_score_order="min",
-            ),
+            # The most recent K; the best is copied to <run>/best-epoch-NNNN/ by rank 0.
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),  # no line per report; epoch lines say it
         ),

@@ -98,4 +98,5 @@ def test_training_checkpoints_to_an_s3_storage_path(s3_prepared, s3_server, tmp_
     stored = [i.path for i in s3_server.get_file_info(pafs.FileSelector("runs/alexnet/on-s3", recursive=True))]
     assert "runs/alexnet/on-s3/alexnet_run.json" in stored
     assert any(p.endswith("/model.pt") and "/checkpoint_" in p for p in stored)
-    assert summary.checkpoint.startswith("runs/alexnet/on-s3/checkpoint_") and summary.model_version == "1"
+    assert "runs/alexnet/on-s3/best.json" in stored and "runs/alexnet/on-s3/best-epoch-0001/model.pt" in stored
+    assert summary.checkpoint == "s3://runs/alexnet/on-s3/best-epoch-0001" and summary.model_version == "1"

@@ -87,6 +87,15 @@ def test_validation_counts_every_image_across_workers(trained, measured_shards):
         assert m.value * n == pytest.approx(round(m.value * n), abs=1e-6)  # a whole number of the 24 images
 
 
+def test_the_best_epoch_is_kept_apart_from_the_most_recent_checkpoints(trained):
+    summary, cfg, _ = trained
+    run_dir = Path(cfg.storage_path) / summary.run_name
+    assert summary.checkpoint == str(run_dir / f"best-epoch-{summary.best['epoch']:04d}")
+    assert json.loads((run_dir / "best.json").read_text())["epoch"] == summary.best["epoch"]
+    assert len(list(run_dir.glob("best-epoch-*"))) == 1  # an earlier best is removed
+    assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) == cfg.keep_checkpoints  # K most recent
+
+
 def test_the_checkpoint_describes_itself(trained):
     summary, cfg, _ = trained
     meta = checkpoint.read_meta(summary.checkpoint)
