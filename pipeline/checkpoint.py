@@ -86,8 +86,11 @@ def load_model(directory: str | Path) -> tuple[AlexNet, dict[str, Any]]:
     return model.eval(), meta
 
 
-def check_compatible(directory: str | Path, cfg: Any, num_classes: int) -> dict[str, Any]:
-    """The checkpoint's meta, if its weights fit the model `cfg` builds for `num_classes`; else a clear error."""
+def restore(directory: str | Path, model: AlexNet, cfg: Any, num_classes: int) -> dict[str, Any]:
+    """Load the checkpoint's weights into `model` (built from `cfg` for `num_classes`) and return its meta.
+
+    A checkpoint for another class count or architecture fails with what differs.
+    """
     meta = read_meta(directory)
     differences = []
     if len(meta["classes"]) != num_classes:
@@ -96,7 +99,7 @@ def check_compatible(directory: str | Path, cfg: Any, num_classes: int) -> dict[
         differences.append(f"lrn={meta['config']['lrn']} in the checkpoint, lrn={cfg.lrn} here")
     if differences:
         raise CheckpointError(f"checkpoint {directory} does not fit this model: {'; '.join(differences)}")
-    _load_checked(AlexNet(num_classes, lrn=cfg.lrn), load_state(directory), directory)
+    _load_checked(model, load_state(directory), directory)
     return meta
 
 

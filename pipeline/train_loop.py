@@ -52,8 +52,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     restored, optimizer_state = ray.train.get_checkpoint(), None
     if restored:
         with restored.as_directory() as ckpt_dir:
-            meta = checkpoint.check_compatible(ckpt_dir, cfg, len(classes))
-            model.load_state_dict(checkpoint.load_state(ckpt_dir))
+            meta = checkpoint.restore(ckpt_dir, model, cfg, len(classes))
             optimizer_state = checkpoint.load_state(ckpt_dir, checkpoint.OPTIMIZER_FILE)
         progress = meta["progress"]
         logger.log_epoch(progress["epoch"], meta.get("epoch_metrics"))  # if it was lost before MLflow had it

@@ -151,13 +151,13 @@ def test_a_checkpoint_for_another_model_fails_saying_what_differs(tmp_path):
     meta = {"classes": [{"index": i} for i in range(4)], "config": config.resolve("sample").to_dict()}
     checkpoint.save(tmp_path, AlexNet(4), torch.optim.SGD(AlexNet(4).parameters(), lr=0.1), meta)
     cfg = config.resolve("sample")
-    assert checkpoint.check_compatible(tmp_path, cfg, 4)["classes"] == meta["classes"]
+    assert checkpoint.restore(tmp_path, AlexNet(4), cfg, 4)["classes"] == meta["classes"]
     with pytest.raises(checkpoint.CheckpointError, match="4 classes in the checkpoint, 10 here"):
-        checkpoint.check_compatible(tmp_path, cfg, 10)
+        checkpoint.restore(tmp_path, AlexNet(10), cfg, 10)
     with pytest.raises(checkpoint.CheckpointError, match="lrn=False in the checkpoint, lrn=True here"):
-        checkpoint.check_compatible(tmp_path, config.resolve("sample", lrn=True), 4)
+        checkpoint.restore(tmp_path, AlexNet(4, lrn=True), config.resolve("sample", lrn=True), 4)
     state = AlexNet(4).state_dict()
     state["features.0.weight"] = torch.zeros(32, 3, 11, 11)
     torch.save(state, tmp_path / checkpoint.MODEL_FILE)
     with pytest.raises(checkpoint.CheckpointError, match=r"features.0.weight: \(32, 3, 11, 11\) vs \(64, 3, 11, 11\)"):
-        checkpoint.check_compatible(tmp_path, cfg, 4)
+        checkpoint.restore(tmp_path, AlexNet(4), cfg, 4)
