@@ -127,9 +127,8 @@ def prepare(
     manifest = _manifest(header, plan, done, src.rejected, complete=True)
     manifest["hash"] = shards.manifest_hash(manifest, src.classes)
     shards.write_manifest(dest, manifest)
-    summary = _summary(dest, manifest, plan, done_before=len(plan) - len(todo), written=written, seconds=seconds)
-    summary.task_seconds = task_seconds
-    return summary
+    done_before = len(plan) - len(todo)
+    return _summary(dest, manifest, plan, done_before, written=written, seconds=seconds, task_seconds=task_seconds)
 
 
 def make_plan(
@@ -276,7 +275,15 @@ def _manifest(
     }
 
 
-def _summary(dest: Location, manifest: dict, plan: list, done_before: int, written: int, seconds: float):
+def _summary(
+    dest: Location,
+    manifest: dict,
+    plan: list,
+    done_before: int,
+    written: int,
+    seconds: float,
+    task_seconds: float = 0.0,
+) -> PrepareSummary:
     splits = manifest["splits"]
     return PrepareSummary(
         out=dest.uri,
@@ -284,7 +291,7 @@ def _summary(dest: Location, manifest: dict, plan: list, done_before: int, writt
         bytes=sum(sh.get("bytes", 0) for s in shards.SPLITS for sh in splits[s]["shards"]),
         seconds=seconds,
         written_images=written,
-        task_seconds=0.0,
+        task_seconds=task_seconds,
         shards_total=len(plan),
         shards_skipped=done_before,
         bad_files=manifest["bad_files"],
