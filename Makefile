@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: train test install install-dev clean-sample
+.PHONY: train test mlflow install install-dev clean-sample
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ install-dev: $(DEV_STAMP)
 # Trains on the bundled sample (generated and prepared on first use) with a local Ray and MLflow.
 train: $(STAMP)
 	$(BIN)/python jobs/train.py $(ARGS)
+
+# The team's MLflow server on 127.0.0.1:5000 (sqlite + proxied artifacts in ./mlflow-server/).
+mlflow: $(STAMP)
+	$(BIN)/python jobs/mlflow_server.py $(ARGS)
 
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

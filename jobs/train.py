@@ -3,11 +3,12 @@ r"""Train AlexNet with Ray Data streaming augmentation and Ray Train DDP, tracke
     python jobs/train.py                                  # the bundled sample, built on first use
     python jobs/train.py --data /data/imagenet-shards --profile imagenet --workers 8 --gpu
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \
-        --runtime-env-json '{"excludes": ["/.venv", "/data", "/runs", "/mlflow.db", "/.git"]}' \
+        --runtime-env-json '{"excludes": ["/.venv", "/data", "/runs", "/mlflow.db", "/mlruns", "/mlflow-server", "/.git"]}' \
         -- python jobs/train.py --data /shared/imagenet-shards --workers 4
 
 Without RAY_ADDRESS or a running `ray start` cluster it starts a local Ray. MLflow goes to
-MLFLOW_TRACKING_URI, else ./mlflow.db (open it with `mlflow ui` in this directory).
+MLFLOW_TRACKING_URI (a team server: `make mlflow`), else ./mlflow.db; --no-tracking turns it off.
+The new model version becomes @champion if it beats the current one (--promote if-better|always|never).
 Every config field is a flag; `--profile` picks the preset they override.
 """
 
@@ -40,16 +41,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     best = summary.best
-    print(
-        f"\ndone in {format_duration(summary.seconds)}\n"
+    lines = [
+        f"\ndone in {format_duration(summary.seconds)}",
         f"  best epoch        {best['epoch']}: val top-1 error {best['val_top1_error']:.3f}, "
-        f"top-5 error {best['val_top5_error']:.3f}\n"
-        f"  MLflow run        {summary.run_id} ({summary.run_name}), experiment {summary.experiment!r}\n"
-        f"  registered model  models:/{summary.model_name}/{summary.model_version}\n"
-        f"  best checkpoint   {summary.checkpoint}\n"
-        f"  browse it         mlflow ui --backend-store-uri {summary.tracking_uri}"
-    )
+        f"top-5 error {best['val_top5_error']:.3f}",
+        f"  best checkpoint   {summary.checkpoint}",
+    ]
+    if summary.run_id:
+        lines += [
+            f"  MLflow run        {summary.run_id} ({summary.run_name}), experiment {summary.experiment!r}",
+            f"  registered model  models:/{summary.model_name}/{summary.model_version} "
+            f"-> @{summary.alias} ({summary.promotion})",
+            f"  browse it         {_browse_hint(summary)}",
+        ]
+    else:
+        lines.append("  MLflow            off (--no-tracking): nothing logged or registered")
+    if summary.delayed_epochs:
+        lines.append(f"  MLflow outage     {summary.delayed_epochs} epoch(s) of metrics were sent late; none lost")
+    if summary.restarts:
+        lines.append(f"  restarts          {summary.restarts} (resumed from checkpoints)")
+    print("\n".join(lines))
     return 0
+
+
+def _browse_hint(summary) -> str:
+    registry = f"python jobs/registry.py show {summary.model_name}"
+    if summary.tracking_uri.startswith(("http://", "https://")):
+        return f"{summary.tracking_uri}/#/models/{summary.model_name}  or  {registry}"
+    return f"mlflow ui --backend-store-uri {summary.tracking_uri}  or  {registry}"
 
 
 if __name__ == "__main__":

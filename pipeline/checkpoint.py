@@ -12,6 +12,7 @@ A checkpoint for another class count or architecture fails with a message saying
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +31,23 @@ BEST_POINTER = "best.json"  # in the run directory: which best-epoch-NNNN/ holds
 
 class CheckpointError(InputError):
     """A checkpoint that does not fit the model it is loaded into; the message says what differs."""
+
+
+@contextmanager
+def staging(key: str) -> Iterator[Path]:
+    """An empty local directory to build a checkpoint in before Ray Train persists it; removed after.
+
+    One fixed path per run, not a fresh temporary name: a worker killed while it holds one
+    (preemption, a lost node, `ray job stop`) leaves it behind, and the run's next checkpoint on
+    that node clears it, instead of every kill leaving a model and its optimizer state in /tmp.
+    """
+    path = Path(tempfile.gettempdir()) / "alexnet-checkpoints" / key
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def save(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from pipeline.model import INITS
 from pipeline.schedules import SCHEDULES
 
 NORMALIZATIONS = ("mean-std", "mean-image")
+PROMOTE_POLICIES = ("if-better", "always", "never")
 
 
 class ConfigError(InputError):
@@ -54,8 +55,11 @@ class TrainConfig:
     cpus_per_worker: float = 1.0  # CPUs each train worker reserves; the rest of the cluster decodes
     data_cpus: int = 2  # CPUs a locally started Ray keeps for Ray Data beside the train workers
     seed: int = 0  # model init, file order, colour augmentation
+    tracking: bool = True  # log to MLflow and register the model; --no-tracking: checkpoints only
     experiment: str = "alexnet"  # MLflow experiment
     model_name: str = "alexnet"  # MLflow registered model
+    promote: str = "if-better"  # new version @champion: "if-better" (val top-1, same data), "always", "never"
+    system_metrics_interval: float = 10.0  # seconds between CPU/memory/GPU samples logged to the run
     storage_path: str = "runs"  # Ray Train checkpoints (local directory)
     name: str = ""  # run name; empty: alexnet-<profile>-<timestamp>
     resume: str = ""  # continue the stopped run of this name (under --storage-path) with its own config and MLflow run
@@ -68,6 +72,8 @@ class TrainConfig:
             (self.profile in PROFILE_NAMES, f"unknown profile {self.profile!r}; choose one of {PROFILE_NAMES}"),
             (self.init in INITS, f"init must be one of {INITS}, got {self.init!r}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
+            (self.promote in PROMOTE_POLICIES, f"promote must be one of {PROMOTE_POLICIES}, got {self.promote!r}"),
+            (self.system_metrics_interval > 0, "system_metrics_interval must be positive"),
             (self.normalize in NORMALIZATIONS, f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}"),
             (self.plateau_patience >= 1 and self.step_epochs >= 1, "plateau_patience and step_epochs must be >= 1"),
             (self.lr_drops >= 0, f"lr_drops must be >= 0, got {self.lr_drops}"),

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlflow
 import numpy as np
@@ -22,14 +24,32 @@ import ray
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from pipeline.config import TrainConfig
 from pipeline.data.shards import CLASSES_FILE, STATS_FILE, PreparedDataset
 from pipeline.data.stats import ColourStats
+from pipeline.errors import InputError
+from pipeline.mlflow_server import healthy
 
 MODEL_ARTIFACT = "model"
+CURVES_FILE = "training_curves.png"
+# What reaches the train workers through the runtime env (they may run on other nodes): where
+# MLflow is, how to authenticate to it, and how to reach S3. Values never go into params or tags.
+FORWARDED_ENV = (
+    "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+    "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+)  # fmt: skip
+# Network errors while the server is away: MLflow wraps most in MlflowException.
+UNREACHABLE = (MlflowException, OSError, ConnectionError)
+
+
+class TrackingError(InputError):
+    """The MLflow server cannot be used: the message names it and what to do."""
 
 
 def resolve_tracking_uri() -> str:
@@ -42,6 +62,48 @@ def resolve_tracking_uri() -> str:
     if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
         uri = prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
+
+
+def redact(uri: str) -> str:
+    """The URI without user:password@ (what logs, run records and summaries show)."""
+    parts = urllib.parse.urlsplit(uri)
+    if not parts.password and not parts.username:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def check_server(uri: str) -> None:
+    """Fail fast, before any cluster work, when the tracking server does not answer or refuses us."""
+    if not is_server(uri):
+        return
+    shown = redact(uri)
+    if not healthy(uri, timeout=5):
+        raise TrackingError(
+            f"the MLflow tracking server at {shown} does not answer. Start it (`make mlflow`), point "
+            "MLFLOW_TRACKING_URI at a running one, or train without tracking with --no-tracking"
+        )
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as exc:
+        raise TrackingError(f"the MLflow tracking server at {shown} refused a request: {exc.message}") from exc
+
+
+def worker_env(tracking_uri: str) -> dict[str, str]:
+    """Variables the train workers need, minus those a `ray job submit` runtime env already sets.
+
+    (Ray refuses a driver runtime env that repeats a key of the job's.)
+    """
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    env["MLFLOW_TRACKING_URI"] = tracking_uri
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    taken = set((job.get("runtime_env") or {}).get("env_vars") or {})
+    return {k: v for k, v in env.items() if k not in taken}
 
 
 def git_commit() -> str:
@@ -73,7 +135,14 @@ def start_run(cfg: TrainConfig, data: PreparedDataset, run_name: str, colour: Co
     client = MlflowClient()
     experiment = client.get_experiment_by_name(cfg.experiment)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment)
-    tags = {"mlflow.runName": run_name, **provenance(cfg, data)}
+    tags = {
+        "mlflow.runName": run_name,
+        "mlflow.note.content": (
+            f"AlexNet, profile {cfg.profile}: {cfg.epochs} epochs on {data.uri} ({data.num_classes} classes, "
+            f"{data.count('train'):,} training images), global batch {cfg.global_batch}, {cfg.workers} worker(s)"
+        ),
+        **provenance(cfg, data),
+    }
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     params = {
         **cfg.to_dict(),
@@ -94,45 +163,141 @@ class RunLogger:
     """Logs into an existing run by id, from whichever process holds it (rank 0).
 
     Each epoch's metrics are logged once, with step = epoch, however often the worker group
-    restarts: the epochs the run already has are read from MLflow before logging.
+    restarts: the epochs the run already has are read from MLflow before logging. While the server
+    is unreachable nothing blocks training: what could not be sent is kept, in order, and sent
+    at the next epoch that reaches the server, or handed to the driver at the end (`pending()`).
     """
 
     EPOCH_KEY = "val_top1_error"  # present in every logged epoch
 
-    def __init__(self, run_id: str, tracking_uri: str) -> None:
-        self.run_id = run_id
+    def __init__(self, run_id: str, tracking_uri: str, say: Callable[[str], None] = print, quick: bool = True) -> None:
+        if quick:  # in a train worker: one try per call, no back-off, so an outage costs seconds, not minutes
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.run_id, self.uri, self.say = run_id, tracking_uri, say
         self.client = MlflowClient(tracking_uri)
-        self.logged = {m.step for m in self.client.get_metric_history(run_id, self.EPOCH_KEY)}
+        self.logged: set[int] | None = None  # epochs the run has; read on first contact
+        self.queue: list[dict[str, Any]] = []  # not yet sent, oldest first
+        self.delayed = 0  # epochs sent after a failed try
+        self.restarts: int | None = None
+        self.unreachable_since: float | None = None
+        self.monitor = None
+        self.monitor_interval: float | None = None  # set by start_system_metrics
 
     def log_epoch(self, epoch: int, metrics: dict[str, float] | None) -> None:
-        if not metrics or epoch < 1 or epoch in self.logged:
+        if metrics and epoch >= 1:
+            self.queue.append({"kind": "epoch", "step": epoch, "metrics": metrics, "tries": 0})
+            self.flush()
+
+    def count_attempt(self, step: int) -> int | None:
+        """Record that the training function started (again); returns the restarts so far, if known yet."""
+        self.queue.append({"kind": "attempt", "step": step, "tries": 0})
+        self.flush()
+        return self.restarts
+
+    def flush(self) -> int:
+        """Send what is queued, in order; returns how many items are still waiting."""
+        try:
+            if self.logged is None:
+                self.logged = {m.step for m in self.client.get_metric_history(self.run_id, self.EPOCH_KEY)}
+            while self.queue:
+                item = self.queue[0]
+                item["tries"] += 1
+                self._send(item)
+                self.queue.pop(0)
+                if item["kind"] == "epoch" and item["tries"] > 1:
+                    self.delayed += 1
+        except UNREACHABLE as exc:
+            if self.unreachable_since is None:
+                self.unreachable_since = time.time()
+                self.say(
+                    f"MLflow at {redact(self.uri)} is unreachable ({type(exc).__name__}); training goes on, "
+                    "metrics are kept and sent when it is back"
+                )
+            return len(self.queue)
+        if self.unreachable_since is not None:
+            self.say(f"MLflow is back after {time.time() - self.unreachable_since:.0f}s; delayed metrics sent")
+            self.unreachable_since = None
+            self._restart_monitor()
+        return 0
+
+    def pending(self) -> list[dict[str, Any]]:
+        return list(self.queue)
+
+    def requeue(self, items: list[dict[str, Any]]) -> None:
+        """Queue what an earlier attempt could not send (from a checkpoint), before anything new."""
+        self.queue[:0] = [dict(item) for item in items]
+
+    def _send(self, item: dict[str, Any]) -> None:
+        if item["kind"] == "attempt":
+            run = self.client.get_run(self.run_id)
+            attempts = int(run.data.tags.get("attempts", "0")) + 1
+            self.restarts = attempts - 1
+            self.client.log_batch(
+                self.run_id,
+                metrics=[Metric("restarts", self.restarts, int(time.time() * 1000), item["step"])],
+                tags=[RunTag("attempts", str(attempts)), RunTag("restarts", str(self.restarts))],
+            )
+            return
+        epoch = item["step"]
+        if epoch in self.logged:
             return
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != "epoch"]
+        batch = [Metric(k, float(v), now, epoch) for k, v in item["metrics"].items() if k != "epoch"]
         self.client.log_batch(self.run_id, metrics=batch)
         self.logged.add(epoch)
 
-    def count_attempt(self, step: int) -> int:
-        """Record that the training function started again; returns the restarts so far."""
-        run = self.client.get_run(self.run_id)
-        attempts = int(run.data.tags.get("attempts", "0")) + 1
-        restarts = attempts - 1
-        self.client.log_batch(
-            self.run_id,
-            metrics=[Metric("restarts", restarts, int(time.time() * 1000), step)],
-            tags=[RunTag("attempts", str(attempts)), RunTag("restarts", str(restarts))],
+    # ---- system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) -------------------
+    def start_system_metrics(self, interval: float = 10.0) -> None:
+        self.monitor_interval = interval
+        self._restart_monitor()
+
+    def _restart_monitor(self) -> None:
+        """(Re)start MLflow's monitor thread: it ends by itself when a request to the server fails."""
+        if self.monitor_interval is None:
+            return
+        thread = self.monitor._process if self.monitor is not None else None
+        if thread is not None and thread.is_alive():
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(
+            self.run_id, sampling_interval=self.monitor_interval, resume_logging=True, tracking_uri=self.uri
         )
-        return restarts
+        self.monitor.start()
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
+            self.monitor = None
 
 
 class NullLogger:
-    """RunLogger's methods, doing nothing: what ranks other than 0 get."""
+    """RunLogger's methods, doing nothing: what ranks other than 0 get, and every rank with --no-tracking."""
+
+    delayed = 0
+    restarts = None
 
     def log_epoch(self, epoch: int, metrics: dict[str, float] | None) -> None:
         pass
 
-    def count_attempt(self, step: int) -> int:
+    def count_attempt(self, step: int) -> int | None:
+        return None
+
+    def flush(self) -> int:
         return 0
+
+    def pending(self) -> list[dict[str, Any]]:
+        return []
+
+    def requeue(self, items: list[dict[str, Any]]) -> None:
+        pass
+
+    def start_system_metrics(self, interval: float = 10.0) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def signature(crop: int, num_classes: int) -> ModelSignature:
@@ -140,6 +305,17 @@ def signature(crop: int, num_classes: int) -> ModelSignature:
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, crop, crop, 3))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
     )
+
+
+MODEL_DESCRIPTION = """AlexNet (Krizhevsky, Sutskever & Hinton, 2012), single-column layout, trained with Ray Train.
+
+Input: uint8 RGB crops, NHWC, shape (N, crop, crop, 3), pixels 0..255: the centre crop of an image
+resized so its short side is the dataset's image size (see preprocessing.json in the model's files).
+Normalisation happens inside the model. Output: float32 logits (N, classes) in the order of
+classes.json; apply softmax for probabilities. Any batch size.
+
+Load: mlflow.pytorch.load_model("models:/{name}@champion"). The @champion alias is the version in
+production; @challenger is the latest that did not beat it on the same dataset."""
 
 
 def log_and_register(
@@ -153,10 +329,14 @@ def log_and_register(
     """Log `model` (an ImageClassifier) to the run as a torch.export program and register it.
 
     pt2 needs no project code to load and runs any batch size (the batch dimension is exported
-    as dynamic); the class index and preprocessing travel with it as extra files.
-    Returns the registered version.
+    as dynamic); the class index and preprocessing travel with it as extra files. The run gets the
+    training curves, the class index and the config; the version gets a description and tags that
+    say how it was made. Returns the registered version.
     """
+    uri = mlflow.get_tracking_uri()
+    client = MlflowClient(uri)
     crop = input_example.shape[1]
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # log_model re-reads the model
     with tempfile.TemporaryDirectory() as tmp:
         classes = Path(tmp, CLASSES_FILE)
         classes.write_bytes(data.root.join(CLASSES_FILE).read_bytes())
@@ -172,6 +352,8 @@ def log_and_register(
                 indent=1,
             )
         )
+        curves = Path(tmp, CURVES_FILE)
+        plot_training_curves(client, run_id, curves, title=f"{cfg.model_name}: run {run_id[:8]}")
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(
                 model.eval(),
@@ -184,14 +366,71 @@ def log_and_register(
                 await_registration_for=60,
             )
             mlflow.log_artifact(str(classes))
+            mlflow.log_artifact(str(curves))
             mlflow.log_text(cfg.to_json(), "config.json")
             mlflow.set_tags({"best_epoch": best["epoch"], "registered_version": info.registered_model_version})
-    client = MlflowClient()
     version = str(info.registered_model_version)
-    for key in ("val_top1_error", "val_top5_error"):
-        client.set_model_version_tag(cfg.model_name, version, key, f"{best[key]:.4f}")
-    client.set_model_version_tag(cfg.model_name, version, "dataset_hash", data.dataset_hash)
+    client.update_registered_model(cfg.model_name, MODEL_DESCRIPTION.format(name=cfg.model_name))
+    client.update_model_version(
+        cfg.model_name,
+        version,
+        f"val top-1 error {best['val_top1_error']:.4f}, top-5 error {best['val_top5_error']:.4f} (centre crop, "
+        f"best epoch {best['epoch']} of {cfg.epochs}); dataset {data.uri} ({data.num_classes} classes, "
+        f"{data.count('train'):,} train / {data.count('val'):,} val images, manifest {data.dataset_hash[:12]}); "
+        f"profile {cfg.profile}, global batch {cfg.global_batch}, {cfg.workers} worker(s)",
+    )
+    tags = {
+        **provenance(cfg, data),
+        "run_id": run_id,
+        "epochs": str(cfg.epochs),
+        "best_epoch": str(best["epoch"]),
+        "val_top1_error": f"{best['val_top1_error']:.4f}",
+        "val_top5_error": f"{best['val_top5_error']:.4f}",
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(cfg.model_name, version, key, value)
     return version
+
+
+def plot_training_curves(client: MlflowClient, run_id: str, path: Path, title: str) -> None:
+    """Loss and top-1/top-5 error per epoch, train and val, from the run's metric history."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    def series(key: str) -> tuple[list[int], list[float]]:
+        points = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        return [p[0] for p in points], [p[1] for p in points]
+
+    fig, (loss_ax, err_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for split, colour in (("train", "tab:blue"), ("val", "tab:orange")):
+        loss_ax.plot(*series(f"{split}_loss"), color=colour, marker=".", label=split)
+        err_ax.plot(*series(f"{split}_top1_error"), color=colour, marker=".", label=f"{split} top-1")
+        err_ax.plot(*series(f"{split}_top5_error"), color=colour, marker=".", linestyle="--", label=f"{split} top-5")
+    loss_ax.set(title="loss", xlabel="epoch", ylabel="cross-entropy")
+    err_ax.set(title="error", xlabel="epoch", ylabel="error rate", ylim=(0, 1))
+    for ax in (loss_ax, err_ax):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def log_pending(run_id: str, pending: list[dict[str, Any]]) -> int:
+    """Send what rank 0 could not (the server was away), with MLflow's normal retries; returns the epochs sent."""
+    logger = RunLogger(run_id, mlflow.get_tracking_uri(), quick=False)
+    logger.queue = [dict(item) for item in pending]
+    left = logger.flush()
+    if left:
+        raise TrackingError(
+            f"the MLflow server at {redact(logger.uri)} is still unreachable: {left} metric batches unsent"
+        )
+    return logger.delayed
 
 
 def reopen_run(run_id: str) -> None:

@@ -14,7 +14,6 @@ where they stopped; epochs already in the MLflow run are never logged twice.
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -43,7 +42,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     print0 = print if rank == 0 else (lambda *a, **k: None)
-    logger = RunLogger(loop_config["run_id"], loop_config["tracking_uri"]) if rank == 0 else NullLogger()
+    tracked = rank == 0 and loop_config["run_id"]  # rank 0 logs; nobody with --no-tracking
+    logger = RunLogger(loop_config["run_id"], loop_config["tracking_uri"]) if tracked else NullLogger()
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines per attempt
+    logger.start_system_metrics(interval=cfg.system_metrics_interval)
 
     # ---- model, optimizer, resume -------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -55,13 +57,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             meta = checkpoint.restore(ckpt_dir, model, cfg, len(classes))
             optimizer_state = checkpoint.load_state(ckpt_dir, checkpoint.OPTIMIZER_FILE)
         progress = meta["progress"]
+        logger.requeue(meta.get("unsent_metrics", []))  # what the server missed before the checkpoint
         logger.log_epoch(progress["epoch"], meta.get("epoch_metrics"))  # if it was lost before MLflow had it
     restarts = logger.count_attempt(step=progress["epoch"])
     if restored:
         where = f"epoch {progress['epoch']}" + (
             f" + {progress['step_in_epoch']} steps" if progress["step_in_epoch"] else ""
         )
-        print0(f"resumed from {where} ({restored.path}); restarts so far: {restarts}", flush=True)
+        known = "unknown while MLflow is unreachable" if restarts is None else restarts
+        print0(f"resumed from {where} ({restored.path}); restarts so far: {known}", flush=True)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)  # the uint8 NHWC batches arrive that way
     model = ray.train.torch.prepare_model(model)  # device placement + DDP
@@ -94,7 +98,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         state = {**progress, "step_in_epoch": step_in_epoch, "global_step": progress["global_step"] + step_in_epoch}
         state["partial_sums"] = _all_reduce(partial.clone()).tolist()  # every rank's share of the epoch so far
         metrics = {"epoch": epoch - 1, "step_in_epoch": step_in_epoch}
-        report(model, optimizer, metrics, state, None, cfg, loop_config, rank)
+        report(model, optimizer, metrics, state, None, logger.pending(), cfg, loop_config, rank)
 
     # ---- epochs -------------------------------------------------------------------------------
     epoch_seconds = []
@@ -125,6 +129,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             "lr": lr,
             "train_loss": train["loss"],
             "train_top1_error": train["top1_error"],
+            "train_top5_error": train["top5_error"],
             "val_loss": val["loss"],
             "val_top1_error": val["top1_error"],
             "val_top5_error": val["top5_error"],
@@ -142,7 +147,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             "val_errors": [*progress["val_errors"], metrics["val_top1_error"]],
             "best": best,
         }
-        report(model, optimizer, metrics, progress, metrics, cfg, loop_config, rank)
+        report(model, optimizer, metrics, progress, metrics, logger.pending(), cfg, loop_config, rank)
         logger.log_epoch(epoch, metrics)
 
         eta = (cfg.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)
@@ -153,7 +158,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             f"  |  {format_duration(epoch_seconds[-1])}/epoch  ETA {format_duration(eta)}",
             flush=True,
         )
-    return {"best": progress["best"], "epochs": cfg.epochs, "world_size": world, "restarts": restarts}
+    logger.flush()
+    logger.close()
+    return {
+        "best": progress["best"],
+        "epochs": cfg.epochs,
+        "world_size": world,
+        "restarts": logger.restarts,
+        "unsent_metrics": logger.pending(),  # the driver sends these (the server was away at the end)
+        "delayed_epochs": logger.delayed,
+    }
 
 
 def run_train_epoch(
@@ -161,9 +175,9 @@ def run_train_epoch(
 ) -> dict[str, float]:
     """One epoch (or its rest, from step `resume_at`), checkpointing every cfg.checkpoint_every_steps."""
     model.train()
-    sums = torch.zeros(5, device=device, dtype=torch.float64)  # loss·n, top-1 correct, n, wait s, busy s
+    sums = torch.zeros(6, device=device, dtype=torch.float64)  # loss·n, top-1 correct, n, wait s, busy s, top-5
     if partial:
-        sums += torch.tensor(partial, dtype=torch.float64, device=device)
+        sums[: len(partial)] += torch.tensor(partial, dtype=torch.float64, device=device)
     started, wait = time.perf_counter(), 0.0
     batches = shard.iter_torch_batches(
         batch_size=cfg.batch_size, drop_last=True, prefetch_batches=2, pin_memory=device.type == "cuda"
@@ -183,10 +197,11 @@ def run_train_epoch(
         if cfg.clip_grad_norm:  # DDP has averaged the gradients: every rank clips alike
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
         optimizer.step()
-        (top1,) = topk_correct(logits.detach(), labels, ks=(1,))
+        top1, top5 = topk_correct(logits.detach(), labels)
         sums[0] += loss.detach() * len(labels)  # device-side sums: no host sync per step
         sums[1] += top1
         sums[2] += len(labels)
+        sums[5] += top5
         step += 1
         if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step < steps_per_epoch:
             sums[3] += wait
@@ -195,13 +210,14 @@ def run_train_epoch(
             started, wait = time.perf_counter(), 0.0
     sums[3] += wait
     sums[4] += time.perf_counter() - started
-    loss_sum, correct, n, wait_total, elapsed_total = _all_reduce(sums).tolist()
+    loss_sum, correct, n, wait_total, elapsed_total, correct5 = _all_reduce(sums).tolist()
     if n == 0:
         raise RuntimeError("a training epoch produced no full batch: lower --batch-size or add training images")
     world = dist.get_world_size() if dist.is_initialized() else 1
     return {
         "loss": loss_sum / n,
         "top1_error": 1 - correct / n,
+        "top5_error": 1 - correct5 / n,
         "images_per_s": n / (elapsed_total / world),  # global throughput over the mean worker wall time
         "data_wait_fraction": wait_total / elapsed_total,
     }
@@ -228,12 +244,14 @@ def evaluate(model, augment, shard, cfg: TrainConfig, device) -> dict[str, float
     return {"loss": loss_sum / n, "top1_error": 1 - top1 / n, "top5_error": 1 - top5 / n}
 
 
-def report(model, optimizer, metrics, progress, epoch_metrics, cfg: TrainConfig, loop_config, rank: int) -> None:
-    """Report to Ray Train; rank 0 attaches the checkpoint, the others only metrics."""
+def report(
+    model, optimizer, metrics, progress, epoch_metrics, unsent, cfg: TrainConfig, loop_config, rank: int
+) -> None:
+    """Report to Ray Train; rank 0 attaches the checkpoint (with the metrics MLflow has not had yet)."""
     if rank != 0:
         ray.train.report(metrics)
         return
-    with tempfile.TemporaryDirectory() as tmp:
+    with checkpoint.staging(loop_config["run_dir"].name()) as tmp:
         meta = {
             "epoch": progress["epoch"],
             "progress": progress,
@@ -244,6 +262,7 @@ def report(model, optimizer, metrics, progress, epoch_metrics, cfg: TrainConfig,
             "colour": loop_config["colour"],
             "run_id": loop_config["run_id"],
             "dataset_hash": loop_config["dataset_hash"],
+            "unsent_metrics": unsent,
         }
         checkpoint.save(tmp, _unwrap(model), optimizer, meta)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

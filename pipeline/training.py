@@ -34,23 +34,31 @@ from pipeline.data.stats import ColourStats, normalization, read_stats
 from pipeline.data.transforms import eval_batch
 from pipeline.model import ImageClassifier
 from pipeline.prepare import MANIFEST_FORMAT, prepare
+from pipeline.registry import Registry
 from pipeline.storage import Location, locate
+from pipeline.train_loop import train_loop_per_worker
 
 RUN_RECORD = "alexnet_run.json"  # in the run directory: MLflow run id, tracking URI, config (for --resume)
-from pipeline.train_loop import train_loop_per_worker
+
+
+UNSENT_FILE = "unsent_metrics.json"  # in the run directory: metrics the MLflow server never got, sent on --resume
 
 
 @dataclass
 class TrainSummary:
-    run_id: str
+    run_id: str | None  # None with --no-tracking
     run_name: str
     experiment: str
-    tracking_uri: str
+    tracking_uri: str | None  # credentials removed
     model_name: str
-    model_version: str
+    model_version: str | None
     best: dict[str, Any]
     checkpoint: str
     seconds: float
+    alias: str | None = None  # champion or challenger
+    promotion: str = ""  # why
+    delayed_epochs: int = 0  # epochs whose metrics reached MLflow late (the server was unreachable)
+    restarts: int | None = None
 
 
 def sample_shards(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
@@ -76,23 +84,25 @@ def sample_shards(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
     return shard_dir
 
 
-def connect_ray(cfg: TrainConfig, log: Callable[[str], None] = print) -> None:
+def connect_ray(cfg: TrainConfig, log: Callable[[str], None] = print, env: dict[str, str] | None = None) -> None:
     """Join the cluster in RAY_ADDRESS or one started with `ray start`; else start a local one.
 
     A local Ray gets enough logical CPUs for the train workers plus `data_cpus` for Ray Data,
     even on a laptop with fewer cores: they time-share the cores instead of deadlocking.
+    `env` reaches every worker, on every node, through the job's runtime env.
     """
     if ray.is_initialized():
         return
+    runtime_env = {"env_vars": env} if env else None
     try:
-        ray.init(address="auto")
+        ray.init(address="auto", runtime_env=runtime_env)
         log(f"connected to the Ray cluster at {ray.get_runtime_context().gcs_address}")
     except ConnectionError:
         if os.environ.get("RAY_ADDRESS"):
             raise
         check_local_gpus(cfg)
         cpus = max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker) + cfg.data_cpus)
-        ray.init(num_cpus=cpus)
+        ray.init(num_cpus=cpus, runtime_env=runtime_env)
         log(f"started a local Ray with {cpus} logical CPUs")
 
 
@@ -151,52 +161,103 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
         log(f"resuming run {cfg.resume} (MLflow run {record['run_id']}) with its own config")
     data = load_data(cfg)  # fails fast, before Ray starts
     name = cfg.resume or run_name(cfg)
-    connect_ray(cfg, log)
+    tracking_uri = None
+    if cfg.tracking:  # an unreachable server fails here, before the cluster does anything
+        uri_from_env = bool(os.environ.get("MLFLOW_TRACKING_URI"))
+        tracking_uri = tracking.resolve_tracking_uri() if uri_from_env or not record else record["tracking_uri"]
+        tracking.check_server(tracking_uri)
+        mlflow.set_tracking_uri(tracking_uri)
+    connect_ray(cfg, log, tracking.worker_env(tracking_uri) if tracking_uri else None)
     if data is None:
         data = _check_crop(cfg, open_dataset(str(sample_shards(cfg, log))))
     colour = read_stats(data)
     normalization(dataclasses.asdict(colour), cfg.normalize, cfg.crop)  # a missing mean image fails here
     log(f"colour statistics: {colour.source}; normalisation: {cfg.normalize}")
-    tracking_uri = record["tracking_uri"] if record else tracking.resolve_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
+    directory = run_dir(cfg.storage_path, name)
     if record:
         run_id = record["run_id"]
-        tracking.reopen_run(run_id)
+        if run_id:
+            tracking.reopen_run(run_id)
+            _send_unsent(directory, run_id, log)
     else:
-        run_id = tracking.start_run(cfg, data, name, colour)
-        record = {"run_id": run_id, "tracking_uri": tracking_uri, "config": cfg.to_dict(), "data": data.uri}
-        run_dir(cfg.storage_path, name).join(RUN_RECORD).write_text(json.dumps(record, indent=1) + "\n")
-    log(f"MLflow run {run_id} ({name}) in experiment {cfg.experiment!r} at {tracking_uri}")
+        run_id = tracking.start_run(cfg, data, name, colour) if cfg.tracking else None
+        shown_uri = tracking.redact(tracking_uri) if tracking_uri else None
+        record = {"run_id": run_id, "tracking_uri": shown_uri, "config": cfg.to_dict(), "data": data.uri}
+        directory.join(RUN_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+    if run_id:
+        log(f"MLflow run {run_id} ({name}) in experiment {cfg.experiment!r} at {tracking.redact(tracking_uri)}")
+    else:
+        log(f"run {name}: no MLflow tracking (--no-tracking); checkpoints in {directory.uri}")
 
     status = "FAILED"
+    shown_uri = tracking.redact(tracking_uri) if tracking_uri else None
+    summary = TrainSummary(run_id, name, cfg.experiment, shown_uri, cfg.model_name, None, {}, "", 0.0)
     try:
-        _fit(cfg, data, colour, run_id, name, tracking_uri)
-        best_checkpoint = checkpoint.best_checkpoint(run_dir(cfg.storage_path, name))
+        result = _fit(cfg, data, colour, run_id, name, tracking_uri)
+        outcome = result.return_value or {}
+        summary.restarts = outcome.get("restarts")
+        summary.delayed_epochs = outcome.get("delayed_epochs", 0)
+        if outcome.get("unsent_metrics"):
+            summary.delayed_epochs += _send_at_end(directory, run_id, outcome["unsent_metrics"], log)
+        best_checkpoint = checkpoint.best_checkpoint(directory)
+        summary.checkpoint = best_checkpoint.uri
         with checkpoint.local_copy(best_checkpoint) as ckpt_dir:
             best_metrics = checkpoint.read_meta(ckpt_dir)["epoch_metrics"]
-            version = _register(cfg, data, colour, run_id, ckpt_dir, best_metrics)
+            summary.best = {k: best_metrics[k] for k in ("epoch", "val_top1_error", "val_top5_error")}
+            if run_id:
+                summary.model_version = _register(cfg, data, colour, run_id, ckpt_dir, best_metrics)
+        if run_id:
+            decision = Registry(tracking_uri).decide(cfg.model_name, summary.model_version, cfg.promote)
+            Registry(tracking_uri).promote(cfg.model_name, summary.model_version, decision.alias, decision.reason)
+            summary.alias, summary.promotion = decision.alias, decision.reason
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         log(f"\nstopped; continue it with: python jobs/train.py --resume {name} --storage-path {cfg.storage_path}")
         raise
     finally:
+        if run_id:
+            _finish(run_id, status, log)
+    summary.seconds = time.time() - started
+    return summary
+
+
+def _send_at_end(directory: Location, run_id: str, pending: list[dict[str, Any]], log: Callable[[str], None]) -> int:
+    """Metrics rank 0 could not send: send them now (MLflow retries for minutes), else keep them for --resume."""
+    log(f"sending {len(pending)} metric batches the MLflow server missed ...")
+    try:
+        return tracking.log_pending(run_id, pending)
+    except tracking.TrackingError as exc:
+        directory.join(UNSENT_FILE).write_text(json.dumps(pending) + "\n")
+        raise tracking.TrackingError(
+            f"{exc}. Training finished and its checkpoints are in {directory.uri}; the metrics are kept in "
+            f"{UNSENT_FILE} there. When the server is back, `python jobs/train.py --resume {directory.name()}` "
+            "sends them and registers the model"
+        ) from exc
+
+
+def _send_unsent(directory: Location, run_id: str, log: Callable[[str], None]) -> None:
+    unsent = directory.join(UNSENT_FILE)
+    if unsent.is_file():
+        sent = tracking.log_pending(run_id, json.loads(unsent.read_text()))
+        unsent.fs.delete_file(unsent.path)
+        log(f"sent {sent} epochs of metrics kept from the last attempt")
+
+
+def _finish(run_id: str, status: str, log: Callable[[str], None]) -> None:
+    try:
         tracking.finish_run(run_id, status)
-    return TrainSummary(
-        run_id=run_id,
-        run_name=name,
-        experiment=cfg.experiment,
-        tracking_uri=tracking_uri,
-        model_name=cfg.model_name,
-        model_version=version,
-        best={k: best_metrics[k] for k in ("epoch", "val_top1_error", "val_top5_error")},
-        checkpoint=best_checkpoint.uri,
-        seconds=time.time() - started,
-    )
+    except tracking.UNREACHABLE as exc:  # the run stays RUNNING in the UI; its data is complete
+        log(f"could not mark MLflow run {run_id} {status}: {exc}")
 
 
 def _fit(
-    cfg: TrainConfig, data: PreparedDataset, colour: ColourStats, run_id: str, name: str, tracking_uri: str
+    cfg: TrainConfig,
+    data: PreparedDataset,
+    colour: ColourStats,
+    run_id: str | None,
+    name: str,
+    tracking_uri: str | None,
 ) -> ray.train.Result:
     # Workers print their epoch lines themselves; Ray Train's print patch would print each twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")

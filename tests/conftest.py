@@ -1,4 +1,4 @@
-"""Shared fixtures: one real local Ray cluster and one tiny prepared dataset per test session."""
+"""Shared fixtures: one real local Ray cluster, one real MLflow server and one tiny prepared dataset per session."""
 
 from __future__ import annotations
 
@@ -21,6 +21,16 @@ def ray_cluster():
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (free port): sqlite store and proxied artifacts in a temp dir."""
+    from pipeline.mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

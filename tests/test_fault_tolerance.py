@@ -48,8 +48,8 @@ def _assert_each_epoch_once(client: MlflowClient, run_id: str, epochs: int) -> N
 
 
 @pytest.fixture
-def tracking(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def tracking(mlflow_server):
+    uri = mlflow_server.url
     mlflow.set_tracking_uri(uri)
     yield uri
     mlflow.set_tracking_uri(None)

@@ -80,13 +80,13 @@ def test_missing_buckets_fail_with_a_message_before_any_cluster_work(s3_server, 
         prepare(source, out)
 
 
-def test_training_checkpoints_to_an_s3_storage_path(s3_prepared, s3_server, tmp_path):
+def test_training_checkpoints_to_an_s3_storage_path(s3_prepared, s3_server, mlflow_server):
     import mlflow
 
     from pipeline import config, training
 
     s3_server.create_dir("runs")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(mlflow_server.url)
     try:
         cfg = config.resolve(
             "sample", data="s3://shards/imagenet", epochs=1, batch_size=16, cpus_per_worker=1.0,

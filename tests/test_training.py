@@ -1,4 +1,4 @@
-"""End to end on a real local Ray, real Parquet shards of real JPEGs and a real MLflow sqlite store."""
+"""End to end on a real local Ray, real Parquet shards of real JPEGs and a real MLflow server."""
 
 import dataclasses
 import io
@@ -39,9 +39,9 @@ def measured_shards(ray_cluster, tiny_shards, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(ray_cluster, measured_shards, tmp_path_factory):
+def trained(ray_cluster, measured_shards, mlflow_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = mlflow_server.url
     mlflow.set_tracking_uri(uri)
     cfg = config.resolve(
         "sample",

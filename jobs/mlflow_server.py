@@ -1,0 +1,71 @@
+r"""Start the team's MLflow tracking server: sqlite store, artifacts proxied to a directory or S3.
+
+    make mlflow                                           # http://127.0.0.1:5000, state in ./mlflow-server/
+    python jobs/mlflow_server.py --dir /srv/mlflow --artifacts-destination s3://team-bucket/mlflow
+    python jobs/mlflow_server.py --host 0.0.0.0 --allowed-hosts 10.0.0.5:5000   # reachable from other nodes
+
+Then, in the shell that trains or browses:
+
+    export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
+    python jobs/train.py ...          # runs, metrics, artifacts and the registry go to the server
+    python jobs/registry.py list      # or the UI at the same URL
+
+Artifacts travel through the server (`mlflow-artifacts:/`), so clients and Ray workers need no S3
+credentials; only this process does (the usual AWS variables; `AWS_ENDPOINT_URL` for an
+S3-compatible store). Runs in the foreground; Ctrl-C stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
+
+from pipeline.mlflow_server import MlflowServer, ServerError, healthy  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", default="mlflow-server", help="holds mlflow.db, the log and local artifacts")
+    parser.add_argument("--port", type=int, default=5000, help="port to listen on (0: any free port)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 for other nodes")
+    parser.add_argument(
+        "--artifacts-destination", default=None, help="where artifacts are stored: a directory or s3://bucket/prefix"
+    )
+    parser.add_argument(
+        "--allowed-hosts", default=None, help="Host headers accepted besides localhost (host:port, comma-separated)"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="web server worker processes")
+    args = parser.parse_args(argv)
+    server = MlflowServer(args.dir, args.port, args.host, args.artifacts_destination, args.allowed_hosts, args.workers)
+    if args.port and healthy(server.url, timeout=1):
+        print(f"error: something already answers on {server.url}; stop it or pass --port", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server too, not only Ctrl-C
+    try:
+        server.start()
+    except ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"MLflow server at {server.url}\n"
+        f"  store      {server.backend_store_uri}\n"
+        f"  artifacts  {server.artifacts_destination}\n"
+        f"  log        {server.log_path}\n"
+        f"point jobs at it with:\n  export MLFLOW_TRACKING_URI={server.url}\n"
+        "Ctrl-C stops it.",
+        flush=True,
+    )
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""A team MLflow tracking server: sqlite backend store, artifacts proxied to a directory or S3.
+
+Clients (the driver, rank 0 on whichever node it lands) talk HTTP to the server only; the server
+alone reads and writes the artifact store, so workers need no cloud credentials for MLflow.
+`make mlflow` and the tests start it through `MlflowServer`, and stop it by its own handle.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from pipeline.errors import InputError
+
+
+class ServerError(InputError):
+    """The server did not come up; the message carries the end of its log."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def healthy(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _signal_group(group: int, sig: int) -> None:
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+class MlflowServer:
+    """`mlflow server` as a child process.
+
+    root holds mlflow.db (runs, metrics, the registry) and, unless `artifacts_destination` names
+    another place (`s3://bucket/prefix` or a directory), the artifacts under root/artifacts.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        artifacts_destination: str | None = None,
+        allowed_hosts: str | None = None,
+        workers: int = 1,
+    ) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.host = host
+        self.port = port or free_port(host)
+        self.artifacts_destination = artifacts_destination or str(self.root / "artifacts")
+        self.allowed_hosts = allowed_hosts
+        self.workers = workers
+        self.log_path = self.root / "server.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def backend_store_uri(self) -> str:
+        return f"sqlite:///{self.root / 'mlflow.db'}"
+
+    def command(self) -> list[str]:
+        command = [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", self.backend_store_uri,
+            "--artifacts-destination", self.artifacts_destination,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--workers", str(self.workers),
+        ]  # fmt: skip
+        if self.allowed_hosts:
+            command += ["--allowed-hosts", self.allowed_hosts]
+        return command
+
+    def start(self, timeout: float = 120.0) -> MlflowServer:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.artifacts_destination.startswith(("s3://", "gs://", "wasbs://")):
+            Path(self.artifacts_destination).mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        # The server's job runner (GenAI scorers, trace archival: not used here) adds ~8 processes.
+        env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+        if env.get("AWS_ENDPOINT_URL") and not env.get("MLFLOW_S3_ENDPOINT_URL"):
+            env["MLFLOW_S3_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL"]  # MLflow's S3 store reads only its own
+        with open(self.log_path, "ab") as log:
+            # A session of its own: stop() signals the server and its web workers, nothing else.
+            self.process = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout
+        while not healthy(self.url):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                tail = self.log_tail()
+                self.stop()
+                raise ServerError(f"mlflow server on {self.url} did not start; the end of {self.log_path}:\n{tail}")
+            time.sleep(0.3)
+        return self
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM to the server's own process group (the server and its web workers), then SIGKILL."""
+        if self.process is None:
+            return
+        group, deadline = self.process.pid, time.monotonic() + timeout
+        _signal_group(group, signal.SIGTERM)
+        while _group_alive(group) and time.monotonic() < deadline:
+            self.process.poll()  # reap the leader so the group can empty
+            time.sleep(0.1)
+        _signal_group(group, signal.SIGKILL)
+        self.process.wait()
+        self.process = None
+
+    def wait(self) -> int:
+        assert self.process is not None
+        return self.process.wait()
+
+    def __enter__(self) -> MlflowServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

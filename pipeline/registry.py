@@ -1,0 +1,228 @@
+"""The model registry as people use it: which version is the champion, how versions compare, promotion.
+
+Aliases are read from the registered model (`get_registered_model(...).aliases`), never from
+`search_model_versions`, which returns empty aliases on SQL stores. Every change of champion is
+appended to the registered model's `champion_history` tag, which is what `rollback` walks back.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from pipeline.config import PROMOTE_POLICIES
+from pipeline.errors import InputError
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+HISTORY_TAG = "champion_history"  # on the registered model: JSON list of versions that were champion, oldest first
+METRIC = "val_top1_error"  # what promotion compares, on the same dataset only
+
+
+class RegistryError(InputError):
+    """An unknown model, version or alias, or a change the registry refuses; the message says which."""
+
+
+@dataclass
+class Version:
+    name: str
+    version: str
+    run_id: str
+    created: float  # seconds since the epoch
+    description: str
+    tags: dict[str, str]
+    aliases: list[str] = field(default_factory=list)
+
+    def metric(self, key: str) -> float | None:
+        value = self.tags.get(key)
+        return float(value) if value not in (None, "") else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "aliases": self.aliases,
+            "val_top1_error": self.metric("val_top1_error"),
+            "val_top5_error": self.metric("val_top5_error"),
+            "dataset_hash": self.tags.get("dataset_hash"),
+            "dataset": self.tags.get("dataset_root"),
+            "epochs": self.tags.get("epochs"),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.created)),
+            "run_id": self.run_id,
+            "description": self.description,
+            "tags": self.tags,
+        }
+
+
+@dataclass
+class Decision:
+    alias: str  # champion or challenger
+    reason: str
+    previous: str | None  # the champion before, if any
+
+
+class Registry:
+    def __init__(self, tracking_uri: str) -> None:
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+
+    # ---- reading ----------------------------------------------------------------------------
+    def model_names(self) -> list[str]:
+        return sorted(m.name for m in self._search_models())
+
+    def aliases(self, name: str) -> dict[str, str]:
+        """alias → version, from the registered model itself."""
+        return {alias: str(version) for alias, version in self._model(name).aliases.items()}  # int on SQL stores
+
+    def version(self, name: str, version: str) -> Version:
+        aliases = self.aliases(name)
+        try:
+            mv = self.client.get_model_version(name, str(version))
+        except MlflowException as exc:
+            known = ", ".join(v.version for v in self.versions(name)) or "none"
+            raise RegistryError(f"model {name!r} has no version {version!r} (versions: {known})") from exc
+        return _version(mv, aliases)
+
+    def by_alias(self, name: str, alias: str) -> Version:
+        aliases = self.aliases(name)
+        if alias not in aliases:
+            have = ", ".join(f"@{a} → v{v}" for a, v in sorted(aliases.items())) or "no aliases"
+            raise RegistryError(f"model {name!r} has no alias @{alias} ({have})")
+        return self.version(name, aliases[alias])
+
+    def resolve(self, name: str, ref: str) -> Version:
+        """A version given as `3`, `v3` or `@champion`."""
+        if ref.startswith("@"):
+            return self.by_alias(name, ref[1:])
+        return self.version(name, ref.removeprefix("v"))
+
+    def versions(self, name: str) -> list[Version]:
+        """All versions of `name`, newest first, with their aliases."""
+        aliases = self.aliases(name)
+        found, token = [], None
+        while True:
+            page = self.client.search_model_versions(
+                f"name = '{_quote(name)}'", max_results=200, order_by=["version_number DESC"], page_token=token
+            )
+            found += [_version(mv, aliases) for mv in page]
+            token = page.token
+            if not token:
+                return found
+
+    def champion(self, name: str) -> Version | None:
+        aliases = self.aliases(name)
+        return self.version(name, aliases[CHAMPION]) if CHAMPION in aliases else None
+
+    def history(self, name: str) -> list[str]:
+        return json.loads(self._model(name).tags.get(HISTORY_TAG, "[]"))
+
+    # ---- changing ---------------------------------------------------------------------------
+    def decide(self, name: str, version: str, policy: str) -> Decision:
+        """Champion or challenger for a newly registered version, under `--promote policy`."""
+        if policy not in PROMOTE_POLICIES:
+            raise RegistryError(f"--promote must be one of {PROMOTE_POLICIES}, got {policy!r}")
+        new, current = self.version(name, version), self.champion(name)
+        previous = current.version if current else None
+        if policy == "always":
+            return Decision(CHAMPION, "--promote always", previous)
+        if policy == "never":
+            return Decision(CHALLENGER, "--promote never", previous)
+        if current is None:
+            return Decision(CHAMPION, "no champion yet", None)
+        if current.tags.get("dataset_hash") != new.tags.get("dataset_hash"):
+            return Decision(CHALLENGER, f"champion v{current.version} was trained on another dataset", previous)
+        ours, theirs = new.metric(METRIC), current.metric(METRIC)
+        if ours is None:
+            return Decision(CHALLENGER, f"v{new.version} has no {METRIC} tag to compare", previous)
+        if theirs is None or ours < theirs:
+            theirs_text = "none" if theirs is None else f"{theirs:.4f}"
+            return Decision(
+                CHAMPION, f"{METRIC} {ours:.4f} beats champion v{current.version}'s {theirs_text}", previous
+            )
+        return Decision(
+            CHALLENGER, f"{METRIC} {ours:.4f} does not beat champion v{current.version}'s {theirs:.4f}", previous
+        )
+
+    def promote(self, name: str, version: str, alias: str = CHAMPION, reason: str = "promoted by hand") -> Version:
+        """Point `alias` at `version`; a new champion is recorded in the history and drops @challenger."""
+        target = self.version(name, version)  # fails for an unknown name or version
+        self.client.set_registered_model_alias(name, alias, target.version)
+        self.client.set_model_version_tag(name, target.version, f"{alias}_since", _now())
+        if alias == CHAMPION:
+            history = self.history(name)
+            if not history or history[-1] != target.version:
+                self.client.set_registered_model_tag(name, HISTORY_TAG, json.dumps([*history, target.version]))
+            if self.aliases(name).get(CHALLENGER) == target.version:
+                self.client.delete_registered_model_alias(name, CHALLENGER)
+            self.client.set_model_version_tag(name, target.version, "promotion", f"{reason} ({_user()}, {_now()})")
+        return self.version(name, target.version)
+
+    def rollback(self, name: str) -> tuple[str, str]:
+        """Champion back to the previous champion that still exists; returns (from, to)."""
+        current = self.champion(name)
+        if current is None:
+            raise RegistryError(f"model {name!r} has no champion to roll back")
+        history = self.history(name)
+        while history and history[-1] == current.version:
+            history.pop()
+        existing = {v.version for v in self.versions(name)}
+        while history and history[-1] not in existing:
+            history.pop()
+        if not history:
+            raise RegistryError(f"model {name!r}: v{current.version} is the first champion; nothing to roll back to")
+        previous = history[-1]
+        self.client.set_registered_model_alias(name, CHAMPION, previous)
+        self.client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+        self.client.set_model_version_tag(name, current.version, "rolled_back", f"{_user()}, {_now()}")
+        return current.version, previous
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _model(self, name: str):
+        try:
+            return self.client.get_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            known = ", ".join(self.model_names()) or "none"
+            raise RegistryError(f"no registered model named {name!r} at {self.uri} (models: {known})") from exc
+
+    def _search_models(self):
+        found, token = [], None
+        while True:
+            page = self.client.search_registered_models(max_results=200, page_token=token)
+            found += list(page)
+            token = page.token
+            if not token:
+                return found
+
+
+def _version(mv, aliases: dict[str, str]) -> Version:
+    return Version(
+        name=mv.name,
+        version=str(mv.version),
+        run_id=mv.run_id,
+        created=mv.creation_timestamp / 1000,
+        description=mv.description or "",
+        tags=dict(mv.tags),
+        aliases=sorted(a for a, v in aliases.items() if str(v) == str(mv.version)),
+    )
+
+
+def _quote(name: str) -> str:
+    return name.replace("'", "\\'")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
