@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # the table says it
     try:
         tracking_uri = tracking.resolve_tracking_uri()
+        if args.model.startswith("models:/") or not args.no_log:
+            tracking.check_server(tracking_uri)  # a dead server is named now, not after minutes of retries
         dataset = open_dataset(args.data)
         results = evaluation.evaluate(
             args.model,
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = evaluation.resolve_model(args.model, tracking_uri)
     if not args.no_log and ref.run_id:
         evaluation.log_to_run(ref, dataset, results)
-        print(f"\nlogged to MLflow run {ref.run_id} at {tracking_uri}")
+        print(f"\nlogged to MLflow run {ref.run_id} at {tracking.redact(tracking_uri)}")
     return 0
 
 
