@@ -51,6 +51,9 @@ class ModelRef:
     run_id: str | None  # the MLflow run the model came from
     tracking_uri: str
     normalization: tuple[np.ndarray, np.ndarray] | None = None  # a checkpoint's (mean, std), read by the driver
+    names: tuple[str, ...] = ()  # class names, in the model's output order
+    version: str | None = None  # the registered version a models:/ URI resolved to
+    image_size: int = 0  # the short side images were resized to before cropping (the stored squares' side)
 
 
 def resolve_model(spec: str, tracking_uri: str) -> ModelRef:
@@ -70,19 +73,29 @@ def resolve_model(spec: str, tracking_uri: str) -> ModelRef:
             classes = mlflow.artifacts.download_artifacts(
                 f"runs:/{version.run_id}/classes.json", tracking_uri=tracking_uri
             )
+            params = client.get_run(version.run_id).data.params
         except MlflowException as exc:
             raise EvaluationError(f"cannot load {spec} from {tracking_uri}: {exc.message}") from exc
         crop = int(info.signature.inputs.inputs[0].shape[1])
-        wnids = [c["wnid"] for c in json.loads(Path(classes).read_text())]
-        return ModelRef(spec, crop, wnids, version.run_id, tracking_uri)
+        index = json.loads(Path(classes).read_text())
+        wnids, names = [c["wnid"] for c in index], tuple(c.get("name", c["wnid"]) for c in index)
+        size = int(params.get("image_size") or _default_size(crop))
+        return ModelRef(spec, crop, wnids, version.run_id, tracking_uri, None, names, str(version.version), size)
     path = Path(spec).expanduser()
     if not path.is_dir():
         raise EvaluationError(f"model {spec!r} is neither a models:/ URI nor a checkpoint directory")
     meta = checkpoint.read_meta(path)
     colour = meta.get("colour") or dataclasses.asdict(PUBLISHED)
     mean_std = normalization(colour, meta["config"].get("normalize", "mean-std"), meta["config"]["crop"])
-    wnids = [c["wnid"] for c in meta["classes"]]
-    return ModelRef(str(path.resolve()), meta["config"]["crop"], wnids, meta.get("run_id"), tracking_uri, mean_std)
+    wnids, names = [c["wnid"] for c in meta["classes"]], tuple(c.get("name", c["wnid"]) for c in meta["classes"])
+    crop = meta["config"]["crop"]
+    size = meta.get("image_size") or _default_size(crop)
+    return ModelRef(str(path.resolve()), crop, wnids, meta.get("run_id"), tracking_uri, mean_std, names, None, size)
+
+
+def _default_size(crop: int) -> int:
+    """The paper's ratio (256 for 224) when a model does not say what its images were resized to."""
+    return round(crop * 256 / 224)
 
 
 def load(ref: ModelRef) -> torch.nn.Module:

@@ -262,6 +262,7 @@ def report(
             "colour": loop_config["colour"],
             "run_id": loop_config["run_id"],
             "dataset_hash": loop_config["dataset_hash"],
+            "image_size": loop_config["image_size"],  # the stored squares' side: what inference resizes to
             "unsent_metrics": unsent,
         }
         checkpoint.save(tmp, _unwrap(model), optimizer, meta)

@@ -26,7 +26,7 @@ from ray.data import DataContext
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline import checkpoint, ingest, tracking
+from pipeline import checkpoint, cluster, ingest, tracking
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.data.sample import SAMPLE_IMAGE_SIZE, make_sample
 from pipeline.data.shards import PreparedDataset, open_dataset, read_manifest
@@ -85,25 +85,17 @@ def sample_shards(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
 
 
 def connect_ray(cfg: TrainConfig, log: Callable[[str], None] = print, env: dict[str, str] | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS or one started with `ray start`; else start a local one.
+    """Join the cluster (RAY_ADDRESS or `ray start`) or start a local Ray sized for this config.
 
     A local Ray gets enough logical CPUs for the train workers plus `data_cpus` for Ray Data,
     even on a laptop with fewer cores: they time-share the cores instead of deadlocking.
-    `env` reaches every worker, on every node, through the job's runtime env.
     """
-    if ray.is_initialized():
-        return
-    runtime_env = {"env_vars": env} if env else None
-    try:
-        ray.init(address="auto", runtime_env=runtime_env)
-        log(f"connected to the Ray cluster at {ray.get_runtime_context().gcs_address}")
-    except ConnectionError:
-        if os.environ.get("RAY_ADDRESS"):
-            raise
+
+    def local_cpus() -> int:
         check_local_gpus(cfg)
-        cpus = max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker) + cfg.data_cpus)
-        ray.init(num_cpus=cpus, runtime_env=runtime_env)
-        log(f"started a local Ray with {cpus} logical CPUs")
+        return max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker) + cfg.data_cpus)
+
+    cluster.connect(log, env, local_cpus)
 
 
 def check_local_gpus(cfg: TrainConfig) -> None:
@@ -271,6 +263,7 @@ def _fit(
             "classes": [dataclasses.asdict(c) for c in data.classes],
             "colour": dataclasses.asdict(colour),
             "train_images": data.count("train"),
+            "image_size": data.image_size,
             "run_dir": run_dir(cfg.storage_path, name),  # a Location: carries the driver's S3 settings
             "normalization": normalization(dataclasses.asdict(colour), cfg.normalize, cfg.crop),
             "dataset_hash": data.dataset_hash,

@@ -8,6 +8,8 @@ import socket
 import pytest
 
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+REGISTERED_MODEL = "alexnet-registry"  # what two_runs registers
+SECRET = "hunter2-do-not-log"  # an MLflow password in the first run's environment
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +50,36 @@ def tiny_shards(ray_cluster, tiny_raw, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
     prepare(tiny_raw, out, size=72, shard_size=32)
     return out
+
+
+@pytest.fixture(scope="session")
+def two_runs(ray_cluster, tiny_shards, mlflow_server, tmp_path_factory):
+    """Two one-epoch runs registered on the session's server into REGISTERED_MODEL, on the same dataset.
+
+    The first runs with MLflow credentials in its environment (they must not show anywhere).
+    Yields (first summary, second summary, tracking URI, the driver's log lines).
+    """
+    import mlflow
+
+    from pipeline import config, training
+
+    tmp = tmp_path_factory.mktemp("registry")
+    mlflow.set_tracking_uri(mlflow_server.url)
+    lines: list[str] = []
+    base = dict(
+        data=str(tiny_shards), epochs=1, batch_size=8, storage_path=str(tmp / "runs"), experiment="registry",
+        model_name=REGISTERED_MODEL, system_metrics_interval=1.0,
+    )  # fmt: skip
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_USERNAME")}
+    os.environ.update({"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": SECRET})
+    try:
+        first = training.train(config.resolve("sample", **base, name="first"), log=lines.append)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    second = training.train(config.resolve("sample", **base, name="second", seed=1, lr=0.003), log=lines.append)
+    yield first, second, mlflow_server.url, lines
+    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,96 @@
+r"""Batch inference: run a registered model over a bucket or folder of images, one Parquet row per file.
+
+    python jobs/infer.py --model models:/alexnet@champion --input data/sample/raw/val --output preds/sample-val
+    python jobs/infer.py --model models:/alexnet@champion --input s3://bucket/new-images/ \
+        --output s3://bucket/preds/run1/ --replicas 1:8 --gpus-per-replica 1 --batch-size 256
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/infer.py --model models:/alexnet@champion --input s3://bucket/new/ --output s3://bucket/preds/
+
+Lists the input recursively (jpg, jpeg, png, webp; any case), decodes with validation's
+transform (short side to the model's image size, centre crop; --ten-crop for the paper's ten
+views), scores in a pool of model actors (--replicas N, MIN:MAX to autoscale, or auto: 1 up to the
+cluster's CPUs, or GPUs with --gpus-per-replica; each actor loads the model once), and
+writes Parquet with one row per image: path, top1_wnid, top1_name, top1_prob, top5_wnids,
+top5_names, top5_probs, model_uri, model_version, error (null when fine). The table is written to
+a temporary location and moved into place when complete; an existing output is refused unless
+--overwrite, which replaces it whole. MLflow: MLFLOW_TRACKING_URI, else ./mlflow.db.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
+
+import ray  # noqa: E402
+
+from pipeline import cluster, evaluation, inference, tracking  # noqa: E402
+from pipeline.errors import InputError  # noqa: E402
+from pipeline.storage import locate  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint dir")
+    parser.add_argument("--input", required=True, help="a folder or s3:// prefix of images (searched recursively)")
+    parser.add_argument("--output", required=True, help="where the Parquet table goes: a folder or s3:// prefix")
+    parser.add_argument("--ten-crop", action="store_true", help="the paper's ten views per image, softmax averaged")
+    parser.add_argument(
+        "--replicas",
+        default="auto",
+        help="model actors: N, MIN:MAX to autoscale, or auto (1 up to the cluster's CPUs/GPUs)",
+    )
+    parser.add_argument("--gpus-per-replica", type=float, default=0, help="GPUs per model actor")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per model call (x10 views with --ten-crop)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output whole")
+    args = parser.parse_args(argv)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    try:  # everything that can be wrong is found here, before any cluster work
+        inference.parse_replicas(args.replicas)  # a bad value fails here, before any cluster work
+        output = locate(args.output)
+        inference.prepare_output(output, args.overwrite)
+        tracking_uri = tracking.resolve_tracking_uri()
+        if args.model.startswith("models:/"):
+            tracking.check_server(tracking_uri)
+        ref = evaluation.resolve_model(args.model, tracking_uri)
+        source = locate(args.input)
+        listing = inference.list_images(source)
+        views = "ten crops" if args.ten_crop else "centre crop"
+        print(
+            f"{len(listing.images):,} images under {source.uri}; model {ref.uri} (version {ref.version or '-'}): "
+            f"{ref.image_size}-px squares, {ref.crop}-px {views}",
+            flush=True,
+        )
+        if listing.ignored:
+            example = source.uri_of(listing.ignored[0])
+            print(f"ignoring {len(listing.ignored)} files without an image extension, e.g. {example}")
+        cluster.connect(env=tracking.worker_env(tracking_uri))
+        replicas = inference.parse_replicas(args.replicas, ray.cluster_resources(), args.gpus_per_replica)
+        print(f"model replicas: {replicas[0]}" + (f" to {replicas[1]}" if replicas[1] > replicas[0] else ""))
+        summary = inference.infer(
+            ref,
+            source,
+            listing,
+            output,
+            args.ten_crop,
+            replicas,
+            args.gpus_per_replica,
+            args.batch_size,
+            args.overwrite,
+        )
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"\n{summary.images:,} images, {summary.errors:,} with errors, in {summary.seconds:.1f}s "
+        f"({summary.images_per_s:,.0f} images/s)\n"
+        f"predictions: {summary.output} (Parquet; {inference.SUCCESS_FILE} written last)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

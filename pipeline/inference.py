@@ -1,0 +1,306 @@
+"""Batch inference: a registered model over a bucket (or folder) of images, one Parquet row per file.
+
+    list the input (driver) → read + decode + test views (CPU tasks) → model actors (each loads the
+    model once; fixed or autoscaling pool) → Parquet in a temporary location → moved into place
+
+On CPUs Ray Data fuses the decode step into the model actors (same resources): each replica reads,
+decodes and scores its own files, with no copies between processes, and the pool's size sets the
+parallelism. With `gpus_per_replica` the actors hold GPUs and decoding stays in CPU tasks that
+feed them.
+
+Preprocessing is validation's: the image resized so its short side is the model's image size and
+centre-cropped square (as jobs/prepare.py stores it), then the centre `crop` (or the paper's ten
+crops, softmax averaged). A file that cannot be decoded gets a row with its `error`, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+import torch
+from ray.data import ActorPoolStrategy
+
+from pipeline.data.transforms import center_crop, load_square, ten_crop
+from pipeline.errors import InputError
+from pipeline.evaluation import ModelRef, load
+from pipeline.storage import Location, StorageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+DECODE_BATCH = 32  # files per decode task
+SUCCESS_FILE = "_SUCCESS.json"  # written last: the output is complete
+SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("top1_wnid", pa.string()),
+        ("top1_name", pa.string()),
+        ("top1_prob", pa.float32()),
+        ("top5_wnids", pa.list_(pa.string())),
+        ("top5_names", pa.list_(pa.string())),
+        ("top5_probs", pa.list_(pa.float32())),
+        ("model_uri", pa.string()),
+        ("model_version", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+
+class InferenceError(InputError):
+    """An input, output or model the job cannot use; the message says what to do."""
+
+
+@dataclass
+class Listing:
+    images: list[str]  # paths inside the filesystem, sorted
+    ignored: list[str] = field(default_factory=list)  # files without an image extension
+
+
+@dataclass
+class InferenceSummary:
+    images: int
+    errors: int
+    ignored: int
+    seconds: float
+    output: str
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+def parse_replicas(text: str, cluster: dict[str, float] | None = None, gpus_per_replica: float = 0) -> tuple[int, int]:
+    """`4` (a fixed pool), `1:8` (autoscaling between the two) or `auto`: 1 up to what the cluster holds
+    (its CPUs, or its GPUs / gpus_per_replica)."""
+    if text == "auto":
+        cluster = cluster or {}
+        most = cluster.get("GPU", 0) / gpus_per_replica if gpus_per_replica else cluster.get("CPU", 1)
+        return 1, max(1, int(most))
+    try:
+        low, _, high = text.partition(":")
+        low_n, high_n = int(low), int(high or low)
+    except ValueError:
+        raise InferenceError(f"--replicas {text!r}: write a number (4) or a range (1:8)") from None
+    if not 1 <= low_n <= high_n:
+        raise InferenceError(f"--replicas {text!r}: need 1 <= min <= max")
+    return low_n, high_n
+
+
+def list_images(source: Location) -> Listing:
+    """Every image file under `source` (recursively; extensions in any case), or a clear error."""
+    info = source.info()
+    if info.type == pafs.FileType.NotFound:
+        where = "bucket or prefix" if not source.is_local else "directory"
+        raise InferenceError(f"input {source.uri} does not exist: check the {where}")
+    if info.type == pafs.FileType.File:
+        files = [source.path]
+    else:
+        try:
+            entries = source.fs.get_file_info(pafs.FileSelector(source.path, recursive=True))
+        except OSError as exc:
+            raise StorageError(f"cannot list {source.uri}: {exc}") from exc
+        files = sorted(e.path for e in entries if e.type == pafs.FileType.File)
+    images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    ignored = [f for f in files if not f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not images:
+        raise InferenceError(
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {source.uri}"
+            + (f"; {len(ignored)} other files, e.g. {source.uri_of(ignored[0])}" if ignored else ": it is empty")
+        )
+    return Listing(images, ignored)
+
+
+def prepare_output(output: Location, overwrite: bool) -> None:
+    """Refuse an existing output unless --overwrite; check an S3 bucket exists. No cluster work yet."""
+    output.check_writable()
+    if _exists(output) and not overwrite:
+        raise InferenceError(f"output {output.uri} already exists; pass --overwrite to replace it whole")
+
+
+def views_batch(batch: dict[str, np.ndarray], fs: pafs.FileSystem, size: int, crop: int, ten: bool) -> dict:
+    """Read and decode files into test views; a file that does not decode gets its error instead."""
+    views_of = (lambda a: ten_crop(a, crop)) if ten else (lambda a: center_crop(a, crop)[None])
+    count = 10 if ten else 1
+    images, errors = [], []
+    for path in batch["path"]:
+        try:  # a store that does not answer fails the task (Ray retries it); a file gone since listing is its row's
+            with fs.open_input_file(path) as f:
+                data = f.read()
+        except FileNotFoundError:
+            images.append(np.zeros((count, crop, crop, 3), np.uint8))
+            errors.append("file not found: deleted after the input was listed")
+            continue
+        try:
+            images.append(views_of(np.asarray(load_square(data, size))))
+            errors.append("")  # not None: a block of only None would travel as a null column
+        except Exception as exc:  # noqa: BLE001 -- any decoding failure is this file's, reported in its row
+            images.append(np.zeros((count, crop, crop, 3), np.uint8))
+            errors.append(_describe(exc, data))
+    return {"path": batch["path"], "image": np.stack(images), "error": np.array(errors, dtype=object)}
+
+
+class Predictor:
+    """A model actor: loads the model once; softmax over the views, averaged; the top five per file."""
+
+    def __init__(self, ref: ModelRef, uri_prefix: str) -> None:
+        self.model = load(ref)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = self.model.to(self.device)
+        self.wnids, self.names = np.array(ref.wnids, dtype=object), np.array(ref.names, dtype=object)
+        self.uri, self.version, self.prefix = ref.uri, ref.version, uri_prefix
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        views = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)  # (n, V, crop, crop, 3)
+        n, v = views.shape[:2]
+        probs = torch.softmax(self.model(views.reshape(n * v, *views.shape[2:])).float(), dim=1)
+        probs = probs.reshape(n, v, -1).mean(dim=1)
+        top_p, top_i = probs.topk(min(5, probs.shape[1]), dim=1)
+        top_p, top_i = top_p.cpu().numpy(), top_i.cpu().numpy()
+        errors = [e if isinstance(e, str) and e else None for e in batch["error"]]
+        ok = [e is None for e in errors]
+        return pa.table(
+            {
+                "path": [self.prefix + p for p in batch["path"]],
+                "top1_wnid": [self.wnids[i[0]] if good else None for i, good in zip(top_i, ok)],
+                "top1_name": [self.names[i[0]] if good else None for i, good in zip(top_i, ok)],
+                "top1_prob": [float(p[0]) if good else None for p, good in zip(top_p, ok)],
+                "top5_wnids": [list(self.wnids[i]) if good else None for i, good in zip(top_i, ok)],
+                "top5_names": [list(self.names[i]) if good else None for i, good in zip(top_i, ok)],
+                "top5_probs": [p.tolist() if good else None for p, good in zip(top_p, ok)],
+                "model_uri": [self.uri] * n,
+                "model_version": [self.version] * n,
+                "error": errors,
+            },
+            schema=SCHEMA,
+        )
+
+
+def infer(
+    ref: ModelRef,
+    source: Location,
+    listing: Listing,
+    output: Location,
+    ten_crop_views: bool = False,
+    replicas: tuple[int, int] = (1, 1),
+    gpus_per_replica: float = 0,
+    batch_size: int = 64,
+    overwrite: bool = False,
+) -> InferenceSummary:
+    """Score every listed image and put the Parquet table at `output` (whole, or not at all)."""
+    started = time.time()
+    staging = output.at(f"{output.path.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}")
+    prefix = "" if source.is_local else "s3://"
+    dataset = (
+        ray.data.from_items([{"path": p} for p in listing.images], override_num_blocks=_blocks(len(listing.images)))
+        .map_batches(
+            views_batch,
+            fn_kwargs={"fs": source.fs, "size": ref.image_size, "crop": ref.crop, "ten": ten_crop_views},
+            batch_size=DECODE_BATCH,
+            batch_format="numpy",
+        )
+        .map_batches(
+            Predictor,
+            fn_constructor_kwargs={"ref": ref, "uri_prefix": prefix},
+            compute=ActorPoolStrategy(min_size=replicas[0], max_size=replicas[1]),
+            batch_size=batch_size,
+            num_gpus=gpus_per_replica,
+            batch_format="numpy",
+        )
+    )
+    try:
+        dataset.write_parquet(staging.path, filesystem=staging.fs, min_rows_per_file=100_000)
+        rows, errors = _count(staging)
+        if rows != len(listing.images):
+            raise InferenceError(f"wrote {rows} rows for {len(listing.images)} images; the output was not moved")
+        summary = InferenceSummary(len(listing.images), errors, len(listing.ignored), 0.0, output.uri)
+        _move_into_place(staging, output, overwrite)
+    finally:
+        _delete(staging)
+    summary.seconds = time.time() - started
+    output.join(SUCCESS_FILE).write_text(
+        json.dumps(
+            {
+                "model_uri": ref.uri,
+                "model_version": ref.version,
+                "input": source.uri,
+                "images": summary.images,
+                "errors": summary.errors,
+                "ignored_files": [source.uri_of(p) for p in listing.ignored],
+                "ten_crop": ten_crop_views,
+                "seconds": round(summary.seconds, 1),
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    return summary
+
+
+def read_predictions(output: Location) -> pa.Table:
+    files = sorted(e.path for e in _files(output) if e.path.endswith(".parquet"))
+    return pa.concat_tables([pq.read_table(f, filesystem=output.fs) for f in files])
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def _describe(exc: Exception, data: bytes) -> str:
+    if not data:
+        return "empty file (0 bytes)"
+    return f"cannot decode: {type(exc).__name__}: {exc}"
+
+
+def _blocks(n: int) -> int:
+    return max(1, min(n // DECODE_BATCH, 200))
+
+
+def _files(location: Location) -> list[pafs.FileInfo]:
+    try:
+        entries = location.fs.get_file_info(pafs.FileSelector(location.path, recursive=True, allow_not_found=True))
+    except OSError as exc:
+        raise StorageError(f"cannot list {location.uri}: {exc}") from exc
+    return [e for e in entries if e.type == pafs.FileType.File]
+
+
+def _exists(location: Location) -> bool:
+    kind = location.info().type
+    return kind == pafs.FileType.File or (kind == pafs.FileType.Directory and bool(_files(location)))
+
+
+def _count(location: Location) -> tuple[int, int]:
+    """Rows and error rows in the Parquet files under `location`."""
+    rows = errors = 0
+    for entry in _files(location):
+        if entry.path.endswith(".parquet"):
+            column = pq.read_table(entry.path, columns=["error"], filesystem=location.fs)["error"]
+            rows += len(column)
+            errors += len(column) - column.null_count
+    return rows, errors
+
+
+def _move_into_place(staging: Location, output: Location, overwrite: bool) -> None:
+    """Replace `output` with `staging`: a rename on local disk; object copies in S3 after the old output is gone."""
+    if _exists(output):
+        if not overwrite:
+            raise InferenceError(f"output {output.uri} appeared while the job ran; nothing was replaced")
+        _delete(output)
+    if output.is_local:
+        output.fs.create_dir(posixpath.dirname(output.path.rstrip("/")), recursive=True)
+        output.fs.move(staging.path, output.path)
+        return
+    for entry in _files(staging):
+        output.fs.copy_file(entry.path, output.path + entry.path[len(staging.path) :])
+
+
+def _delete(location: Location) -> None:
+    kind = location.info().type
+    if kind == pafs.FileType.Directory:
+        location.fs.delete_dir(location.path)
+    elif kind == pafs.FileType.File:
+        location.fs.delete_file(location.path)

@@ -1,0 +1,207 @@
+"""Batch inference with a registered model over real image files, on local disk and in a real S3 server."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+import torch
+from conftest import REGISTERED_MODEL
+from PIL import Image
+
+from pipeline import evaluation, inference
+from pipeline.data.transforms import center_crop, load_square, ten_crop
+from pipeline.mlflow_server import free_port
+from pipeline.storage import locate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _photo(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    return Image.fromarray(base).resize((width, height), Image.BICUBIC)
+
+
+def _encode(image: Image.Image, fmt: str, **options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **options)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def image_files() -> dict[str, bytes]:
+    """Relative path → bytes: images of several sizes, formats and colour modes, broken files, strays."""
+    good = {
+        "a/wide.jpg": _encode(_photo(320, 200, 1), "JPEG", quality=90),
+        "a/tall.JPEG": _encode(_photo(90, 150, 2), "JPEG", quality=90),
+        "a/deep/nested/small.jpeg": _encode(_photo(70, 64, 3), "JPEG", quality=90),
+        "b/gray.jpg": _encode(_photo(120, 100, 4).convert("L"), "JPEG"),
+        "b/cmyk.jpg": _encode(_photo(110, 130, 5).convert("CMYK"), "JPEG"),
+        "b/alpha.png": _encode(_photo(100, 100, 6).convert("RGBA"), "PNG"),
+        "b/photo.WebP": _encode(_photo(150, 90, 7), "WEBP"),
+        "b/png-named.jpg": _encode(_photo(96, 96, 8), "PNG"),
+    }
+    broken = {
+        "c/truncated.jpg": _encode(_photo(200, 200, 9), "JPEG", quality=90)[:700],
+        "c/empty.jpg": b"",
+        "c/not-an-image.jpeg": b"this is text, not a JPEG\n",
+    }
+    strays = {"c/.DS_Store": b"\x00\x01", "c/readme.txt": b"notes"}
+    return {**good, **broken, **strays}
+
+
+BROKEN = {"c/truncated.jpg", "c/empty.jpg", "c/not-an-image.jpeg"}
+STRAYS = {"c/.DS_Store", "c/readme.txt"}
+
+
+@pytest.fixture(scope="module")
+def image_dir(image_files, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    for rel, data in image_files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(two_runs):
+    first, _, uri, _ = two_runs
+    mlflow.set_tracking_uri(uri)
+    ref = evaluation.resolve_model(f"models:/{REGISTERED_MODEL}/{first.model_version}", uri)
+    return ref, mlflow.pytorch.load_model(ref.uri)
+
+
+def _run(ref, input_uri: str, output_uri: str, **options) -> inference.InferenceSummary:
+    source, output = locate(input_uri), locate(output_uri)
+    inference.prepare_output(output, options.get("overwrite", False))
+    return inference.infer(ref, source, inference.list_images(source), output, **options)
+
+
+def _expected(model, ref, data: bytes, ten: bool) -> np.ndarray:
+    """A direct PyTorch forward on the same preprocessed tensors: softmax, averaged over the views."""
+    square = np.asarray(load_square(data, ref.image_size))
+    views = ten_crop(square, ref.crop) if ten else center_crop(square, ref.crop)[None]
+    with torch.no_grad():
+        return torch.softmax(model(torch.from_numpy(np.ascontiguousarray(views))).float(), dim=1).mean(0).numpy()
+
+
+def _check_rows(table, root_uri: str, image_files, model, ref, ten: bool) -> None:
+    rows = {r["path"]: r for r in table.to_pylist()}
+    images = {rel for rel in image_files if rel not in STRAYS}
+    assert sorted(rows) == sorted(f"{root_uri}/{rel}" for rel in images)  # exactly one row per image file
+    for rel in images:
+        row = rows[f"{root_uri}/{rel}"]
+        assert row["model_uri"] == ref.uri and row["model_version"] == ref.version
+        if rel in BROKEN:
+            assert row["error"] and row["top1_wnid"] is None and row["top5_probs"] is None, rel
+            continue
+        assert row["error"] is None, (rel, row["error"])
+        probs = _expected(model, ref, image_files[rel], ten)
+        top5 = np.argsort(-probs, kind="stable")[:5]
+        np.testing.assert_allclose(row["top5_probs"], probs[top5], rtol=1e-4, atol=1e-6)
+        assert row["top5_wnids"] == [ref.wnids[i] for i in top5]
+        assert row["top5_names"] == [ref.names[i] for i in top5]
+        assert (row["top1_wnid"], row["top1_name"]) == (ref.wnids[top5[0]], ref.names[top5[0]])
+        assert row["top1_prob"] == pytest.approx(float(probs[top5[0]]), rel=1e-4)
+
+
+@pytest.mark.parametrize("ten", [False, True], ids=["centre", "ten-crop"])
+def test_every_local_image_gets_one_row_equal_to_a_direct_forward(model, image_dir, image_files, tmp_path, ten):
+    ref, loaded = model
+    summary = _run(ref, str(image_dir), str(tmp_path / "preds"), ten_crop_views=ten, batch_size=4)
+    assert (summary.images, summary.errors, summary.ignored) == (len(image_files) - 2, len(BROKEN), 2)
+    table = inference.read_predictions(locate(tmp_path / "preds"))
+    assert table.schema == inference.SCHEMA
+    _check_rows(table, str(image_dir), image_files, loaded, ref, ten)
+    errors = {Path(r["path"]).name: r["error"] for r in table.to_pylist() if r["error"]}
+    assert errors["empty.jpg"] == "empty file (0 bytes)"
+    assert errors["not-an-image.jpeg"].startswith("cannot decode: UnidentifiedImageError")
+    assert (tmp_path / "preds" / inference.SUCCESS_FILE).is_file()
+    assert not list(tmp_path.glob("preds.tmp-*"))  # the staging location is gone
+
+
+def test_the_job_reads_and_writes_s3_and_replaces_an_output_only_with_overwrite(
+    ray_cluster, two_runs, model, image_files, s3_server
+):
+    ref, loaded = model
+    s3_server.create_dir("photos")
+    s3_server.create_dir("preds")
+    for rel, data in image_files.items():
+        with s3_server.open_output_stream(f"photos/incoming/{rel}") as f:
+            f.write(data)
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+        "MLFLOW_TRACKING_URI": two_runs[2],
+    }
+    command = [
+        sys.executable, str(ROOT / "jobs/infer.py"), "--model", f"models:/{REGISTERED_MODEL}/1",
+        "--input", "s3://photos/incoming/", "--output", "s3://preds/run1/", "--replicas", "1:2", "--batch-size", "4",
+    ]  # fmt: skip
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{len(image_files) - 2} images, {len(BROKEN)} with errors" in proc.stdout
+    assert "ignoring 2 files without an image extension" in proc.stdout
+    output = locate("s3://preds/run1")
+    _check_rows(inference.read_predictions(output), "s3://photos/incoming", image_files, loaded, ref, False)
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr
+    with s3_server.open_output_stream("preds/run1/stale-from-an-older-run.parquet") as f:
+        f.write(b"old")
+    replaced = subprocess.run(command + ["--overwrite"], env=env, capture_output=True, text=True, timeout=600)
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    stored = [i.path for i in s3_server.get_file_info(pafs.FileSelector("preds", recursive=True)) if i.is_file]
+    assert "preds/run1/stale-from-an-older-run.parquet" not in stored  # replaced whole, never a mixture
+    assert not [p for p in stored if ".tmp-" in p]
+    assert inference.read_predictions(output).num_rows == len(image_files) - 2
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--input", "s3://no-such-bucket/x/"], "input s3://no-such-bucket/x does not exist"),
+        (["--input", "s3://photos/no/such/prefix/"], "does not exist: check the bucket or prefix"),
+        (["--input", "EMPTY"], "no images (.jpg, .jpeg, .png, .webp) under"),
+        (["--model", f"models:/{REGISTERED_MODEL}@gold"], f"cannot load models:/{REGISTERED_MODEL}@gold"),
+        (["--model", "models:/no-such-model/1"], "cannot load models:/no-such-model/1"),
+        (["--output", "s3://no-such-bucket/preds/"], "bucket s3://no-such-bucket does not exist"),
+        (["--replicas", "4:2"], "--replicas '4:2': need 1 <= min <= max"),
+        (["--tracking", "DEAD"], "does not answer"),
+    ],
+)
+def test_bad_input_fails_fast_with_a_message_before_any_cluster_work(
+    two_runs, image_dir, s3_server, tmp_path, arguments, message
+):
+    s3_server.create_dir("photos")
+    (tmp_path / "empty").mkdir()
+    values = {"--model": f"models:/{REGISTERED_MODEL}/1", "--input": str(image_dir), "--output": str(tmp_path / "out")}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["MLFLOW_TRACKING_URI"] = two_runs[2]
+    for flag, value in zip(arguments[::2], arguments[1::2]):
+        if flag == "--tracking":
+            env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{free_port()}"
+        else:
+            values[flag] = str(tmp_path / "empty") if value == "EMPTY" else value
+    command = [sys.executable, str(ROOT / "jobs/infer.py"), *[x for kv in values.items() for x in kv]]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert message in proc.stderr, proc.stderr
+    assert "Ray" not in proc.stdout and not (tmp_path / "out").exists()
+
+
+def test_replicas_are_a_number_or_a_range():
+    assert inference.parse_replicas("3") == (3, 3) and inference.parse_replicas("1:8") == (1, 8)
+    assert inference.parse_replicas("auto", {"CPU": 6.0}) == (1, 6)
+    assert inference.parse_replicas("auto", {"CPU": 16.0, "GPU": 4.0}, gpus_per_replica=0.5) == (1, 8)
+    for bad in ("0", "x", "2:1", "a:b"):
+        with pytest.raises(inference.InferenceError, match="--replicas"):
+            inference.parse_replicas(bad)
