@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -305,37 +303,23 @@ def test_a_server_outage_mid_run_loses_no_metrics(ray_cluster, tiny_shards, tmp_
         sys.executable, str(ROOT / "jobs/train.py"), "--data", str(tiny_shards), "--epochs", "3", "--batch-size", "4",
         "--storage-path", str(runs), "--name", "outage", "--experiment", "outage", "--model-name", "alexnet-outage",
     ]  # fmt: skip
-    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "job.log"  # a file, not a pipe: nobody reads a pipe while the test waits
+    job = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
     try:
         client = MlflowClient(server.url)
         run_id = _wait_for(lambda: _epoch_logged(client, "outage", 1), 240, "epoch 1 in MLflow")
         server.stop()  # the server goes away after epoch 1 ...
         _wait_for(lambda: _checkpointed_epoch(runs / "outage") >= 2, 240, "epoch 2's checkpoint")
         server = MlflowServer(tmp_path / "server", port=server.port).start()  # ... and comes back after epoch 2
-        output, _ = job.communicate(timeout=400)
-    finally:
-        job.kill()
-        server.stop()
-    assert job.returncode == 0, output[-3000:]
-    assert "is unreachable" in output and "training goes on" in output
-    assert "epoch(s) of metrics were sent late; none lost" in output
-
-    with MlflowServer(tmp_path / "server") as server:
-        client = MlflowClient(server.url)
+        job.wait(timeout=400)
+        output = log.read_text()
+        assert job.returncode == 0, output[-3000:]
+        assert "is unreachable" in output and "training goes on" in output
+        assert "epoch(s) of metrics were sent late; none lost" in output
         for key in ("train_loss", "train_top1_error", "train_top5_error", "val_top1_error", "val_top5_error"):
             assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3], key
         assert client.get_run(run_id).info.status == "FINISHED"
         assert client.get_model_version_by_alias("alexnet-outage", "champion").run_id == run_id
-
-
-def test_the_ui_serves_the_registry_page_and_the_data_it_shows(two_runs):
-    """What the MLflow UI's model page fetches: the registered model with its aliases (no browser here)."""
-    uri = two_runs[2]
-    with urllib.request.urlopen(f"{uri}/") as page:
-        assert page.status == 200 and "<html" in page.read().decode().lower()
-    query = urllib.parse.urlencode({"name": MODEL})
-    with urllib.request.urlopen(f"{uri}/ajax-api/2.0/mlflow/registered-models/get?{query}") as response:
-        model = json.load(response)["registered_model"]
-    aliases = {a["alias"]: a["version"] for a in model["aliases"]}
-    assert aliases["champion"] == Registry(uri).aliases(MODEL)["champion"]
-    assert "Input: uint8 RGB crops" in model["description"]
+    finally:
+        job.kill()
+        server.stop()
