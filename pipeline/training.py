@@ -166,6 +166,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
     normalization(dataclasses.asdict(colour), cfg.normalize, cfg.crop)  # a missing mean image fails here
     log(f"colour statistics: {colour.source}; normalisation: {cfg.normalize}")
     directory = run_dir(cfg.storage_path, name)
+    shown_uri = tracking.redact(tracking_uri) if tracking_uri else None  # what logs and records show
     if record:
         run_id = record["run_id"]
         if run_id:
@@ -173,16 +174,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
             _send_unsent(directory, run_id, log)
     else:
         run_id = tracking.start_run(cfg, data, name, colour) if cfg.tracking else None
-        shown_uri = tracking.redact(tracking_uri) if tracking_uri else None
         record = {"run_id": run_id, "tracking_uri": shown_uri, "config": cfg.to_dict(), "data": data.uri}
         directory.join(RUN_RECORD).write_text(json.dumps(record, indent=1) + "\n")
     if run_id:
-        log(f"MLflow run {run_id} ({name}) in experiment {cfg.experiment!r} at {tracking.redact(tracking_uri)}")
+        log(f"MLflow run {run_id} ({name}) in experiment {cfg.experiment!r} at {shown_uri}")
     else:
         log(f"run {name}: no MLflow tracking (--no-tracking); checkpoints in {directory.uri}")
 
     status = "FAILED"
-    shown_uri = tracking.redact(tracking_uri) if tracking_uri else None
     summary = TrainSummary(run_id, name, cfg.experiment, shown_uri, cfg.model_name, None, {}, "", 0.0)
     try:
         result = _fit(cfg, data, colour, run_id, name, tracking_uri)
@@ -199,8 +198,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
             if run_id:
                 summary.model_version = _register(cfg, data, colour, run_id, ckpt_dir, best_metrics)
         if run_id:
-            decision = Registry(tracking_uri).decide(cfg.model_name, summary.model_version, cfg.promote)
-            Registry(tracking_uri).promote(cfg.model_name, summary.model_version, decision.alias, decision.reason)
+            registry = Registry(tracking_uri)
+            decision = registry.decide(cfg.model_name, summary.model_version, cfg.promote)
+            registry.promote(cfg.model_name, summary.model_version, decision.alias, decision.reason)
             summary.alias, summary.promotion = decision.alias, decision.reason
         status = "FINISHED"
     except KeyboardInterrupt:
