@@ -70,14 +70,15 @@ def resolve_model(spec: str, tracking_uri: str) -> ModelRef:
             else:
                 version = client.get_model_version_by_alias(match["name"], match["alias"])
             info = mlflow.models.get_model_info(spec)
-            classes = mlflow.artifacts.download_artifacts(
-                f"runs:/{version.run_id}/classes.json", tracking_uri=tracking_uri
-            )
+            with tempfile.TemporaryDirectory() as tmp:
+                classes = mlflow.artifacts.download_artifacts(
+                    f"runs:/{version.run_id}/classes.json", tracking_uri=tracking_uri, dst_path=tmp
+                )
+                index = json.loads(Path(classes).read_text())
             params = client.get_run(version.run_id).data.params
         except MlflowException as exc:
             raise EvaluationError(f"cannot load {spec} from {tracking_uri}: {exc.message}") from exc
         crop = int(info.signature.inputs.inputs[0].shape[1])
-        index = json.loads(Path(classes).read_text())
         wnids, names = [c["wnid"] for c in index], tuple(c.get("name", c["wnid"]) for c in index)
         size = int(params.get("image_size") or _default_size(crop))
         return ModelRef(spec, crop, wnids, version.run_id, tracking_uri, None, names, str(version.version), size)
@@ -102,7 +103,10 @@ def load(ref: ModelRef) -> torch.nn.Module:
     """uint8 NHWC crops → logits: the registered program, or a checkpoint wrapped as it would be registered."""
     if ref.uri.startswith("models:/"):
         mlflow.set_tracking_uri(ref.tracking_uri)
-        return mlflow.pytorch.load_model(ref.uri)
+        # Into a directory of our own: without dst_path MLflow downloads each load to a fresh
+        # temporary directory it never deletes (the model's size in /tmp, per actor, per job).
+        with tempfile.TemporaryDirectory() as tmp:
+            return mlflow.pytorch.load_model(ref.uri, dst_path=tmp)
     net, _ = checkpoint.load_model(ref.uri)
     mean, std = ref.normalization
     return ImageClassifier(net, mean, std).eval()

@@ -76,7 +76,7 @@ def model(two_runs):
     first, _, uri, _ = two_runs
     mlflow.set_tracking_uri(uri)
     ref = evaluation.resolve_model(f"models:/{REGISTERED_MODEL}/{first.model_version}", uri)
-    return ref, mlflow.pytorch.load_model(ref.uri)
+    return ref, evaluation.load(ref)
 
 
 def _run(ref, input_uri: str, output_uri: str, **options) -> inference.InferenceSummary:
