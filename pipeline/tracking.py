@@ -44,8 +44,8 @@ FORWARDED_ENV = (
     "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
 )  # fmt: skip
-# Network errors while the server is away: MLflow wraps most in MlflowException.
-UNREACHABLE = (MlflowException, OSError, ConnectionError)
+# Network errors while the server is away: MLflow wraps most in MlflowException (ConnectionError is an OSError).
+UNREACHABLE = (MlflowException, OSError)
 
 
 class TrackingError(InputError):

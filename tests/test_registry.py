@@ -99,11 +99,13 @@ def test_system_metrics_are_logged_for_training_runs(two_runs):
     assert "system/system_memory_usage_megabytes" in metrics
 
 
-def test_the_champion_loads_by_alias_for_any_batch_size_and_predicts_like_its_checkpoint(two_runs, tiny_shards):
+def test_the_champion_loads_by_alias_for_any_batch_size_and_predicts_like_its_checkpoint(
+    two_runs, tiny_shards, tmp_path
+):
     first, second, uri, _ = two_runs
     champion = first if first.alias == "champion" and second.alias != "champion" else second
     mlflow.set_tracking_uri(uri)
-    loaded = mlflow.pytorch.load_model(f"models:/{MODEL}@champion")
+    loaded = mlflow.pytorch.load_model(f"models:/{MODEL}@champion", dst_path=str(tmp_path))
     net, _ = checkpoint.load_model(champion.checkpoint)
     reference = ImageClassifier(net, PUBLISHED.mean, PUBLISHED.std).eval()
     rows = pq.read_table(tiny_shards / "val").to_pydict()

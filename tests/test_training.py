@@ -106,7 +106,7 @@ def test_the_checkpoint_describes_itself(trained):
 
 
 @pytest.mark.parametrize("batch", [1, 3, 7])
-def test_the_registered_model_loads_by_version_and_matches_the_checkpoint(trained, measured_shards, batch):
+def test_the_registered_model_loads_by_version_and_matches_the_checkpoint(trained, measured_shards, batch, tmp_path):
     summary, _, uri = trained
     model_uri = f"models:/{summary.model_name}/{summary.model_version}"
     rows = pq.read_table(measured_shards / "val").slice(0, batch).to_pydict()
@@ -116,15 +116,18 @@ def test_the_registered_model_loads_by_version_and_matches_the_checkpoint(traine
     net, _ = checkpoint.load_model(summary.checkpoint)
     expected = ImageClassifier(net, stats["mean"], stats["std"]).eval()(torch.from_numpy(images))
 
-    loaded = mlflow.pytorch.load_model(model_uri)
+    (tmp_path / "pytorch").mkdir()  # downloads here, not into a temporary directory MLflow never deletes
+    (tmp_path / "pyfunc").mkdir()
+    loaded = mlflow.pytorch.load_model(model_uri, dst_path=str(tmp_path / "pytorch"))
     torch.testing.assert_close(loaded(torch.from_numpy(images)), expected, rtol=1e-4, atol=1e-4)
-    pyfunc = mlflow.pyfunc.load_model(model_uri)
+    pyfunc = mlflow.pyfunc.load_model(model_uri, dst_path=str(tmp_path / "pyfunc"))
     np.testing.assert_allclose(pyfunc.predict(images), expected.detach().numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_the_registered_model_carries_its_class_index(trained):
+def test_the_registered_model_carries_its_class_index(trained, tmp_path):
     summary, _, _ = trained
-    local = mlflow.artifacts.download_artifacts(f"models:/{summary.model_name}/{summary.model_version}")
+    model_uri = f"models:/{summary.model_name}/{summary.model_version}"
+    local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path))
     classes = json.loads(next(Path(local).rglob("classes.json")).read_text())
     assert [c["index"] for c in classes] == [0, 1, 2, 3]
 
