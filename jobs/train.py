@@ -3,8 +3,7 @@ r"""Train AlexNet with Ray Data streaming augmentation and Ray Train DDP, tracke
     python jobs/train.py                                  # the bundled sample, built on first use
     python jobs/train.py --data /data/imagenet-shards --profile imagenet --workers 8 --gpu
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \
-        --runtime-env-json '{"excludes": ["/.venv", "/data", "/runs", "/mlflow.db", "/mlruns", "/mlflow-server", "/.git"]}' \
-        -- python jobs/train.py --data /shared/imagenet-shards --workers 4
+        -- python jobs/train.py --data s3://bucket/imagenet-shards --storage-path s3://bucket/runs --workers 4 --gpu
 
 Without RAY_ADDRESS or a running `ray start` cluster it starts a local Ray. MLflow goes to
 MLFLOW_TRACKING_URI (a team server: `make mlflow`), else ./mlflow.db; --no-tracking turns it off.
@@ -34,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.from_args(args)
     except config.ConfigError as exc:
         parser.error(str(exc))
-    print("config:\n" + cfg.to_json(), flush=True)
+    # Line by line even into a file or pipe (`ray job logs`, nohup): progress shows as it happens.
+    sys.stdout.reconfigure(line_buffering=True)
+    print("config:\n" + cfg.to_json())
     try:
         summary = train(cfg)
     except InputError as exc:  # bad input: a message, not a traceback

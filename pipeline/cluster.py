@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from typing import Callable
 
 import ray
 
 
 def connect(
-    log: Callable[[str], None] = print, env: dict[str, str] | None = None, local_cpus: Callable[[], int] | None = None
+    log: Callable[[str], None] = print,
+    env: dict[str, str] | None = None,
+    local_cpus: Callable[[], int] | None = None,
+    local_resources: dict[str, float] | None = None,
 ) -> None:
     """Join the cluster in RAY_ADDRESS or one started with `ray start`; else start a local one.
 
     `env` reaches every worker, on every node, through the job's runtime env. `local_cpus` sizes a
-    local Ray (and may refuse to start one); Ray's default is this machine's cores.
+    local Ray (and may refuse to start one); Ray's default is this machine's cores. A local Ray
+    also gets `local_resources` (custom resources such as a mock GPU).
     """
     if ray.is_initialized():
         return
@@ -25,5 +31,42 @@ def connect(
     except ConnectionError:
         if os.environ.get("RAY_ADDRESS"):
             raise
-        ray.init(num_cpus=local_cpus() if local_cpus else None, runtime_env=runtime_env)
+        ray.init(
+            num_cpus=local_cpus() if local_cpus else None, resources=local_resources or None, runtime_env=runtime_env
+        )
         log(f"started a local Ray with {ray.cluster_resources().get('CPU', 0):.0f} logical CPUs")
+    stop_on_sigterm()
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (`ray job stop`, Kubernetes, a scheduler) stop the job as Ctrl-C does.
+
+    ray.init() installs a SIGTERM handler that exits at once: a training run's controller then
+    dies without withdrawing its request for nodes, and the autoscaler keeps its GPU nodes for
+    minutes. Instead the SIGINT handler in place runs first (Ray Train's aborts the run
+    gracefully), then KeyboardInterrupt unwinds the job: the MLflow run is marked KILLED and the
+    job says how to --resume it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame) -> None:
+        on_interrupt = signal.getsignal(signal.SIGINT)
+        if callable(on_interrupt) and on_interrupt is not signal.default_int_handler:
+            on_interrupt(signal.SIGINT, frame)
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def reenter_working_dir(path: str) -> None:
+    """Carry on in `path` when the directory this process runs in was replaced under it.
+
+    On cluster/local.yaml's fake multi-node cluster all "nodes" share one session directory, and
+    each unpacks the job's working dir again into the same path, deleting the directory the
+    driver runs in (MLflow's model logging then fails in os.getcwd()). Real nodes have their own disks.
+    """
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        os.chdir(path)

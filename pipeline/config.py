@@ -53,7 +53,9 @@ class TrainConfig:
     gpu: bool = False  # one GPU per worker
     compile: bool = False  # torch.compile the model (worth it on GPUs; slow to start on CPUs)
     cpus_per_worker: float = 1.0  # CPUs each train worker reserves; the rest of the cluster decodes
+    worker_resources: str = ""  # more Ray resources per train worker, "name=amount,..." (mock_gpu=1 without GPUs)
     data_cpus: int = 2  # CPUs a locally started Ray keeps for Ray Data beside the train workers
+    data_cpu_limit: float = 0.0  # most CPUs Ray Data's tasks may hold at once; 0: all the train workers leave
     seed: int = 0  # model init, file order, colour augmentation
     tracking: bool = True  # log to MLflow and register the model; --no-tracking: checkpoints only
     experiment: str = "alexnet"  # MLflow experiment
@@ -86,6 +88,7 @@ class TrainConfig:
             (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
             (self.lighting_std >= 0, f"lighting_std must be >= 0, got {self.lighting_std}"),
             (self.cpus_per_worker >= 0 and self.data_cpus >= 1, "cpus_per_worker must be >= 0, data_cpus >= 1"),
+            (self.data_cpu_limit >= 0, "data_cpu_limit must be >= 0 (0: no limit)"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
             (self.clip_grad_norm >= 0, f"clip_grad_norm must be >= 0, got {self.clip_grad_norm}"),
             (self.max_failures >= -1, "max_failures must be >= -1 (-1: retry forever)"),
@@ -93,6 +96,12 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        parse_resources(self.worker_resources)
+
+    @property
+    def resources_per_worker(self) -> dict[str, float]:
+        """What each train worker asks Ray for, besides the GPU of --gpu."""
+        return {"CPU": self.cpus_per_worker, **parse_resources(self.worker_resources)}
 
     @property
     def global_batch(self) -> int:
@@ -142,6 +151,26 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
 }
 PROFILE_NAMES = tuple(PROFILES)
+
+
+def parse_resources(text: str) -> dict[str, float]:
+    """ "mock_gpu=1,memory_heavy=0.5" -> {"mock_gpu": 1.0, "memory_heavy": 0.5}; "" -> {}."""
+    resources: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, amount = item.partition("=")
+        name = name.strip()
+        try:
+            value = float(amount) if amount.strip() else 1.0
+        except ValueError:
+            value = -1.0
+        if not re.fullmatch(r"[A-Za-z_][\w.-]*", name) or value <= 0:
+            raise ConfigError(f"worker_resources: {item!r} is not NAME=AMOUNT with a positive amount (e.g. mock_gpu=1)")
+        if name in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ConfigError(
+                f"worker_resources: {name} has its own flag (--cpus-per-worker, --gpu); list custom resources only"
+            )
+        resources[name] = value
+    return resources
 
 
 def resolve(profile: str = "imagenet", **overrides: Any) -> TrainConfig:

@@ -14,11 +14,13 @@ Float conversion, colour augmentation and normalisation happen on the train work
 from __future__ import annotations
 
 import ray
-from ray.data import DataContext, DataIterator, Dataset, FileShuffleConfig
+from ray.data import DataContext, DataIterator, Dataset, ExecutionResources, FileShuffleConfig
 from ray.train import DataConfig
 
 from pipeline.data.transforms import eval_batch, train_batch
 from pipeline.storage import Location, locate
+
+PREFETCH_BATCHES = 2  # batches the train worker's iterator keeps ready ahead of the step
 
 
 def train_dataset(shard_dir: str | Location, crop: int, seed: int) -> Dataset:
@@ -32,6 +34,13 @@ def train_dataset(shard_dir: str | Location, crop: int, seed: int) -> Dataset:
 def eval_dataset(shard_dir: str | Location, crop: int) -> Dataset:
     return read_shards(shard_dir).map_batches(
         eval_batch, fn_kwargs={"crop": crop}, batch_size=None, batch_format="numpy"
+    )
+
+
+def torch_batches(shard: DataIterator, batch_size: int, pin_memory: bool = False, drop_last: bool = False):
+    """How a train worker takes its batches: uint8 NHWC images and int64 labels as torch tensors."""
+    return shard.iter_torch_batches(
+        batch_size=batch_size, drop_last=drop_last, prefetch_batches=PREFETCH_BATCHES, pin_memory=pin_memory
     )
 
 
@@ -78,14 +87,27 @@ class IngestConfig(DataConfig):
     (no gradient sync), and dropping validation images would make the error rates inexact.
     """
 
-    def __init__(self, exact: tuple[str, ...] = ("val",), **kwargs) -> None:
+    def __init__(self, exact: tuple[str, ...] = ("val",), cpu_limit: float = 0.0, **kwargs) -> None:
         super().__init__(**kwargs)
         self._exact = exact
+        self._cpu_limit = cpu_limit
 
     def _resolve_execution_options(self, dataset_name: str):
-        """Blocks reach the workers in file order: with seeded crops, runs repeat exactly."""
+        """Blocks reach the workers in file order: with seeded crops, runs repeat exactly.
+
+        Ray Data's budget is what the cluster has beyond the train workers' reservation (Ray Train
+        excludes it); `cpu_limit` caps it further, e.g. to leave CPUs to other jobs.
+        """
         options = super()._resolve_execution_options(dataset_name)
         options.preserve_order = True
+        if self._cpu_limit:
+            limits = options.resource_limits
+            options.resource_limits = ExecutionResources(
+                cpu=self._cpu_limit,
+                gpu=limits.gpu,
+                object_store_memory=limits.object_store_memory,
+                memory=limits.memory,
+            )
         return options
 
     def configure(

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from ray.train.v2._internal.execution import context as ray_train_context
 
-from pipeline import checkpoint, schedules
+from pipeline import checkpoint, ingest, schedules
 from pipeline.config import TrainConfig
 from pipeline.data.device import DeviceAugment
 from pipeline.metrics import format_duration, topk_correct
@@ -179,9 +179,7 @@ def run_train_epoch(
     if partial:
         sums[: len(partial)] += torch.tensor(partial, dtype=torch.float64, device=device)
     started, wait = time.perf_counter(), 0.0
-    batches = shard.iter_torch_batches(
-        batch_size=cfg.batch_size, drop_last=True, prefetch_batches=2, pin_memory=device.type == "cuda"
-    )
+    batches = ingest.torch_batches(shard, cfg.batch_size, pin_memory=device.type == "cuda", drop_last=True)
     step = resume_at
     for batch, waited in _timed(batches):
         if step >= steps_per_epoch:  # a resumed epoch ends where an uninterrupted one would
@@ -227,9 +225,7 @@ def run_train_epoch(
 def evaluate(model, augment, shard, cfg: TrainConfig, device) -> dict[str, float]:
     model.eval()
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss·n, top-1, top-5, n
-    for batch in shard.iter_torch_batches(
-        batch_size=cfg.batch_size, prefetch_batches=2, pin_memory=device.type == "cuda"
-    ):
+    for batch in ingest.torch_batches(shard, cfg.batch_size, pin_memory=device.type == "cuda"):
         images = augment(batch["image"].to(device, non_blocking=True), train=False)
         labels = batch["label"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

@@ -95,7 +95,9 @@ def connect_ray(cfg: TrainConfig, log: Callable[[str], None] = print, env: dict[
         check_local_gpus(cfg)
         return max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker) + cfg.data_cpus)
 
-    cluster.connect(log, env, local_cpus)
+    # A local Ray also gets the custom resources the train workers ask for (e.g. mock_gpu).
+    local_resources = {name: amount * cfg.workers for name, amount in cfg.resources_per_worker.items() if name != "CPU"}
+    cluster.connect(log, env, local_cpus, local_resources)
 
 
 def check_local_gpus(cfg: TrainConfig) -> None:
@@ -146,6 +148,7 @@ def read_run_record(cfg: TrainConfig) -> dict[str, Any]:
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
     started = time.time()
+    cwd = os.getcwd()
     record = None
     if cfg.resume:  # the stopped run's own config, data and MLflow run
         record = read_run_record(cfg)
@@ -185,6 +188,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
     summary = TrainSummary(run_id, name, cfg.experiment, shown_uri, cfg.model_name, None, {}, "", 0.0)
     try:
         result = _fit(cfg, data, colour, run_id, name, tracking_uri)
+        cluster.reenter_working_dir(cwd)
         outcome = result.return_value or {}
         summary.restarts = outcome.get("restarts")
         summary.delayed_epochs = outcome.get("delayed_epochs", 0)
@@ -203,7 +207,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
             registry.promote(cfg.model_name, summary.model_version, decision.alias, decision.reason)
             summary.alias, summary.promotion = decision.alias, decision.reason
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; SIGTERM (`ray job stop`), which Ray's handler turns into an exit
         status = "KILLED"
         log(f"\nstopped; continue it with: python jobs/train.py --resume {name} --storage-path {cfg.storage_path}")
         raise
@@ -271,7 +275,7 @@ def _fit(
             "tracking_uri": tracking_uri,
         },
         scaling_config=ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+            num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker=cfg.resources_per_worker
         ),
         run_config=RunConfig(
             name=name,
@@ -286,7 +290,7 @@ def _fit(
             "train": ingest.train_dataset(data.split_dir("train"), cfg.crop, cfg.seed),
             "val": ingest.eval_dataset(data.split_dir("val"), cfg.crop),
         },
-        dataset_config=ingest.IngestConfig(),
+        dataset_config=ingest.IngestConfig(cpu_limit=cfg.data_cpu_limit),
     )
     return trainer.fit()
 

@@ -85,3 +85,19 @@ def test_the_train_job_rejects_unknown_flags_and_bad_values_without_starting_ray
 
 def test_every_flag_says_what_it_is_for():
     assert set(config._field_comments()) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_train_workers_ask_for_custom_resources_such_as_a_mock_gpu():
+    cfg = config.resolve("sample", worker_resources="mock_gpu=1, fast_disk=0.5", cpus_per_worker=1.0)
+    assert cfg.resources_per_worker == {"CPU": 1.0, "mock_gpu": 1.0, "fast_disk": 0.5}
+    assert config.resolve("sample").resources_per_worker == {"CPU": 2.0}
+    for bad, message in [
+        ("mock_gpu=0", "positive amount"),
+        ("mock_gpu=lots", "positive amount"),
+        ("=1", "NAME=AMOUNT"),
+        ("GPU=1", "GPU has its own flag"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            config.resolve("sample", worker_resources=bad)
+    with pytest.raises(ConfigError, match="data_cpu_limit must be >= 0"):
+        config.resolve("sample", data_cpu_limit=-1)

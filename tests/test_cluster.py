@@ -1,0 +1,357 @@
+"""The cluster files, the job package, and a real autoscaling cluster on this machine.
+
+cluster/local.yaml's fake multi-node cluster runs here as the clouds' clusters would: a head with
+no CPUs for tasks, CPU and mock-GPU worker types that start at zero. A training job submitted with
+`ray job submit` can only run once the autoscaler has launched worker nodes; it is stopped with
+`ray job stop` after its first checkpoint, continued with `--resume`, and the nodes go away again
+after the idle timeout.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from pipeline.data.stats import compute_stats
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+GCS_PORT = 6379  # the fake multi-node provider joins new nodes to this port (DESIGN: fake multinode)
+
+
+def _pinned(package: str) -> str:
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        match = re.match(rf"^{re.escape(package)}(\[[^\]]*\])?==([\w.]+)", line.strip())
+        if match:
+            return match.group(2)
+    raise AssertionError(f"{package} is not pinned in requirements.txt")
+
+
+# --- cluster launcher YAMLs ----------------------------------------------------------------------
+
+
+def test_aws_yaml_validates_against_rays_autoscaler_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(raw)))  # what `ray up` does before it launches anything
+
+    types = raw["available_node_types"]
+    head = types[raw["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}, "the head runs no training or data tasks"
+    assert any("--num-cpus=0" in command for command in raw["head_start_ray_commands"])
+    workers = {name: spec for name, spec in types.items() if name != raw["head_node_type"]}
+    gpu = [spec for spec in workers.values() if spec["resources"].get("GPU")]
+    cpu = [spec for spec in workers.values() if not spec["resources"].get("GPU")]
+    assert gpu and cpu and all(spec["min_workers"] == 0 and spec["max_workers"] > 0 for spec in workers.values())
+    assert 0 < raw["idle_timeout_minutes"] <= 30
+
+    # requirements.txt reaches every node and pins the Ray that the launcher and the nodes run
+    assert raw["file_mounts"]["~/alexnet/requirements.txt"] == "requirements.txt"
+    assert any("pip install" in c and "~/alexnet/requirements.txt" in c for c in raw["setup_commands"])
+    commands = " ".join(raw["setup_commands"] + raw["head_setup_commands"] + raw["worker_setup_commands"])
+    assert not re.search(r"pip install[^;&]*\bray\b", commands), "Ray comes from requirements.txt only"
+    assert _pinned("ray") == __import__("ray").__version__, "the launcher's Ray is the cluster's"
+
+    # S3 through an instance profile on every node; no keys, no dashboard open to the world
+    text = (CLUSTER / "aws.yaml").read_text()
+    assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret_access_key|AWS_SECRET_ACCESS_KEY\s*[:=]", text)
+    assert all("IamInstanceProfile" in spec["node_config"] for spec in types.values())
+    assert "dashboard-host=0.0.0.0" not in text and "8265" not in json.dumps(raw["provider"])
+    # token authentication on every node
+    starts = raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+
+
+def test_local_yaml_is_what_the_autoscaler_accepts_with_the_same_node_layout():
+    from ray.autoscaler._private.util import validate_config
+
+    raw = yaml.safe_load((CLUSTER / "local.yaml").read_text())
+    validate_config(raw)  # the autoscaler validates the file as is (fake_multinode has no defaults to merge)
+    assert raw["provider"]["type"] == "fake_multinode"
+    assert raw["head_node_type"] == "ray.head.default"  # the name the fake provider gives its head
+    types = raw["available_node_types"]
+    assert types["ray.head.default"]["resources"] == {"CPU": 0}
+    assert types["cpu"]["min_workers"] == types["gpu"]["min_workers"] == 0
+    assert types["gpu"]["resources"]["mock_gpu"] == 1 and "mock_gpu" not in types["cpu"]["resources"]
+
+
+# --- KubeRay ---------------------------------------------------------------------------------------
+
+
+def _manifests() -> dict[str, dict]:
+    found = {}
+    for path in sorted((CLUSTER / "kuberay").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                found[doc["kind"]] = doc
+    return found
+
+
+def test_kuberay_manifests_are_a_raycluster_with_autoscaling_and_a_rayjob_on_it():
+    docs = _manifests()
+    cluster, job = docs["RayCluster"], docs["RayJob"]
+    for doc in (cluster, job):
+        assert doc["apiVersion"] == "ray.io/v1" and doc["metadata"]["name"]
+
+    spec = cluster["spec"]
+    assert spec["rayVersion"] == _pinned("ray")
+    assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert head["template"]["spec"]["containers"][0]["image"]
+    groups = {group["groupName"]: group for group in spec["workerGroupSpecs"]}
+    assert set(groups) == {"cpu", "gpu"}
+    for group in groups.values():
+        assert group["minReplicas"] == 0 and group["maxReplicas"] > 0 and group["template"]["spec"]["containers"]
+    gpu_limits = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert gpu_limits["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu" not in groups["cpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    images = {c["image"] for g in [head, *groups.values()] for c in g["template"]["spec"]["containers"]}
+    assert len(images) == 1, "every pod runs the same image"
+    # token authentication, and no secrets in the manifests
+    assert spec["authOptions"]["mode"] == "token"
+    assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret_access_key", json.dumps(docs))
+
+    job_spec = job["spec"]
+    assert "jobs/train.py" in job_spec["entrypoint"]
+    assert job_spec["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
+    assert job_spec["submissionMode"] in ("K8sJobMode", "HTTPMode", "SidecarMode", "InteractiveMode")
+
+    dockerfile = (CLUSTER / "kuberay" / "Dockerfile").read_text()
+    assert re.search(rf"^FROM rayproject/ray:{re.escape(_pinned('ray'))}-py311", dockerfile, re.M)
+    assert "requirements.txt" in dockerfile
+
+
+# --- the package `ray job submit --working-dir .` uploads --------------------------------------
+
+
+def _package(directory: Path, out: Path) -> zipfile.ZipFile:
+    """Ray's own packaging of a working dir, with the options `ray job submit --working-dir` uses."""
+    from ray._private import ray_constants
+    from ray._private.runtime_env.packaging import create_package
+
+    excludes = ray_constants.get_runtime_env_default_excludes()  # .git and .venv, in Ray 2.60
+    create_package(str(directory), out, include_gitignore=True, excludes=excludes)
+    return zipfile.ZipFile(out)
+
+
+def test_the_job_package_leaves_out_data_venvs_stores_checkpoints_and_git(tmp_path):
+    from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
+
+    # This checkout, as it is (in CI: a fresh clone with its multi-GB .venv).
+    real = tmp_path / "real.zip"
+    names = _package(ROOT, real).namelist()
+    assert real.stat().st_size < 5 * 2**20 < GCS_STORAGE_MAX_SIZE, f"{real.stat().st_size / 2**20:.1f} MiB"
+    assert {"jobs/train.py", "pipeline/data/transforms.py", "requirements.txt"} <= set(names)
+
+    # A copy with everything a working tree accumulates, at the places the project puts it.
+    copy_dir = tmp_path / "checkout"
+    top_level = {".venv", ".git", "data", "runs", "mlruns", "mlflow.db", "mlflow-server", "preds"}
+    shutil.copytree(ROOT, copy_dir, ignore=lambda d, names: top_level & set(names) if Path(d) == ROOT else set())
+    junk = [
+        ".git/objects/pack/pack-1.pack", ".venv/lib/python3.11/site-packages/torch/lib/libtorch.so",
+        "venv/bin/python", "data/sample/shards/train/train-00000.parquet", "runs/alexnet-x/checkpoint_0/model.pt",
+        "mlruns/1/abc/artifacts/model/data.pt", "mlflow.db", "mlflow-server/artifacts/1/model.pt2",
+        "preds/run1/part-0.parquet", ".env", "pipeline/__pycache__/config.cpython-311.pyc",
+    ]  # fmt: skip
+    for name in junk:
+        (copy_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (copy_dir / name).write_bytes(os.urandom(256 * 1024))
+    names = set(_package(copy_dir, tmp_path / "copy.zip").namelist())
+    assert not names & set(junk)
+    assert not [n for n in names if n.startswith((".git/", ".venv/", "data/", "runs/", "mlruns/"))]
+    assert {"pipeline/data/imagenet.py", "cluster/local.yaml", "jobs/train.py"} <= names
+
+
+# --- a real autoscaling cluster on this machine -------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class FakeCluster:
+    """`RAY_FAKE_CLUSTER=1 ray start --head --block` with cluster/local.yaml, in a session of its own.
+
+    Its own temp dir (so it never becomes the machine's "current" cluster that `address="auto"`
+    finds) and dashboard port; the worker "nodes" the autoscaler launches are processes in the
+    same process group, all stopped through it.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="rfk", dir="/tmp"))  # short: Ray's socket paths
+        self.dashboard = f"http://127.0.0.1:{_free_port()}"
+        venv_bin = str(Path(sys.executable).parent)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_JOB"))}
+        # The job CLI sends the token only with RAY_AUTH_MODE=token; `python` in entrypoints is this venv's.
+        self.env.update(RAY_AUTH_MODE="token", PATH=f"{venv_bin}:{os.environ.get('PATH', '')}")
+        self.log_path = workdir / "head.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> FakeCluster:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", GCS_PORT)) == 0:
+                pytest.fail(f"port {GCS_PORT} is taken: the fake multi-node cluster needs it for its GCS")
+        command = [
+            str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "0",
+            "--port", str(GCS_PORT), "--dashboard-port", self.dashboard.rsplit(":", 1)[1],
+            # the session's own Ray holds the default agent port (52365): the job agent needs another
+            "--dashboard-agent-listen-port", str(_free_port()),
+            "--temp-dir", str(self.temp_dir), "--autoscaling-config", str(CLUSTER / "local.yaml"),
+        ]  # fmt: skip
+        # A stopped job gets 30 s to abort its run and withdraw its node request (cluster/README.md).
+        env = {
+            **self.env,
+            "RAY_FAKE_CLUSTER": "1",
+            "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+            "RAY_JOB_STOP_WAIT_TIME_S": "30",
+        }
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=log, start_new_session=True)
+        _wait_for(lambda: self._get("/api/version") is not None, "the head's job server", 90, self)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.process is not None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)  # worker "nodes" the head did not take down
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def _get(self, path: str):
+        token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+        request = urllib.request.Request(self.dashboard + path, headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return json.loads(response.read())
+        except OSError:
+            return None
+
+    def worker_nodes(self) -> dict[str, int]:
+        """Alive worker nodes by type, told apart by their resources (Ray's state API, as `ray list nodes`)."""
+        reply = self._get("/api/v0/nodes?limit=100&detail=1") or {}
+        counts: dict[str, int] = {}
+        for node in reply.get("data", {}).get("result", {}).get("result", []):
+            if node["state"] == "ALIVE" and not node["is_head_node"]:
+                kind = "gpu" if node["resources_total"].get("mock_gpu") else "cpu"
+                counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
+    def job_status(self, job_id: str) -> str:
+        return (self._get(f"/api/jobs/{job_id}") or {}).get("status", "UNKNOWN")
+
+    def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """The `ray` CLI against this cluster's job server, as a user types it.
+
+        Right after start the head's job agent may not be registered yet ("No available agent to
+        submit job, please try again later"): that one answer is retried, as the message says.
+        """
+        command = [str(Path(sys.executable).parent / "ray"), *args]
+        deadline = time.monotonic() + 60
+        while True:
+            done = subprocess.run(
+                command, env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+            )
+            if "No available agent" not in done.stderr or time.monotonic() > deadline:
+                return done
+            time.sleep(2)
+
+
+def _wait_for(predicate, what: str, timeout: float, cluster: FakeCluster | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if cluster is not None and not cluster.alive():
+            pytest.fail(f"the fake cluster's head exited:\n{cluster.log_path.read_text()[-3000:]}")
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def fake_cluster(tmp_path_factory):
+    cluster = FakeCluster(tmp_path_factory.mktemp("fake-cluster"))
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+def test_a_submitted_job_scales_the_cluster_up_stops_resumes_and_the_nodes_go_away(
+    fake_cluster, tiny_shards, mlflow_server, tmp_path
+):
+    cluster = fake_cluster
+    assert cluster.worker_nodes() == {}, "every worker type starts at zero"
+    # The paper's normalisation (the dataset's mean image), which --resume must find again.
+    data = shutil.copytree(tiny_shards, tmp_path / "shards")
+    compute_stats(str(data))
+    storage = tmp_path / "runs"
+    runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server.url}})
+    train = [
+        "python", "jobs/train.py", "--data", str(data), "--epochs", "2", "--batch-size", "16",
+        "--cpus-per-worker", "1", "--worker-resources", "mock_gpu=1", "--data-cpu-limit", "2",
+        "--normalize", "mean-image",
+        "--storage-path", str(storage), "--experiment", "cluster", "--model-name", "alexnet-cluster",
+    ]  # fmt: skip
+    submit = ["job", "submit", "--address", cluster.dashboard, "--working-dir", ".", "--runtime-env-json", runtime_env]
+
+    # 1. Submitted: the head has no CPUs, so nothing runs until the autoscaler launches nodes.
+    first = cluster.ray(*submit, "--submission-id", "train-1", "--no-wait", "--", *train, "--name", "on-cluster")
+    assert first.returncode == 0, first.stderr
+    _wait_for(lambda: cluster.worker_nodes().get("gpu", 0) >= 1, "a mock-GPU node for the train worker", 120, cluster)
+    _wait_for(lambda: (storage / "on-cluster").is_dir() and any((storage / "on-cluster").glob("checkpoint_*/meta.json")),
+              "the first checkpoint", 240, cluster)  # fmt: skip
+    assert cluster.job_status("train-1") == "RUNNING"
+
+    # 2. `ray job stop`: the job ends, its checkpoint stays, the log says how to continue.
+    stopped = cluster.ray("job", "stop", "--address", cluster.dashboard, "train-1")
+    assert stopped.returncode == 0, stopped.stderr
+    _wait_for(lambda: cluster.job_status("train-1") == "STOPPED", "the job to stop", 60, cluster)
+    logs = cluster.ray("job", "logs", "--address", cluster.dashboard, "train-1").stdout
+    (tmp_path / "train-1.log").write_text(logs)
+    assert "epoch   1/2" in logs and "--resume on-cluster" in logs, logs[-3000:]
+    client = MlflowClient(mlflow_server.url)
+    (run,) = client.search_runs([client.get_experiment_by_name("cluster").experiment_id])
+    assert run.info.status == "KILLED" and "MLFLOW_TRACKING_URI" not in json.dumps(run.data.params)
+
+    # 3. --resume, submitted the same way, finishes the run: the same MLflow run, each epoch once.
+    resumed = cluster.ray(*submit, "--submission-id", "train-2", "--",
+                          "python", "jobs/train.py", "--resume", "on-cluster", "--storage-path", str(storage),
+                          timeout=420)  # fmt: skip
+    assert resumed.returncode == 0 and cluster.job_status("train-2") == "SUCCEEDED", resumed.stdout[-3000:]
+    assert "resuming run on-cluster" in resumed.stdout and "epoch   2/2" in resumed.stdout
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["restarts"] == "1"
+    for key in ("train_loss", "val_top1_error", "images_per_s"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    assert client.get_model_version_by_alias("alexnet-cluster", "champion").run_id == run.info.run_id
+
+    # 4. Idle: the autoscaler removes every worker node after the idle timeout (0.25 min).
+    _wait_for(lambda: cluster.worker_nodes() == {}, "the idle worker nodes to be removed", 120, cluster)
