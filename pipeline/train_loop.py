@@ -185,16 +185,8 @@ def run_train_epoch(
         if step >= steps_per_epoch:  # a resumed epoch ends where an uninterrupted one would
             break
         wait += waited
-        images = augment(batch["image"].to(device, non_blocking=True), train=True)
         labels = batch["label"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip_grad_norm:  # DDP has averaged the gradients: every rank clips alike
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-        optimizer.step()
+        loss, logits = train_step(model, optimizer, augment, batch["image"], labels, cfg.clip_grad_norm)
         top1, top5 = topk_correct(logits.detach(), labels)
         sums[0] += loss.detach() * len(labels)  # device-side sums: no host sync per step
         sums[1] += top1
@@ -219,6 +211,22 @@ def run_train_epoch(
         "images_per_s": n / (elapsed_total / world),  # global throughput over the mean worker wall time
         "data_wait_fraction": wait_total / elapsed_total,
     }
+
+
+def train_step(model, optimizer, augment, images: torch.Tensor, labels: torch.Tensor, clip_grad_norm: float = 0.0):
+    """One SGD step on a uint8 NHWC batch: to the device, augment and normalise there, forward
+    (bf16 autocast on CUDA), backward, optional clipping, update. Returns (loss, logits)."""
+    device = labels.device
+    images = augment(images.to(device, non_blocking=True), train=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad_norm:  # DDP has averaged the gradients: every rank clips alike
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+    optimizer.step()
+    return loss, logits
 
 
 @torch.no_grad()

@@ -13,10 +13,17 @@ Batches are Ray Data numpy batches: ``{"image": object array of JPEG bytes, "lab
 from __future__ import annotations
 
 import io
+import warnings
 import zlib
 
 import numpy as np
+import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+
+# torch.frombuffer on immutable bytes warns that the tensor is not writable; the decoder only reads it.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+_JPEG_MAGIC = b"\xff\xd8"
 
 JPEG_QUALITY = 90  # for re-encoded shards: visually lossless at ~1/3 the bytes of quality 100
 MIN_INPUT_SIZE = 63  # the smallest square AlexNet's conv/pool stack accepts (pipeline.model)
@@ -53,9 +60,22 @@ def encode_jpeg(image: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
 
 
 def decode(data: bytes) -> np.ndarray:
-    """JPEG (or any PIL-readable) bytes → HWC uint8 RGB."""
+    """Stored image bytes → HWC uint8 RGB.
+
+    JPEGs (every shard image) go through torchvision's libjpeg-turbo decoder straight into a
+    CHW tensor, returned as an HWC view of it: the same pixels as PIL (bit for bit), without
+    PIL's extra copies, 1.7× faster per core in the training pipeline (benchmarks/NOTES.md).
+    Anything else, or a JPEG torchvision refuses, goes through PIL.
+    """
+    if data[:2] == _JPEG_MAGIC:
+        try:
+            return (
+                decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+            )
+        except RuntimeError:
+            pass
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
 
 
 def center_crop(image: np.ndarray, crop: int) -> np.ndarray:
@@ -97,12 +117,18 @@ def train_batch(batch: dict[str, np.ndarray], crop: int, seed: int | None = None
     """
     rng = np.random.default_rng(None if seed is None else [seed, _task_index(), zlib.crc32(batch["label"].tobytes())])
     order = rng.permutation(len(batch["label"]))
-    images = np.stack([random_crop_flip(decode(batch["image"][i]), crop, rng) for i in order])
+    # Each crop goes straight into the batch while its decoded image is still in cache: stacking
+    # a list of crops afterwards keeps every decoded image alive and was ~27% slower per core.
+    images = np.empty((len(order), crop, crop, 3), dtype=np.uint8)
+    for row, i in enumerate(order):
+        images[row] = random_crop_flip(decode(batch["image"][i]), crop, rng)
     return {"image": images, "label": batch["label"][order].astype(np.int64)}
 
 
 def eval_batch(batch: dict[str, np.ndarray], crop: int) -> dict[str, np.ndarray]:
-    images = np.stack([center_crop(decode(data), crop) for data in batch["image"]])
+    images = np.empty((len(batch["image"]), crop, crop, 3), dtype=np.uint8)
+    for row, data in enumerate(batch["image"]):
+        images[row] = center_crop(decode(data), crop)
     return {"image": images, "label": batch["label"].astype(np.int64)}
 
 
