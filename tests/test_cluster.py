@@ -353,5 +353,5 @@ def test_a_submitted_job_scales_the_cluster_up_stops_resumes_and_the_nodes_go_aw
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
     assert client.get_model_version_by_alias("alexnet-cluster", "champion").run_id == run.info.run_id
 
-    # 4. Idle: the autoscaler removes every worker node after the idle timeout (0.25 min).
+    # 4. Idle: the autoscaler removes every worker node after the idle timeout (0.1 min).
     _wait_for(lambda: cluster.worker_nodes() == {}, "the idle worker nodes to be removed", 120, cluster)

@@ -17,7 +17,7 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from pipeline import checkpoint, config, tracking, training
+from pipeline import checkpoint, tracking
 from pipeline.data.stats import PUBLISHED
 from pipeline.data.transforms import eval_batch
 from pipeline.mlflow_server import MlflowServer, free_port
@@ -254,20 +254,6 @@ def test_the_server_proxies_artifacts_to_s3_for_clients_without_credentials(s3_s
 
     stored = [i.path for i in s3_server.get_file_info(FileSelector("team-mlflow/artifacts", recursive=True))]
     assert any(p.endswith("notes/hello.txt") for p in stored), stored
-
-
-def test_no_tracking_trains_without_mlflow(ray_cluster, tiny_shards, tmp_path):
-    cfg = config.resolve(
-        "sample", data=str(tiny_shards), epochs=1, batch_size=8, storage_path=str(tmp_path / "runs"), name="offline",
-        tracking=False,
-    )  # fmt: skip
-    mlflow.set_tracking_uri(f"http://127.0.0.1:{free_port()}")  # nothing there: it must not be asked
-    try:
-        summary = training.train(cfg, log=lambda m: None)
-    finally:
-        mlflow.set_tracking_uri(None)
-    assert summary.run_id is None and summary.model_version is None
-    assert checkpoint.read_meta(summary.checkpoint)["run_id"] is None
 
 
 def _wait_for(predicate, timeout: float, what: str):

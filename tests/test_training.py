@@ -24,6 +24,7 @@ from pipeline.config import ConfigError
 from pipeline.data.shards import DataError
 from pipeline.data.stats import compute_stats
 from pipeline.data.transforms import eval_batch
+from pipeline.mlflow_server import free_port
 from pipeline.model import ImageClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,12 +258,23 @@ def test_evaluating_an_unknown_model_fails_before_any_cluster_work(trained, meas
 
 
 def test_a_second_run_with_the_same_seed_and_workers_repeats_every_epochs_metrics(trained, tmp_path):
+    # The second run trains with --no-tracking, against a tracking URI where nothing listens: it
+    # must never ask MLflow. Its per-epoch metrics come from its checkpoints (all of them kept).
     summary, cfg, uri = trained
-    again = training.train(dataclasses.replace(cfg, storage_path=str(tmp_path / "runs")), log=lambda m: None)
+    repeat = dataclasses.replace(cfg, storage_path=str(tmp_path / "runs"), tracking=False, keep_checkpoints=cfg.epochs)
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{free_port()}")
+    try:
+        again = training.train(repeat, log=lambda m: None)
+    finally:
+        mlflow.set_tracking_uri(uri)
+    assert again.run_id is None and again.model_version is None
+    assert checkpoint.read_meta(again.checkpoint)["run_id"] is None
+    metas = [json.loads(p.read_text()) for p in (tmp_path / "runs" / again.run_name).glob("checkpoint_*/meta.json")]
+    by_epoch = {meta["epoch_metrics"]["epoch"]: meta["epoch_metrics"] for meta in metas}
+    assert sorted(by_epoch) == list(range(1, cfg.epochs + 1))
     client = MlflowClient(uri)
     for key in ("train_loss", "train_top1_error", "val_loss", "val_top1_error", "val_top5_error"):
-        first, second = (
-            [(m.step, m.value) for m in sorted(client.get_metric_history(run, key), key=lambda m: m.step)]
-            for run in (summary.run_id, again.run_id)
-        )
-        assert first == second, key
+        first = [
+            (m.step, m.value) for m in sorted(client.get_metric_history(summary.run_id, key), key=lambda m: m.step)
+        ]
+        assert first == [(epoch, by_epoch[epoch][key]) for epoch in sorted(by_epoch)], key

@@ -1,0 +1,97 @@
+"""The paper's ReLU vs tanh experiment as a job: real Ray Train runs, real MLflow parent and child runs."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from pipeline import relu_vs_tanh
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_cifar10(root: Path, per_batch: int, seed: int = 0) -> np.ndarray:
+    """A CIFAR-10 folder in its python format (five data batches, a test batch, the meta file)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    everything = []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        images = rng.integers(0, 256, (per_batch, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, per_batch).tolist()
+        rows = images.transpose(0, 3, 1, 2).reshape(per_batch, 3072)  # channel-major rows, as CIFAR stores them
+        with (root / name).open("wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": rows}, f)
+        if name != "test_batch":
+            everything.append(images)
+    with (root / "batches.meta").open("wb") as f:
+        pickle.dump({b"label_names": [b"airplane"] * 10, b"num_vis": 3072}, f)
+    return np.concatenate(everything)
+
+
+def test_cifar10_pickles_load_as_nhwc_images(tmp_path):
+    written = _write_cifar10(tmp_path / "cifar-10-batches-py", per_batch=7)
+    images, labels = relu_vs_tanh.load_cifar10(tmp_path / "cifar-10-batches-py")
+    assert images.shape == (35, 32, 32, 3) and images.dtype == np.uint8 and labels.shape == (35,)
+    assert np.array_equal(images, written)  # channel-major rows turned into pixels exactly
+    with pytest.raises(relu_vs_tanh.DataError, match="no CIFAR-10 training batches"):
+        relu_vs_tanh.load_cifar10(tmp_path)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "data_batch_1").write_bytes(b"not a pickle")
+    with pytest.raises(relu_vs_tanh.DataError, match="is not a CIFAR-10 python batch"):
+        relu_vs_tanh.load_cifar10(tmp_path / "broken")
+
+
+def test_epochs_to_target_interpolates_between_epochs():
+    assert relu_vs_tanh.epochs_to_target([0.9, 0.5, 0.2], 0.25) == pytest.approx(1 + 0.25 / 0.3)
+    assert relu_vs_tanh.epochs_to_target([0.9, 0.25], 0.25) == pytest.approx(1.0)
+    assert relu_vs_tanh.epochs_to_target([0.9, 0.6, 0.3], 0.25) is None
+
+
+def test_the_job_on_the_sample_relu_reaches_the_target_sooner(ray_cluster, mlflow_server, tmp_path):
+    # The bundled sample exactly as `make train` builds it (same generator, seed and preparation),
+    # in a directory of the test's own; the job resizes it to 32×32. Six epochs: both arms pass
+    # 25% training error before the sixth (README: 4.7 and 5.3 epochs).
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+           "MLFLOW_TRACKING_URI": mlflow_server.url}  # fmt: skip
+    args = ["--sample-dir", str(tmp_path / "sample"), "--epochs", "6", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs/relu_vs_tanh.py"), *args], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    result = json.loads((out / "relu_vs_tanh.json").read_text())
+    relu, tanh = result["arms"]["relu"], result["arms"]["tanh"]
+    assert len(relu["training_error"]) == len(tanh["training_error"]) == 7  # the untrained net + 6 epochs
+    assert result["target_error"] == 0.25 and result["epochs"] == 6
+    assert result["epochs_to_target"]["relu"] is not None, result
+    reached_tanh = result["epochs_to_target"]["tanh"]
+    assert reached_tanh is None or reached_tanh > result["epochs_to_target"]["relu"], result
+    assert result["ratio"] == pytest.approx(reached_tanh / result["epochs_to_target"]["relu"]) if reached_tanh else (
+        result["ratio"] is None and result["ratio_at_least"] > 1
+    )  # fmt: skip
+
+    with Image.open(out / "relu_vs_tanh.png") as png:
+        assert png.format == "PNG" and png.size[0] >= 600 and png.size[1] >= 400
+        assert len(set(png.convert("RGB").getdata())) > 50  # curves, text, legend: not a blank canvas
+
+    client = MlflowClient(mlflow_server.url)
+    experiment = client.get_experiment_by_name("relu-vs-tanh")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {
+        r.data.params["activation"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
+    assert set(children) == {"relu", "tanh"}
+    for name, child in children.items():
+        history = client.get_metric_history(child.info.run_id, "training_error")
+        assert [m.value for m in sorted(history, key=lambda m: m.step)] == result["arms"][name]["training_error"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"relu_vs_tanh.png", "relu_vs_tanh.json"} <= artifacts
