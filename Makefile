@@ -13,14 +13,13 @@ $(BIN)/python:
 
 # The project itself is installed editable, so Ray's worker processes import `pipeline` from
 # wherever a job is started.
-# --no-compile: Python compiles what it imports on first use, not every file of every package now.
 $(STAMP): requirements.txt pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q --no-compile -r requirements.txt
+	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 $(DEV_STAMP): requirements.txt requirements-dev.txt $(STAMP)
-	$(BIN)/pip install -q --no-compile -r requirements-dev.txt
+	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
 install: $(STAMP)
