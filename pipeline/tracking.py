@@ -362,6 +362,9 @@ def log_and_register(
                 signature=signature(crop, data.num_classes),
                 input_example=input_example,
                 extra_files=[str(classes), str(preprocessing)],
+                # Stated, not inferred: inference loads the 228 MB program again in a subprocess
+                # to see what it imports (~10 s per registration); a pt2 program needs torch alone.
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
                 registered_model_name=cfg.model_name,
                 await_registration_for=60,
             )
