@@ -17,8 +17,9 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import shutil
+import tempfile
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -186,7 +187,7 @@ def run(
     data = ray.put((images, labels))
     arms = {name: Arm(name, lrs[name]) for name in ACTIVATIONS}
     failures: dict[str, BaseException] = {}
-    storage = Path(f"/tmp/relu-vs-tanh-{int(time.time() * 1000)}")
+    storage = Path(tempfile.mkdtemp(prefix="relu-vs-tanh-"))  # Ray Train's run folders; nothing kept
 
     def fit(arm: Arm) -> None:
         trainer = TorchTrainer(
@@ -213,8 +214,6 @@ def run(
         t.start()
     for t in threads:
         t.join()
-    import shutil
-
     shutil.rmtree(storage, ignore_errors=True)
     if failures:
         name, exc = next(iter(failures.items()))
