@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: train test mlflow install install-dev clean-sample
+.PHONY: train test test-fast lint mlflow install install-dev clean-sample
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,18 @@ train: $(STAMP)
 mlflow: $(STAMP)
 	$(BIN)/python jobs/mlflow_server.py $(ARGS)
 
+# The whole suite: what CI runs.
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Every test that needs no trained AlexNet and no Ray cluster of its own: the loop while working.
+test-fast: $(DEV_STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Lint and formatting, checked (`ruff check --fix .` and `ruff format .` fix most of it).
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean-sample:
 	rm -rf data/sample

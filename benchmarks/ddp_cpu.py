@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.model import AlexNet  # noqa: E402
+from pipeline.model import AlexNet
 
 
 def _steps(model, optimizer, batch, crop, classes, steps) -> float:

@@ -26,10 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.prepare import make_source  # noqa: E402
-from pipeline import evaluation, inference, tracking  # noqa: E402
-from pipeline.data.transforms import center_crop, load_square  # noqa: E402
-from pipeline.storage import locate  # noqa: E402
+from benchmarks.prepare import make_source
+from pipeline import evaluation, inference, tracking
+from pipeline.data.transforms import center_crop, load_square
+from pipeline.storage import locate
 
 
 def plain_loop(ref: evaluation.ModelRef, files: list[Path], cpus: int, batch_size: int) -> float:

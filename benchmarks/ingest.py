@@ -35,8 +35,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.prepare import make_source  # noqa: E402
-from pipeline.data.transforms import decode, random_crop_flip  # noqa: E402
+from benchmarks.prepare import make_source
+from pipeline.data.transforms import decode, random_crop_flip
 
 
 def make_shards(out: Path, images: int, shard_size: int, cpus: int) -> Path:
@@ -88,7 +88,7 @@ def floor(images: list[bytes], crop: int, cpus: int, epochs: int) -> list[float]
     with multiprocessing.get_context("fork").Pool(cpus) as pool:
         for _ in range(epochs):
             started = time.perf_counter()
-            done = sum(pool.map(_floor_part, [(a, b, crop) for a, b in zip(bounds[:-1], bounds[1:])]))
+            done = sum(pool.map(_floor_part, [(a, b, crop) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]))
             rates.append(done / (time.perf_counter() - started))
     return rates
 

@@ -29,7 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data.shards import SCHEMA  # noqa: E402
+from pipeline.data.shards import SCHEMA
 
 MiB = 2**20
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             sampler.start()
             ds = ingest.train_dataset(str(Path(tmp) / "train"), crop=args.crop, seed=0)
             epochs = []
-            for epoch in range(args.epochs):
+            for _ in range(args.epochs):
                 started, rows, delivered = time.perf_counter(), 0, 0
                 for batch in ds.iter_torch_batches(batch_size=128, prefetch_batches=2):
                     rows += len(batch["label"])

@@ -28,8 +28,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data.sample import make_sample  # noqa: E402
-from pipeline.data.transforms import encode_jpeg, load_square  # noqa: E402
+from pipeline.data.sample import make_sample
+from pipeline.data.transforms import encode_jpeg, load_square
 
 IMAGENET_IMAGES = 1_281_167 + 50_000
 

@@ -34,11 +34,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.ingest import floor, load_images  # noqa: E402
-from pipeline import config  # noqa: E402
-from pipeline.data.device import DeviceAugment  # noqa: E402
-from pipeline.model import AlexNet  # noqa: E402
-from pipeline.train_loop import train_step  # noqa: E402
+from benchmarks.ingest import floor, load_images
+from pipeline import config
+from pipeline.data.device import DeviceAugment
+from pipeline.model import AlexNet
+from pipeline.train_loop import train_step
 
 
 def synthetic(crop: int, batch_size: int, steps: int, device: torch.device, threads: int) -> float:

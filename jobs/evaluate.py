@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
-from pipeline import evaluation, tracking  # noqa: E402
-from pipeline.data.shards import open_dataset  # noqa: E402
-from pipeline.errors import InputError  # noqa: E402
+from pipeline import evaluation, tracking
+from pipeline.data.shards import open_dataset
+from pipeline.errors import InputError
 
 
 def main(argv: list[str] | None = None) -> int:

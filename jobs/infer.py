@@ -25,11 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
-import ray  # noqa: E402
+import ray
 
-from pipeline import cluster, evaluation, inference, tracking  # noqa: E402
-from pipeline.errors import InputError  # noqa: E402
-from pipeline.storage import locate  # noqa: E402
+from pipeline import cluster, evaluation, inference, tracking
+from pipeline.errors import InputError
+from pipeline.storage import locate
 
 
 def main(argv: list[str] | None = None) -> int:

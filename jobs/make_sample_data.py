@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
-from pipeline.data.sample import SYNSETS, make_sample  # noqa: E402
-from pipeline.errors import InputError  # noqa: E402
+from pipeline.data.sample import SYNSETS, make_sample
+from pipeline.errors import InputError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
-from pipeline.mlflow_server import MlflowServer, ServerError, healthy  # noqa: E402
+from pipeline.mlflow_server import MlflowServer, ServerError, healthy
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,10 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
-from ray.data import DataContext  # noqa: E402
+from ray.data import DataContext
 
-from pipeline.errors import InputError  # noqa: E402
-from pipeline.prepare import DEFAULT_SHARD_SIZE, PrepareSummary, prepare  # noqa: E402
+from pipeline.errors import InputError
+from pipeline.prepare import DEFAULT_SHARD_SIZE, PrepareSummary, prepare
 
 SHOWN_BAD_FILES = 20  # the rest are in manifest.json
 

@@ -22,9 +22,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
-from pipeline import tracking  # noqa: E402
-from pipeline.errors import InputError  # noqa: E402
-from pipeline.registry import CHAMPION, Registry, Version  # noqa: E402
+from pipeline import tracking
+from pipeline.errors import InputError
+from pipeline.registry import CHAMPION, Registry, Version
 
 PROVENANCE = ("dataset_hash", "dataset_root", "num_classes", "profile", "git_commit", "ray_version",
               "torch_version", "mlflow_version")  # fmt: skip
@@ -34,7 +34,7 @@ METRICS = ("val_top1_error", "val_top5_error", "best_epoch", "epochs")
 def table(headers: list[str], rows: list[list[Any]]) -> str:
     cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
-from pipeline import config, relu_vs_tanh, tracking  # noqa: E402
-from pipeline.errors import InputError  # noqa: E402
+from pipeline import config, relu_vs_tanh, tracking
+from pipeline.errors import InputError
 
 
 def main(argv: list[str] | None = None) -> int:

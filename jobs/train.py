@@ -19,10 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
-from pipeline import config  # noqa: E402
-from pipeline.errors import InputError  # noqa: E402
-from pipeline.metrics import format_duration  # noqa: E402
-from pipeline.training import train  # noqa: E402
+from pipeline import config
+from pipeline.errors import InputError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     # Line by line even into a file or pipe (`ray job logs`, nohup): progress shows as it happens.
     sys.stdout.reconfigure(line_buffering=True)
     print("config:\n" + cfg.to_json())
+    # Imported once the flags are good: --help and a bad flag answer without loading torch, Ray and MLflow.
+    from pipeline.metrics import format_duration
+    from pipeline.training import train
+
     try:
         summary = train(cfg)
     except InputError as exc:  # bad input: a message, not a traceback

@@ -14,15 +14,16 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow.fs as pafs
 import torch
 
 from pipeline.errors import InputError
-from pipeline.model import AlexNet
+from pipeline.model import AlexNet, architecture
 from pipeline.storage import Location
 
 MODEL_FILE, OPTIMIZER_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
@@ -98,8 +99,7 @@ def load_state(directory: str | Path, name: str = MODEL_FILE) -> dict[str, Any]:
 def load_model(directory: str | Path) -> tuple[AlexNet, dict[str, Any]]:
     """The checkpoint's AlexNet (eval mode) and its meta."""
     meta = read_meta(directory)
-    cfg = meta["config"]
-    model = AlexNet(len(meta["classes"]), lrn=cfg["lrn"], dropout=cfg["dropout"])
+    model = AlexNet.from_config(len(meta["classes"]), meta["config"])
     _load_checked(model, load_state(directory), directory)
     return model.eval(), meta
 
@@ -113,8 +113,8 @@ def restore(directory: str | Path, model: AlexNet, cfg: Any, num_classes: int) -
     differences = []
     if len(meta["classes"]) != num_classes:
         differences.append(f"{len(meta['classes'])} classes in the checkpoint, {num_classes} here")
-    if meta["config"]["lrn"] != cfg.lrn:
-        differences.append(f"lrn={meta['config']['lrn']} in the checkpoint, lrn={cfg.lrn} here")
+    theirs, ours = architecture(meta["config"]), architecture(cfg.to_dict())
+    differences += [f"{k}={theirs[k]} in the checkpoint, {k}={ours[k]} here" for k in ours if theirs[k] != ours[k]]
     if differences:
         raise CheckpointError(f"checkpoint {directory} does not fit this model: {'; '.join(differences)}")
     _load_checked(model, load_state(directory), directory)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from pipeline.errors import InputError
-from pipeline.model import INITS
 from pipeline.schedules import SCHEDULES
 
+INITS = ("torchvision", "paper")  # AlexNet's initialisations (pipeline.model)
 NORMALIZATIONS = ("mean-std", "mean-image")
 PROMOTE_POLICIES = ("if-better", "always", "never")
 
@@ -48,6 +48,7 @@ class TrainConfig:
     init: str = "torchvision"  # "torchvision" (PyTorch defaults) or "paper" (N(0, 0.01), biases 1)
     paper_bias: float = 1.0  # positive bias of init="paper" (Caffe used 0.1)
     dropout: float = 0.5  # dropout before fc6 and fc7
+    fc_width: int = 4096  # width of fc6 and fc7 (the paper: 4096); narrower for experiments and tests
     clip_grad_norm: float = 0.0  # clip the global gradient norm to this; 0: off (the paper does not clip)
     workers: int = 1  # Ray Train workers (DDP ranks)
     gpu: bool = False  # one GPU per worker
@@ -86,6 +87,7 @@ class TrainConfig:
             (self.workers >= 1, f"workers must be at least 1, got {self.workers}"),
             (self.lr > 0 and self.lr_batch > 0, "lr and lr_batch must be positive"),
             (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.fc_width >= 1, f"fc_width must be at least 1, got {self.fc_width}"),
             (self.lighting_std >= 0, f"lighting_std must be >= 0, got {self.lighting_std}"),
             (self.cpus_per_worker >= 0 and self.data_cpus >= 1, "cpus_per_worker must be >= 0, data_cpus >= 1"),
             (self.data_cpu_limit >= 0, "data_cpu_limit must be >= 0 (0: no limit)"),

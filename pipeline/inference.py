@@ -169,12 +169,12 @@ class Predictor:
         return pa.table(
             {
                 "path": [self.prefix + p for p in batch["path"]],
-                "top1_wnid": [self.wnids[i[0]] if good else None for i, good in zip(top_i, ok)],
-                "top1_name": [self.names[i[0]] if good else None for i, good in zip(top_i, ok)],
-                "top1_prob": [float(p[0]) if good else None for p, good in zip(top_p, ok)],
-                "top5_wnids": [list(self.wnids[i]) if good else None for i, good in zip(top_i, ok)],
-                "top5_names": [list(self.names[i]) if good else None for i, good in zip(top_i, ok)],
-                "top5_probs": [p.tolist() if good else None for p, good in zip(top_p, ok)],
+                "top1_wnid": [self.wnids[i[0]] if good else None for i, good in zip(top_i, ok, strict=True)],
+                "top1_name": [self.names[i[0]] if good else None for i, good in zip(top_i, ok, strict=True)],
+                "top1_prob": [float(p[0]) if good else None for p, good in zip(top_p, ok, strict=True)],
+                "top5_wnids": [list(self.wnids[i]) if good else None for i, good in zip(top_i, ok, strict=True)],
+                "top5_names": [list(self.names[i]) if good else None for i, good in zip(top_i, ok, strict=True)],
+                "top5_probs": [p.tolist() if good else None for p, good in zip(top_p, ok, strict=True)],
                 "model_uri": [self.uri] * n,
                 "model_version": [self.version] * n,
                 "error": errors,

@@ -12,6 +12,11 @@ Layer table (Krizhevsky 2014, torchvision ``alexnet``)::
     classifier.4  dropout 0.5, fc 4096→4096, ReLU
     classifier.6  fc 4096→classes
 
+``fc_width`` sets the width of fc6 and fc7 (4096 in the paper). They hold 54.5M of the 61.1M
+parameters, so a narrow network (e.g. 64: 3.1M parameters, 12 MB of weights instead of 244 MB)
+trains and moves around in a fraction of the time: for experiments and for tests whose subject
+is the plumbing around the model rather than the model.
+
 Parameter names and shapes equal torchvision's, so its weights load with ``strict=True``.
 The paper's local response normalisation (``lrn=True``) sits inside the parameter-free block
 that holds each of the first two ReLUs, so switching it on shifts no index.
@@ -26,14 +31,18 @@ The smallest input this network accepts is 63×63 (three 3/2 max-pools after a s
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
+from pipeline.config import INITS
 from pipeline.data.device import as_nchw, normalize, to_float
 from pipeline.data.transforms import MIN_INPUT_SIZE  # noqa: F401 (part of this module's interface)
 
 LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0  # the paper's n, α, β, k
-INITS = ("torchvision", "paper")
+PAPER_FC_WIDTH = 4096  # fc6 and fc7
 
 # Layers whose bias the paper initialises to a positive constant (its section 5).
 _PAPER_POSITIVE_BIAS = ("features.3", "features.8", "features.10", "classifier.1", "classifier.4")
@@ -54,11 +63,12 @@ class AlexNet(nn.Module):
         init: str = "torchvision",
         dropout: float = 0.5,
         paper_bias: float = 1.0,
+        fc_width: int = PAPER_FC_WIDTH,
     ) -> None:
         super().__init__()
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        self.num_classes, self.lrn = num_classes, lrn
+        self.num_classes, self.lrn, self.fc_width = num_classes, lrn, fc_width
         self.features = nn.Sequential(
             nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2),  # 0
             _relu(lrn),  # 1
@@ -77,15 +87,23 @@ class AlexNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
         self.classifier = nn.Sequential(
             nn.Dropout(p=dropout),  # 0
-            nn.Linear(256 * 6 * 6, 4096),  # 1
+            nn.Linear(256 * 6 * 6, fc_width),  # 1
             nn.ReLU(inplace=True),  # 2
             nn.Dropout(p=dropout),  # 3
-            nn.Linear(4096, 4096),  # 4
+            nn.Linear(fc_width, fc_width),  # 4
             nn.ReLU(inplace=True),  # 5
-            nn.Linear(4096, num_classes),  # 6
+            nn.Linear(fc_width, num_classes),  # 6
         )
         if init == "paper":
             self._paper_init(paper_bias)
+
+    @classmethod
+    def from_config(cls, num_classes: int, config: Mapping[str, Any]) -> AlexNet:
+        """The network a training config describes (a TrainConfig as a dict, as checkpoints store it)."""
+        return cls(
+            num_classes, init=config["init"], dropout=config["dropout"], paper_bias=config["paper_bias"],
+            **architecture(config),
+        )  # fmt: skip
 
     def _paper_init(self, positive_bias: float) -> None:
         for name, module in self.named_modules():
@@ -98,6 +116,12 @@ class AlexNet(nn.Module):
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         return self.classifier(x)
+
+
+def architecture(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config fields that change the network's layers or shapes: what a checkpoint must match."""
+    # Checkpoints from before fc_width existed have the paper's width.
+    return {"lrn": config["lrn"], "fc_width": config.get("fc_width", PAPER_FC_WIDTH)}
 
 
 class ImageClassifier(nn.Module):

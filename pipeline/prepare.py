@@ -18,8 +18,9 @@ import hashlib
 import json
 import random
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -186,11 +187,11 @@ def _write_shard(
     started = time.perf_counter()
     rows: dict[str, list] = {name: [] for name in shards.SCHEMA.names}
     bad = []
-    for path, label in zip(task["paths"], task["labels"]):
+    for path, label in zip(task["paths"], task["labels"], strict=True):
         data = src.at(path).read_bytes()  # a store that fails to answer fails the task; Ray retries it
         try:
             image = encode_jpeg(load_square(data, size))
-        except Exception as exc:  # any undecodable file is reported, whatever PIL raised
+        except Exception as exc:  # noqa: BLE001 (any undecodable file is reported, whatever PIL raised)
             reason = "empty file (0 bytes)" if not data else f"cannot decode: {type(exc).__name__}: {exc}"
             bad.append({"path": src.uri_of(path), "split": task["split"], "reason": reason, "shard": task["file"]})
             continue

@@ -20,9 +20,10 @@ import pickle
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -205,7 +206,7 @@ def run(
         )
         try:
             arm.training_error = trainer.fit().return_value
-        except BaseException as exc:  # reported after both threads end
+        except BaseException as exc:  # noqa: BLE001 (re-raised after both threads end)
             failures[arm.activation] = exc
 
     log(f"training both arms at once: {len(labels)} images, {epochs} epochs, batch {batch_size}, seed {seed}")

@@ -15,8 +15,10 @@ import subprocess
 import tempfile
 import time
 import urllib.parse
+import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -44,6 +46,7 @@ FORWARDED_ENV = (
     "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
 )  # fmt: skip
+ATTEMPT_IDS_KEPT = 500  # the newest attempts' ids in the run's attempt_ids tag (MLflow keeps 8,000 characters)
 # Network errors while the server is away: MLflow wraps most in MlflowException (ConnectionError is an OSError).
 UNREACHABLE = (MlflowException, OSError)
 
@@ -178,7 +181,7 @@ class RunLogger:
         self.client = MlflowClient(tracking_uri)
         self.logged: set[int] | None = None  # epochs the run has; read on first contact
         self.queue: list[dict[str, Any]] = []  # not yet sent, oldest first
-        self.delayed = 0  # epochs sent after a failed try
+        self.delayed = 0  # epochs sent after a failed flush
         self.restarts: int | None = None
         self.unreachable_since: float | None = None
         self.monitor = None
@@ -186,12 +189,14 @@ class RunLogger:
 
     def log_epoch(self, epoch: int, metrics: dict[str, float] | None) -> None:
         if metrics and epoch >= 1:
-            self.queue.append({"kind": "epoch", "step": epoch, "metrics": metrics, "tries": 0})
+            self.queue.append({"kind": "epoch", "step": epoch, "metrics": metrics, "late": False})
             self.flush()
 
     def count_attempt(self, step: int) -> int | None:
         """Record that the training function started (again); returns the restarts so far, if known yet."""
-        self.queue.append({"kind": "attempt", "step": step, "tries": 0})
+        # The id makes counting idempotent: an unsent attempt travels in checkpoints and in
+        # unsent_metrics.json, and may reach the server more than once.
+        self.queue.append({"kind": "attempt", "step": step, "late": False, "id": uuid.uuid4().hex[:12]})
         self.flush()
         return self.restarts
 
@@ -202,12 +207,13 @@ class RunLogger:
                 self.logged = {m.step for m in self.client.get_metric_history(self.run_id, self.EPOCH_KEY)}
             while self.queue:
                 item = self.queue[0]
-                item["tries"] += 1
-                self._send(item)
+                sent = self._send(item)
                 self.queue.pop(0)
-                if item["kind"] == "epoch" and item["tries"] > 1:
+                if sent and item["kind"] == "epoch" and item.get("late"):
                     self.delayed += 1
         except UNREACHABLE as exc:
+            for item in self.queue:  # whatever is still queued missed this flush: it will arrive late
+                item["late"] = True
             if self.unreachable_since is None:
                 self.unreachable_since = time.time()
                 self.say(
@@ -228,24 +234,35 @@ class RunLogger:
         """Queue what an earlier attempt could not send (from a checkpoint), before anything new."""
         self.queue[:0] = [dict(item) for item in items]
 
-    def _send(self, item: dict[str, Any]) -> None:
+    def _send(self, item: dict[str, Any]) -> bool:
+        """Log one queued item; False if the run already had it (sent before a restart or a resume)."""
         if item["kind"] == "attempt":
-            run = self.client.get_run(self.run_id)
-            attempts = int(run.data.tags.get("attempts", "0")) + 1
+            tags = self.client.get_run(self.run_id).data.tags
+            counted = tags.get("attempt_ids", "").split()
+            if item.get("id") in counted:  # queued again from a checkpoint or unsent_metrics.json
+                self.restarts = int(tags["attempts"]) - 1
+                return False
+            attempts = int(tags.get("attempts", "0")) + 1
             self.restarts = attempts - 1
+            counted = [*counted, item.get("id", "")][-ATTEMPT_IDS_KEPT:]
             self.client.log_batch(
                 self.run_id,
                 metrics=[Metric("restarts", self.restarts, int(time.time() * 1000), item["step"])],
-                tags=[RunTag("attempts", str(attempts)), RunTag("restarts", str(self.restarts))],
+                tags=[
+                    RunTag("attempts", str(attempts)),
+                    RunTag("restarts", str(self.restarts)),
+                    RunTag("attempt_ids", " ".join(counted)),
+                ],
             )
-            return
+            return True
         epoch = item["step"]
         if epoch in self.logged:
-            return
+            return False
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, epoch) for k, v in item["metrics"].items() if k != "epoch"]
         self.client.log_batch(self.run_id, metrics=batch)
         self.logged.add(epoch)
+        return True
 
     # ---- system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) -------------------
     def start_system_metrics(self, interval: float = 10.0) -> None:

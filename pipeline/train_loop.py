@@ -49,7 +49,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     # ---- model, optimizer, resume -------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = AlexNet(len(classes), lrn=cfg.lrn, init=cfg.init, dropout=cfg.dropout, paper_bias=cfg.paper_bias)
+    model = AlexNet.from_config(len(classes), cfg.to_dict())
     progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "val_errors": [], "best": None}
     restored, optimizer_state = ray.train.get_checkpoint(), None
     if restored:
@@ -133,6 +133,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             "val_loss": val["loss"],
             "val_top1_error": val["top1_error"],
             "val_top5_error": val["top5_error"],
+            "train_images": train["images"],  # every rank's, the steps before a restart included
+            "val_images": val["images"],
             "images_per_s": train["images_per_s"],
             "data_wait_fraction": train["data_wait_fraction"],
             "epoch_seconds": epoch_seconds[-1],
@@ -205,6 +207,7 @@ def run_train_epoch(
         raise RuntimeError("a training epoch produced no full batch: lower --batch-size or add training images")
     world = dist.get_world_size() if dist.is_initialized() else 1
     return {
+        "images": n,
         "loss": loss_sum / n,
         "top1_error": 1 - correct / n,
         "top5_error": 1 - correct5 / n,
@@ -245,7 +248,7 @@ def evaluate(model, augment, shard, cfg: TrainConfig, device) -> dict[str, float
         sums[2] += top5
         sums[3] += len(labels)
     loss_sum, top1, top5, n = _all_reduce(sums).tolist()
-    return {"loss": loss_sum / n, "top1_error": 1 - top1 / n, "top5_error": 1 - top5 / n}
+    return {"images": n, "loss": loss_sum / n, "top1_error": 1 - top1 / n, "top5_error": 1 - top5 / n}
 
 
 def report(

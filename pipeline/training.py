@@ -11,9 +11,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -237,7 +238,7 @@ def _send_unsent(directory: Location, run_id: str, log: Callable[[str], None]) -
     if unsent.is_file():
         sent = tracking.log_pending(run_id, json.loads(unsent.read_text()))
         unsent.fs.delete_file(unsent.path)
-        log(f"sent {sent} epochs of metrics kept from the last attempt")
+        log(f"sent {sent} epoch(s) of metrics kept from the last attempt")
 
 
 def _finish(run_id: str, status: str, log: Callable[[str], None]) -> None:

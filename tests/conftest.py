@@ -1,15 +1,86 @@
-"""Shared fixtures: one real local Ray cluster, one real MLflow server and one tiny prepared dataset per session."""
+"""Shared fixtures: one real local Ray cluster, one real MLflow server, one tiny prepared dataset and
+one pair of trained, registered runs per session.
+
+Tiers: tests marked `slow` need a trained AlexNet or a cluster of their own; `make test-fast`
+(`pytest -m "not slow"`) runs the rest. Tests whose subject is the plumbing around the model
+(checkpoints, S3, MLflow, registration, restarts, outages, promotion, inference, the cluster)
+train AlexNet with fc6/fc7 FC_WIDTH wide: the same layers, 12 MB instead of 244 MB per model.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import importlib.util
+import io
 import os
+import shutil
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+# Set before any Ray starts, so that every Ray process of the session (and of the clusters tests
+# start) has them: workers print their epoch lines themselves; Ray Train's controller polls its
+# workers every 0.5 s instead of 2 s (runs end and checkpoints register sooner); no preemption
+# watcher actor per run (nothing preempts a test machine; one process fewer to start per run).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-REGISTERED_MODEL = "alexnet-registry"  # what two_runs registers
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+ROOT = Path(__file__).resolve().parents[1]
+REGISTERED_MODEL = "alexnet-test"  # what `trained` registers
 SECRET = "hunter2-do-not-log"  # an MLflow password in the first run's environment
+FC_WIDTH = 64  # fc6/fc7 width of the light AlexNet that plumbing tests train
+
+
+def light(**overrides):
+    """The sample profile with a light AlexNet (fc6/fc7 FC_WIDTH wide)."""
+    from pipeline import config
+
+    return config.resolve("sample", fc_width=FC_WIDTH, **overrides)
+
+
+def run_job(script: str, *args, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS...` from the repository, as a user types it; the test checks the exit code."""
+    command = [sys.executable, str(ROOT / script), *map(str, args)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def load_job(script: str):
+    """A job script as a module, to call its `main(argv)` in this process, on the session's Ray: the
+    same parsing, library calls and output as `python SCRIPT`, without a new interpreter and Ray job."""
+    spec = importlib.util.spec_from_file_location(f"job_{Path(script).stem}", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def call_job(script: str, *args) -> subprocess.CompletedProcess:
+    """`main(ARGS)` of a job in this process, its exit code and output as run_job gives them.
+
+    For tests about what a job does; run_job where the test is about the process itself (its
+    start-up, what it leaves alone before Ray starts, a signal).
+    """
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = load_job(script).main(argv)
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code
+    return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
+
+
+def job_env(ray=None, tracking_uri: str | None = None) -> dict[str, str]:
+    """This environment for a job: on the session's Ray (or none: RAY_ADDRESS removed) and MLflow server."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if ray is not None:
+        env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    return env
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +116,7 @@ def tiny_raw(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_shards(ray_cluster, tiny_raw, tmp_path_factory):
+    """tiny_raw prepared at 72 pixels, 32 images a shard; no stats.json (the published statistics apply)."""
     from pipeline.prepare import prepare
 
     out = tmp_path_factory.mktemp("shards")
@@ -53,32 +125,52 @@ def tiny_shards(ray_cluster, tiny_raw, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def two_runs(ray_cluster, tiny_shards, mlflow_server, tmp_path_factory):
-    """Two one-epoch runs registered on the session's server into REGISTERED_MODEL, on the same dataset.
+def measured_shards(ray_cluster, tiny_shards, tmp_path_factory):
+    """tiny_shards with their own stats.json: training must use it instead of the published values."""
+    from pipeline.data.stats import compute_stats
 
-    The first runs with MLflow credentials in its environment (they must not show anywhere).
-    Yields (first summary, second summary, tracking URI, the driver's log lines).
+    root = shutil.copytree(tiny_shards, tmp_path_factory.mktemp("measured") / "shards")
+    compute_stats(str(root))
+    return root
+
+
+@dataclasses.dataclass
+class Trained:
+    first: object  # TrainSummary: 2 DDP workers, 2 epochs, MLflow credentials in its environment
+    second: object  # TrainSummary: 1 worker, 1 epoch, another seed and lr, same dataset
+    cfg: object  # the first run's TrainConfig
+    tracking_uri: str
+    lines: list[str]  # both drivers' log lines
+
+
+@pytest.fixture(scope="session")
+def trained(ray_cluster, measured_shards, mlflow_server, tmp_path_factory):
+    """Two light runs on measured_shards, tracked and registered into REGISTERED_MODEL on the session's server.
+
+    Everything that needs "a trained model" (checkpoints, the registry, evaluation, inference) uses
+    these: AlexNet is trained twice per session, not once per test file.
     """
     import mlflow
 
-    from pipeline import config, training
+    from pipeline import training
 
-    tmp = tmp_path_factory.mktemp("registry")
+    tmp = tmp_path_factory.mktemp("trained")
     mlflow.set_tracking_uri(mlflow_server.url)
     lines: list[str] = []
     base = dict(
-        data=str(tiny_shards), epochs=1, batch_size=8, storage_path=str(tmp / "runs"), experiment="registry",
+        data=str(measured_shards), batch_size=8, storage_path=str(tmp / "runs"), experiment="alexnet-test",
         model_name=REGISTERED_MODEL, system_metrics_interval=1.0,
     )  # fmt: skip
+    cfg = light(**base, name="first", epochs=2, workers=2, cpus_per_worker=1.0)
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_USERNAME")}
     os.environ.update({"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": SECRET})
     try:
-        first = training.train(config.resolve("sample", **base, name="first"), log=lines.append)
+        first = training.train(cfg, log=lines.append)
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    second = training.train(config.resolve("sample", **base, name="second", seed=1, lr=0.003), log=lines.append)
-    yield first, second, mlflow_server.url, lines
+    second = training.train(light(**base, name="second", epochs=1, seed=1, lr=0.003), log=lines.append)
+    yield Trained(first, second, cfg, mlflow_server.url, lines)
     mlflow.set_tracking_uri(None)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import FC_WIDTH
 from mlflow import MlflowClient
 
 from pipeline.data.stats import compute_stats
@@ -286,6 +287,10 @@ class FakeCluster:
             time.sleep(2)
 
 
+def _epochs_printed(log: str) -> set[int]:
+    return {int(n) for n in re.findall(r"epoch +(\d+)/\d+ +lr", log)}
+
+
 def _wait_for(predicate, what: str, timeout: float, cluster: FakeCluster | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -296,7 +301,7 @@ def _wait_for(predicate, what: str, timeout: float, cluster: FakeCluster | None 
 
 
 @pytest.fixture(scope="module")
-def fake_cluster(tmp_path_factory):
+def fake_cluster(tmp_path_factory):  # a second Ray cluster: only slow tests use it
     cluster = FakeCluster(tmp_path_factory.mktemp("fake-cluster"))
     try:
         yield cluster.start()
@@ -304,6 +309,7 @@ def fake_cluster(tmp_path_factory):
         cluster.stop()
 
 
+@pytest.mark.slow
 def test_a_submitted_job_scales_the_cluster_up_stops_resumes_and_the_nodes_go_away(
     fake_cluster, tiny_shards, mlflow_server, tmp_path
 ):
@@ -315,7 +321,7 @@ def test_a_submitted_job_scales_the_cluster_up_stops_resumes_and_the_nodes_go_aw
     storage = tmp_path / "runs"
     runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server.url}})
     train = [
-        "python", "jobs/train.py", "--data", str(data), "--epochs", "2", "--batch-size", "16",
+        "python", "jobs/train.py", "--data", str(data), "--epochs", "2", "--batch-size", "4", "--fc-width", str(FC_WIDTH),
         "--cpus-per-worker", "1", "--worker-resources", "mock_gpu=1", "--data-cpu-limit", "2",
         "--normalize", "mean-image",
         "--storage-path", str(storage), "--experiment", "cluster", "--model-name", "alexnet-cluster",
@@ -346,7 +352,9 @@ def test_a_submitted_job_scales_the_cluster_up_stops_resumes_and_the_nodes_go_aw
                           "python", "jobs/train.py", "--resume", "on-cluster", "--storage-path", str(storage),
                           timeout=420)  # fmt: skip
     assert resumed.returncode == 0 and cluster.job_status("train-2") == "SUCCEEDED", resumed.stdout[-3000:]
-    assert "resuming run on-cluster" in resumed.stdout and "epoch   2/2" in resumed.stdout
+    assert "resuming run on-cluster" in resumed.stdout
+    # The stop lands in epoch 2 or, when it came late, after it (then the resumed job only registers).
+    assert _epochs_printed(logs) | _epochs_printed(resumed.stdout) == {1, 2}, resumed.stdout[-3000:]
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["restarts"] == "1"
     for key in ("train_loss", "val_top1_error", "images_per_s"):

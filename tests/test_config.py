@@ -1,15 +1,11 @@
 import argparse
 import dataclasses
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import run_job
 
 from pipeline import config
 from pipeline.config import ConfigError, TrainConfig
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _parse(*argv):
@@ -77,7 +73,7 @@ def test_bad_values_fail_with_a_message(overrides, message):
 
 def test_the_train_job_rejects_unknown_flags_and_bad_values_without_starting_ray():
     for argv, message in ((["--bogus", "1"], "unrecognized arguments: --bogus"), (["--crop", "10"], "at least 63")):
-        proc = subprocess.run([sys.executable, str(ROOT / "jobs/train.py"), *argv], capture_output=True, text=True)
+        proc = run_job("jobs/train.py", *argv)
         assert proc.returncode == 2
         assert message in proc.stderr
         assert "Ray" not in proc.stdout + proc.stderr

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -13,15 +10,13 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 import torch
-from conftest import REGISTERED_MODEL
+from conftest import REGISTERED_MODEL, call_job, job_env, run_job
 from PIL import Image
 
 from pipeline import evaluation, inference
 from pipeline.data.transforms import center_crop, load_square, ten_crop
 from pipeline.mlflow_server import free_port
 from pipeline.storage import locate
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _photo(width: int, height: int, seed: int) -> Image.Image:
@@ -72,10 +67,10 @@ def image_dir(image_files, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model(two_runs):
-    first, _, uri, _ = two_runs
-    mlflow.set_tracking_uri(uri)
-    ref = evaluation.resolve_model(f"models:/{REGISTERED_MODEL}/{first.model_version}", uri)
+def model(trained):
+    """The session's first registered version, resolved and loaded once for the module."""
+    mlflow.set_tracking_uri(trained.tracking_uri)
+    ref = evaluation.resolve_model(f"models:/{REGISTERED_MODEL}/{trained.first.model_version}", trained.tracking_uri)
     return ref, evaluation.load(ref)
 
 
@@ -113,6 +108,7 @@ def _check_rows(table, root_uri: str, image_files, model, ref, ten: bool) -> Non
         assert row["top1_prob"] == pytest.approx(float(probs[top5[0]]), rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ten", [False, True], ids=["centre", "ten-crop"])
 def test_every_local_image_gets_one_row_equal_to_a_direct_forward(model, image_dir, image_files, tmp_path, ten):
     ref, loaded = model
@@ -128,8 +124,9 @@ def test_every_local_image_gets_one_row_equal_to_a_direct_forward(model, image_d
     assert not list(tmp_path.glob("preds.tmp-*"))  # the staging location is gone
 
 
+@pytest.mark.slow
 def test_the_job_reads_and_writes_s3_and_replaces_an_output_only_with_overwrite(
-    ray_cluster, two_runs, model, image_files, s3_server
+    ray_cluster, trained, model, image_files, s3_server
 ):
     ref, loaded = model
     s3_server.create_dir("photos")
@@ -137,27 +134,23 @@ def test_the_job_reads_and_writes_s3_and_replaces_an_output_only_with_overwrite(
     for rel, data in image_files.items():
         with s3_server.open_output_stream(f"photos/incoming/{rel}") as f:
             f.write(data)
-    env = {
-        **os.environ,
-        "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
-        "MLFLOW_TRACKING_URI": two_runs[2],
-    }
-    command = [
-        sys.executable, str(ROOT / "jobs/infer.py"), "--model", f"models:/{REGISTERED_MODEL}/1",
-        "--input", "s3://photos/incoming/", "--output", "s3://preds/run1/", "--replicas", "1:2", "--batch-size", "4",
+    env = job_env(ray_cluster, trained.tracking_uri)
+    args = [
+        "--model", f"models:/{REGISTERED_MODEL}/1", "--input", "s3://photos/incoming/", "--output", "s3://preds/run1/",
+        "--replicas", "1:2", "--batch-size", "4",
     ]  # fmt: skip
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_job("jobs/infer.py", *args, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{len(image_files) - 2} images, {len(BROKEN)} with errors" in proc.stdout
     assert "ignoring 2 files without an image extension" in proc.stdout
     output = locate("s3://preds/run1")
     _check_rows(inference.read_predictions(output), "s3://photos/incoming", image_files, loaded, ref, False)
 
-    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    again = call_job("jobs/infer.py", *args)  # the same job again, in this process
     assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr
     with s3_server.open_output_stream("preds/run1/stale-from-an-older-run.parquet") as f:
         f.write(b"old")
-    replaced = subprocess.run(command + ["--overwrite"], env=env, capture_output=True, text=True, timeout=600)
+    replaced = call_job("jobs/infer.py", *args, "--overwrite")
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     stored = [i.path for i in s3_server.get_file_info(pafs.FileSelector("preds", recursive=True)) if i.is_file]
     assert "preds/run1/stale-from-an-older-run.parquet" not in stored  # replaced whole, never a mixture
@@ -165,6 +158,7 @@ def test_the_job_reads_and_writes_s3_and_replaces_an_output_only_with_overwrite(
     assert inference.read_predictions(output).num_rows == len(image_files) - 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "arguments, message",
     [
@@ -179,23 +173,27 @@ def test_the_job_reads_and_writes_s3_and_replaces_an_output_only_with_overwrite(
     ],
 )
 def test_bad_input_fails_fast_with_a_message_before_any_cluster_work(
-    two_runs, image_dir, s3_server, tmp_path, arguments, message
-):
+    model, image_dir, s3_server, tmp_path, arguments, message
+):  # `model` points MLflow at the session's server, which call_job's jobs use
     s3_server.create_dir("photos")
     (tmp_path / "empty").mkdir()
     values = {"--model": f"models:/{REGISTERED_MODEL}/1", "--input": str(image_dir), "--output": str(tmp_path / "out")}
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["MLFLOW_TRACKING_URI"] = two_runs[2]
-    for flag, value in zip(arguments[::2], arguments[1::2]):
+    dead_server = False
+    for flag, value in zip(arguments[::2], arguments[1::2], strict=True):
         if flag == "--tracking":
-            env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{free_port()}"
+            dead_server = True
         else:
             values[flag] = str(tmp_path / "empty") if value == "EMPTY" else value
-    command = [sys.executable, str(ROOT / "jobs/infer.py"), *[x for kv in values.items() for x in kv]]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    args = [x for kv in values.items() for x in kv]
+    if dead_server:  # as a process of its own, started by a user: no Ray is started, nothing is written
+        env = job_env(tracking_uri=f"http://127.0.0.1:{free_port()}")
+        proc = run_job("jobs/infer.py", *args, env=env, timeout=300)
+        assert "Ray" not in proc.stdout
+    else:
+        proc = call_job("jobs/infer.py", *args)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert message in proc.stderr, proc.stderr
-    assert "Ray" not in proc.stdout and not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_replicas_are_a_number_or_a_range():

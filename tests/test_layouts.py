@@ -57,7 +57,7 @@ def test_extensions_match_whatever_their_case(tiny_raw, tmp_path):
     root = shutil.copytree(tiny_raw, tmp_path / "src")
     folder = sorted((root / "train").iterdir())[0]
     images = sorted(folder.iterdir())
-    for image, suffix in zip(images, (".jpeg", ".jpg", ".JPG", ".Jpeg", ".PNG")):
+    for image, suffix in zip(images, (".jpeg", ".jpg", ".JPG", ".Jpeg", ".PNG"), strict=False):
         image.rename(image.with_suffix(suffix))
     source = imagenet.scan(root)
     assert len(source.splits["train"]) == 96 and source.rejected == []

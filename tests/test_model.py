@@ -106,3 +106,18 @@ def test_image_classifier_takes_uint8_nhwc_and_normalises():
         1, 3, 1, 1
     ).double()
     torch.testing.assert_close(model(images), net(x.float()), rtol=1e-4, atol=1e-5)
+
+
+def test_fc_width_narrows_fc6_and_fc7_and_keeps_every_other_layer():
+    narrow, full = AlexNet(num_classes=10, fc_width=64), AlexNet(num_classes=10)
+    narrow_shapes = {k: tuple(v.shape) for k, v in narrow.state_dict().items()}
+    full_shapes = {k: tuple(v.shape) for k, v in full.state_dict().items()}
+    changed = {k for k in full_shapes if narrow_shapes[k] != full_shapes[k]}
+    assert changed == {f"classifier.{i}.{p}" for i in (1, 4, 6) for p in ("weight", "bias")} - {"classifier.6.bias"}
+    assert narrow_shapes["classifier.1.weight"] == (64, 9216) and narrow_shapes["classifier.4.weight"] == (64, 64)
+    assert narrow_shapes["classifier.6.weight"] == (10, 64)
+    convs = sum(layer.weight.numel() + layer.bias.numel() for layer in _layers(narrow)[:5])
+    assert sum(p.numel() for p in narrow.parameters()) == convs + (9216 * 64 + 64) + (64 * 64 + 64) + (64 * 10 + 10)
+    assert narrow.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+    before_the_option = {"lrn": False, "init": "torchvision", "dropout": 0.5, "paper_bias": 1.0}  # an old checkpoint's
+    assert AlexNet.from_config(10, before_the_option).classifier[1].out_features == 4096

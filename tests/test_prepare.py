@@ -50,14 +50,14 @@ def test_shards_hold_every_image_with_its_label(tiny_shards, tiny_raw):
     assert sorted(train["key"]) == sorted(p.name for p in (tiny_raw / "train").glob("*/*.JPEG"))
     assert all(
         wnids[label] == wnid and key.startswith(wnid)
-        for label, wnid, key in zip(train["label"], train["wnid"], train["key"])
+        for label, wnid, key in zip(train["label"], train["wnid"], train["key"], strict=True)
     )
     assert len(set(train["label"][:32])) == 4  # shards mix classes
 
     val = _read(tiny_shards / "val")
     with open(tiny_raw / "LOC_val_solution.csv") as f:
         truth = {line.split(",")[0]: line.split(",")[1].split()[0] for line in f.read().splitlines()[1:]}
-    assert {k.split(".")[0]: w for k, w in zip(val["key"], val["wnid"])} == truth
+    assert {k.split(".")[0]: w for k, w in zip(val["key"], val["wnid"], strict=True)} == truth
 
     image = Image.open(io.BytesIO(train["image"][0]))
     assert (image.format, image.size, image.mode) == ("JPEG", (72, 72), "RGB")
@@ -108,7 +108,7 @@ def test_messy_real_world_files_become_rgb_or_are_listed_with_their_reason(ray_c
 def test_devkit_layout_shards_carry_the_mapped_labels(ray_cluster, tiny_raw, tmp_path):
     prepare(str(as_devkit(tiny_raw, tmp_path / "devkit")), str(tmp_path / "out"), size=64, shard_size=64)
     val = _read(tmp_path / "out" / "val")
-    assert {k.split(".")[0]: w for k, w in zip(val["key"], val["wnid"])} == kaggle_truth(tiny_raw)
+    assert {k.split(".")[0]: w for k, w in zip(val["key"], val["wnid"], strict=True)} == kaggle_truth(tiny_raw)
     classes = json.loads((tmp_path / "out" / "classes.json").read_text())
     assert all(val["wnid"][i] == classes[label]["wnid"] for i, label in enumerate(val["label"]))
 

@@ -1,9 +1,7 @@
 import csv
 import filecmp
-import subprocess
-import sys
-from pathlib import Path
 
+from conftest import run_job
 from PIL import Image
 
 from pipeline.data import imagenet
@@ -45,10 +43,9 @@ def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
 
 
 def test_the_job_writes_the_sample_and_rejects_bad_counts(tmp_path):
-    job = Path(__file__).resolve().parents[1] / "jobs" / "make_sample_data.py"
-    argv = [sys.executable, str(job), "--out", str(tmp_path / "s"), "--classes", "3", "--train-per-class", "2"]
-    done = subprocess.run([*argv, "--val-per-class", "1"], capture_output=True, text=True)
+    argv = ["jobs/make_sample_data.py", "--out", tmp_path / "s", "--classes", "3", "--train-per-class", "2"]
+    done = run_job(*argv, "--val-per-class", "1")
     assert done.returncode == 0 and "wrote 6 train and 3 val images of 3 classes" in done.stdout
     assert len(list((tmp_path / "s" / "train").glob("*/*.JPEG"))) == 6
-    bad = subprocess.run([*argv, "--classes", "11"], capture_output=True, text=True)
+    bad = run_job(*argv, "--classes", "11")
     assert bad.returncode == 2 and "num_classes must be between 2 and 10" in bad.stderr

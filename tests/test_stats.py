@@ -1,23 +1,18 @@
 import dataclasses
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import call_job, run_job
 from PIL import Image
 
 from pipeline.data import shards
 from pipeline.data.device import DeviceAugment
 from pipeline.data.stats import PUBLISHED, compute_stats, normalization, read_stats
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -83,20 +78,12 @@ def test_stats_of_other_shards_are_refused(measured, tmp_path):
 
 def test_the_prepare_job_measures_existing_shards_and_prints_them(ray_cluster, tiny_shards, tmp_path):
     copy = shutil.copytree(tiny_shards, tmp_path / "shards")
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "jobs/prepare.py"), "--stats", "--no-progress", "--out", str(copy)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    proc = call_job("jobs/prepare.py", "--stats", "--no-progress", "--out", copy)
     assert proc.returncode == 0, proc.stderr[-2000:]
     stats = json.loads((copy / "stats.json").read_text())
     assert f"pixels        {stats['pixels']:,}" in proc.stdout and "eigenvalues" in proc.stdout
 
 
 def test_the_prepare_job_needs_a_source_or_stats(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "jobs/prepare.py"), "--out", str(tmp_path)], capture_output=True, text=True
-    )
+    proc = run_job("jobs/prepare.py", "--out", tmp_path)
     assert proc.returncode == 2 and "pass --source to prepare a dataset, --stats to measure one" in proc.stderr

@@ -1,79 +1,78 @@
-"""End to end on a real local Ray, real Parquet shards of real JPEGs and a real MLflow server."""
+"""End to end on a real local Ray, real Parquet shards of real JPEGs and a real MLflow server.
+
+The trained run is the session's (conftest.trained): two DDP workers, two epochs, a light AlexNet.
+"""
 
 import dataclasses
 import io
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from conftest import REGISTERED_MODEL, call_job, light, run_job
 from mlflow import MlflowClient
 from PIL import Image
 
 from pipeline import checkpoint, config, evaluation, training
 from pipeline.config import ConfigError
+from pipeline.data.device import DeviceAugment
 from pipeline.data.shards import DataError
-from pipeline.data.stats import compute_stats
 from pipeline.data.transforms import eval_batch
 from pipeline.mlflow_server import free_port
-from pipeline.model import ImageClassifier
+from pipeline.model import AlexNet, ImageClassifier
+from pipeline.train_loop import train_step
 
-ROOT = Path(__file__).resolve().parents[1]
-METRICS = ["train_loss", "train_top1_error", "val_top1_error", "val_top5_error", "images_per_s", "data_wait_fraction"]
-
-
-@pytest.fixture(scope="module")
-def measured_shards(ray_cluster, tiny_shards, tmp_path_factory):
-    """tiny_shards with their own stats.json: training must use it instead of the published values."""
-    root = shutil.copytree(tiny_shards, tmp_path_factory.mktemp("measured") / "shards")
-    compute_stats(str(root))
-    return root
+METRICS = [
+    "train_loss", "train_top1_error", "val_top1_error", "val_top5_error", "images_per_s", "data_wait_fraction",
+    "train_images", "val_images",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def trained(ray_cluster, measured_shards, mlflow_server, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("train")
-    uri = mlflow_server.url
+def run(trained):
+    """The session's two-worker, two-epoch run: (its summary, its config, the tracking URI)."""
+    return trained.first, trained.cfg, trained.tracking_uri
+
+
+@pytest.fixture(scope="module")
+def registered(run, tmp_path_factory):
+    """The run's registered version, loaded once as a PyTorch program and as a pyfunc model."""
+    summary, _, uri = run
+    model_uri = f"models:/{summary.model_name}/{summary.model_version}"
     mlflow.set_tracking_uri(uri)
-    cfg = config.resolve(
-        "sample",
-        data=str(measured_shards),
-        epochs=2,
-        batch_size=8,
-        workers=2,
-        storage_path=str(tmp / "runs"),
-        experiment="alexnet-test",
-        model_name="alexnet-test",
-    )
-    summary = training.train(cfg)
-    yield summary, cfg, uri
-    mlflow.set_tracking_uri(None)
+    tmp = tmp_path_factory.mktemp("registered")  # downloads here, not into temporary dirs MLflow never deletes
+    (tmp / "pytorch").mkdir()
+    (tmp / "pyfunc").mkdir()
+    pytorch = mlflow.pytorch.load_model(model_uri, dst_path=str(tmp / "pytorch"))
+    pyfunc = mlflow.pyfunc.load_model(model_uri, dst_path=str(tmp / "pyfunc"))
+    return pytorch, pyfunc
 
 
-def test_the_run_holds_every_epochs_metrics_exactly_once(trained):
-    summary, cfg, uri = trained
+@pytest.mark.slow
+def test_the_run_holds_every_epochs_metrics_exactly_once(run):
+    summary, cfg, uri = run
     client = MlflowClient(uri)
-    run = client.get_run(summary.run_id)
-    assert run.info.status == "FINISHED" and run.info.run_name == summary.run_name
+    found = client.get_run(summary.run_id)
+    assert found.info.status == "FINISHED" and found.info.run_name == summary.run_name
     for key in METRICS:
         assert [m.step for m in client.get_metric_history(summary.run_id, key)] == [1, 2], key
-    assert {k: run.data.params[k] for k in cfg.to_dict()} == {k: str(v) for k, v in cfg.to_dict().items()}
-    assert run.data.tags["dataset_hash"] and run.data.tags["num_classes"] == "4"
+    assert {k: found.data.params[k] for k in cfg.to_dict()} == {k: str(v) for k, v in cfg.to_dict().items()}
+    assert found.data.params["fc_width"] == "64" and found.data.tags["num_classes"] == "4"
+    assert found.data.tags["dataset_hash"]
 
 
-def test_the_run_says_which_colour_statistics_it_used(trained, measured_shards):
-    summary, _, uri = trained
-    run = MlflowClient(uri).get_run(summary.run_id)
-    assert run.data.params["colour_stats"] == f"dataset {run.data.tags['dataset_hash']} (stats.json)"
+@pytest.mark.slow
+def test_the_run_says_which_colour_statistics_it_used(run, measured_shards):
+    summary, _, uri = run
+    found = MlflowClient(uri).get_run(summary.run_id)
+    assert found.data.params["colour_stats"] == f"dataset {found.data.tags['dataset_hash']} (stats.json)"
     logged = json.loads(Path(MlflowClient(uri).download_artifacts(summary.run_id, "stats.json")).read_text())
     measured = json.loads((measured_shards / "stats.json").read_text())
     assert {k: logged[k] for k in ("mean", "std", "eigenvalues", "eigenvectors")} == {
@@ -81,15 +80,21 @@ def test_the_run_says_which_colour_statistics_it_used(trained, measured_shards):
     }
 
 
-def test_validation_counts_every_image_across_workers(trained, measured_shards):
-    summary, _, uri = trained
-    n = json.loads((measured_shards / "manifest.json").read_text())["splits"]["val"]["images"]
-    for m in MlflowClient(uri).get_metric_history(summary.run_id, "val_top1_error"):
-        assert m.value * n == pytest.approx(round(m.value * n), abs=1e-6)  # a whole number of the 24 images
+@pytest.mark.slow
+def test_every_epoch_counts_every_validation_image_and_every_training_step_across_workers(run, measured_shards):
+    summary, cfg, uri = run
+    splits = json.loads((measured_shards / "manifest.json").read_text())["splits"]
+    client = MlflowClient(uri)
+    val = [m.value for m in client.get_metric_history(summary.run_id, "val_images")]
+    assert val == [splits["val"]["images"]] * cfg.epochs == [24, 24]  # no rank's share dropped or doubled
+    steps = splits["train"]["images"] // (cfg.workers * cfg.batch_size)  # 96 images: 6 full global batches
+    train = [m.value for m in client.get_metric_history(summary.run_id, "train_images")]
+    assert train == [steps * cfg.workers * cfg.batch_size] * cfg.epochs == [96, 96]
 
 
-def test_the_best_epoch_is_kept_apart_from_the_most_recent_checkpoints(trained):
-    summary, cfg, _ = trained
+@pytest.mark.slow
+def test_the_best_epoch_is_kept_apart_from_the_most_recent_checkpoints(run):
+    summary, cfg, _ = run
     run_dir = Path(cfg.storage_path) / summary.run_name
     assert summary.checkpoint == str(run_dir / f"best-epoch-{summary.best['epoch']:04d}")
     assert json.loads((run_dir / "best.json").read_text())["epoch"] == summary.best["epoch"]
@@ -97,19 +102,22 @@ def test_the_best_epoch_is_kept_apart_from_the_most_recent_checkpoints(trained):
     assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) == cfg.keep_checkpoints  # K most recent
 
 
-def test_the_checkpoint_describes_itself(trained):
-    summary, cfg, _ = trained
+@pytest.mark.slow
+def test_the_checkpoint_describes_itself(run):
+    summary, cfg, _ = run
     meta = checkpoint.read_meta(summary.checkpoint)
     assert meta["config"] == cfg.to_dict() and meta["run_id"] == summary.run_id
     assert [c["wnid"] for c in meta["classes"]] == ["n01440764", "n01443537", "n01484850", "n01491361"]
     assert meta["epoch"] == summary.best["epoch"]
     assert set(checkpoint.load_state(summary.checkpoint, checkpoint.OPTIMIZER_FILE)) == {"state", "param_groups"}
+    net, _ = checkpoint.load_model(summary.checkpoint)
+    assert net.classifier[1].out_features == net.classifier[4].out_features == cfg.fc_width == 64
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 3, 7])
-def test_the_registered_model_loads_by_version_and_matches_the_checkpoint(trained, measured_shards, batch, tmp_path):
-    summary, _, uri = trained
-    model_uri = f"models:/{summary.model_name}/{summary.model_version}"
+def test_the_registered_model_loads_by_version_and_matches_the_checkpoint(run, registered, measured_shards, batch):
+    summary, _, _ = run
     rows = pq.read_table(measured_shards / "val").slice(0, batch).to_pydict()
     images = eval_batch({"image": np.array(rows["image"], dtype=object), "label": np.array(rows["label"])}, 64)["image"]
 
@@ -117,24 +125,23 @@ def test_the_registered_model_loads_by_version_and_matches_the_checkpoint(traine
     net, _ = checkpoint.load_model(summary.checkpoint)
     expected = ImageClassifier(net, stats["mean"], stats["std"]).eval()(torch.from_numpy(images))
 
-    (tmp_path / "pytorch").mkdir()  # downloads here, not into a temporary directory MLflow never deletes
-    (tmp_path / "pyfunc").mkdir()
-    loaded = mlflow.pytorch.load_model(model_uri, dst_path=str(tmp_path / "pytorch"))
-    torch.testing.assert_close(loaded(torch.from_numpy(images)), expected, rtol=1e-4, atol=1e-4)
-    pyfunc = mlflow.pyfunc.load_model(model_uri, dst_path=str(tmp_path / "pyfunc"))
+    pytorch, pyfunc = registered
+    torch.testing.assert_close(pytorch(torch.from_numpy(images)), expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(pyfunc.predict(images), expected.detach().numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_the_registered_model_carries_its_class_index(trained, tmp_path):
-    summary, _, _ = trained
+@pytest.mark.slow
+def test_the_registered_model_carries_its_class_index(run, tmp_path):
+    summary, _, _ = run
     model_uri = f"models:/{summary.model_name}/{summary.model_version}"
     local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path))
     classes = json.loads(next(Path(local).rglob("classes.json")).read_text())
     assert [c["index"] for c in classes] == [0, 1, 2, 3]
 
 
-def test_reusing_a_run_name_is_refused_instead_of_resuming_the_old_run(trained):
-    summary, cfg, _ = trained
+@pytest.mark.slow
+def test_reusing_a_run_name_is_refused_instead_of_resuming_the_old_run(run):
+    summary, cfg, _ = run
     with pytest.raises(ConfigError, match="already exists; pass another --name"):
         training.run_name(dataclasses.replace(cfg, name=summary.run_name))
 
@@ -187,16 +194,35 @@ def test_a_crop_bigger_than_the_shards_says_which_flag_to_change(tiny_shards):
 
 
 def test_the_train_job_reports_a_missing_data_dir_without_starting_ray(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "jobs/train.py"), "--data", str(tmp_path / "nope")], capture_output=True, text=True
-    )
+    proc = run_job("jobs/train.py", "--data", tmp_path / "nope")
     assert proc.returncode == 2
     assert "error: data directory" in proc.stderr and "jobs/prepare.py" in proc.stderr
     assert "Ray" not in proc.stdout + proc.stderr
 
 
-def test_ten_crop_evaluation_matches_a_direct_pytorch_computation(trained, measured_shards):
-    summary, _, uri = trained
+def test_a_training_step_is_a_function_of_the_seed():
+    """Same seed, same batch: the same lighting, the same loss and the same weights after the step."""
+    images = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2, 3])
+    cfg = light()
+
+    def one_step(seed: int):
+        torch.manual_seed(seed)  # as every rank does before building the model
+        model = AlexNet.from_config(4, cfg.to_dict())
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        augment = DeviceAugment(torch.device("cpu"), alpha_std=0.1, seed=seed)
+        loss, _ = train_step(model, optimizer, augment, images, labels, clip_grad_norm=5.0)
+        return loss.item(), model.state_dict()
+
+    (loss_a, weights_a), (loss_b, weights_b), (loss_c, weights_c) = one_step(0), one_step(0), one_step(1)
+    assert loss_a == loss_b
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert loss_c != loss_a and not torch.equal(weights_a["features.0.weight"], weights_c["features.0.weight"])
+
+
+@pytest.mark.slow
+def test_ten_crop_evaluation_matches_a_direct_pytorch_computation(run, measured_shards):
+    summary, _, uri = run
     model_uri = f"models:/{summary.model_name}/{summary.model_version}"
     results = evaluation.evaluate(model_uri, str(measured_shards), ten_crop=True, tracking_uri=uri, batch_size=5)
 
@@ -207,7 +233,7 @@ def test_ten_crop_evaluation_matches_a_direct_pytorch_computation(trained, measu
     model = ImageClassifier(net, stats["mean"], stats["std"]).eval()
     correct = {"centre": [0, 0], "ten_crop": [0, 0]}
     with torch.no_grad():
-        for data, label in zip(rows["image"], rows["label"]):
+        for data, label in zip(rows["image"], rows["label"], strict=True):
             chw = torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
             views = torch.stack(TF.ten_crop(chw, 64)).permute(0, 2, 3, 1).contiguous()
             probs = torch.softmax(model(views), dim=1)
@@ -224,24 +250,12 @@ def test_ten_crop_evaluation_matches_a_direct_pytorch_computation(trained, measu
     assert from_checkpoint == results
 
 
-def test_the_evaluate_job_prints_the_table_and_logs_it_to_the_models_run(ray_cluster, trained, measured_shards):
-    summary, _, uri = trained
+@pytest.mark.slow
+def test_the_evaluate_job_prints_the_table_and_logs_it_to_the_models_run(ray_cluster, run, measured_shards):
+    summary, _, uri = run
     model_uri = f"models:/{summary.model_name}/{summary.model_version}"
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": uri}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "jobs/evaluate.py"),
-            "--model",
-            model_uri,
-            "--data",
-            str(measured_shards),
-            "--ten-crop",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    mlflow.set_tracking_uri(uri)  # the job's default: the tracking URI in force
+    proc = call_job("jobs/evaluate.py", "--model", model_uri, "--data", measured_shards, "--ten-crop")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| model | top-1 error | top-5 error |" in proc.stdout
     assert f"| {model_uri}, centre crop |" in proc.stdout and f"| {model_uri}, 10 crops |" in proc.stdout
@@ -249,32 +263,43 @@ def test_the_evaluate_job_prints_the_table_and_logs_it_to_the_models_run(ray_clu
     assert {"eval_centre_top1_error", "eval_ten_crop_top1_error", "eval_ten_crop_top5_error"} <= set(metrics)
 
 
-def test_evaluating_an_unknown_model_fails_before_any_cluster_work(trained, measured_shards):
-    _, _, uri = trained
-    with pytest.raises(evaluation.EvaluationError, match="cannot load models:/alexnet-test/99"):
-        evaluation.evaluate("models:/alexnet-test/99", str(measured_shards), tracking_uri=uri)
+def test_evaluating_an_unknown_model_fails_before_any_cluster_work(mlflow_server, tiny_shards):
+    uri = mlflow_server.url
+    with pytest.raises(evaluation.EvaluationError, match=f"cannot load models:/{REGISTERED_MODEL}/99"):
+        evaluation.evaluate(f"models:/{REGISTERED_MODEL}/99", str(tiny_shards), tracking_uri=uri)
     with pytest.raises(evaluation.EvaluationError, match="neither a models:/ URI nor a checkpoint"):
-        evaluation.evaluate("/no/such/checkpoint", str(measured_shards), tracking_uri=uri)
+        evaluation.evaluate("/no/such/checkpoint", str(tiny_shards), tracking_uri=uri)
 
 
-def test_a_second_run_with_the_same_seed_and_workers_repeats_every_epochs_metrics(trained, tmp_path):
-    # The second run trains with --no-tracking, against a tracking URI where nothing listens: it
-    # must never ask MLflow. Its per-epoch metrics come from its checkpoints (all of them kept).
-    summary, cfg, uri = trained
-    repeat = dataclasses.replace(cfg, storage_path=str(tmp_path / "runs"), tracking=False, keep_checkpoints=cfg.epochs)
+@pytest.mark.slow
+def test_a_run_without_tracking_checkpointing_to_s3_repeats_every_epochs_metrics(run, s3_server):
+    # The first run's config (seed, workers, data) with --no-tracking, against a tracking URI where
+    # nothing listens (it must never ask MLflow), and its checkpoints in the S3 server: the same
+    # metrics every epoch, read back from the checkpoints (all of them kept).
+    summary, cfg, uri = run
+    s3_server.create_dir("runs")
+    repeat = dataclasses.replace(
+        cfg, storage_path="s3://runs/alexnet", name="repeat", tracking=False, keep_checkpoints=cfg.epochs
+    )
     mlflow.set_tracking_uri(f"http://127.0.0.1:{free_port()}")
     try:
         again = training.train(repeat, log=lambda m: None)
     finally:
         mlflow.set_tracking_uri(uri)
     assert again.run_id is None and again.model_version is None
-    assert checkpoint.read_meta(again.checkpoint)["run_id"] is None
-    metas = [json.loads(p.read_text()) for p in (tmp_path / "runs" / again.run_name).glob("checkpoint_*/meta.json")]
+    assert again.checkpoint == f"s3://runs/alexnet/repeat/best-epoch-{again.best['epoch']:04d}"
+    stored = [i.path for i in s3_server.get_file_info(pafs.FileSelector("runs/alexnet/repeat", recursive=True))]
+    assert {"runs/alexnet/repeat/alexnet_run.json", "runs/alexnet/repeat/best.json"} <= set(stored)
+    assert f"{again.checkpoint.removeprefix('s3://')}/model.pt" in stored
+    metas = [
+        json.loads(s3_server.open_input_file(path).read())
+        for path in stored
+        if "/checkpoint_" in path and path.endswith("/meta.json")
+    ]
+    assert metas and all(meta["run_id"] is None for meta in metas)
     by_epoch = {meta["epoch_metrics"]["epoch"]: meta["epoch_metrics"] for meta in metas}
     assert sorted(by_epoch) == list(range(1, cfg.epochs + 1))
     client = MlflowClient(uri)
-    for key in ("train_loss", "train_top1_error", "val_loss", "val_top1_error", "val_top5_error"):
-        first = [
-            (m.step, m.value) for m in sorted(client.get_metric_history(summary.run_id, key), key=lambda m: m.step)
-        ]
+    for key in ("train_loss", "train_top1_error", "val_loss", "val_top1_error", "val_top5_error", "train_images"):
+        first = sorted((m.step, m.value) for m in client.get_metric_history(summary.run_id, key))
         assert first == [(epoch, by_epoch[epoch][key]) for epoch in sorted(by_epoch)], key

@@ -8,6 +8,7 @@ training.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # Published ImageNet statistics for pixels in [0, 1].
@@ -33,7 +34,8 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
 
 def as_nchw(values, device: torch.device | None = None) -> torch.Tensor:
     """A per-channel (3,) or per-pixel (3, H, W) statistic, shaped to broadcast over NCHW batches."""
-    t = torch.as_tensor(values, dtype=torch.float32, device=device)
+    # A copy: a mean image from Ray's object store is a read-only array, which torch will not share.
+    t = torch.from_numpy(np.array(values, dtype=np.float32)).to(device)
     return t.reshape(1, 3, *(t.shape[1:] or (1, 1)))
 
 

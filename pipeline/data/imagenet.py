@@ -101,7 +101,7 @@ def read_devkit_meta(data: bytes, origin: str = DEVKIT_META) -> tuple[dict[int, 
 
     try:
         synsets = scipy.io.loadmat(io.BytesIO(data), squeeze_me=True)["synsets"]
-        rows = zip(synsets["ILSVRC2012_ID"], synsets["WNID"], synsets["words"], synsets["num_children"])
+        rows = zip(synsets["ILSVRC2012_ID"], synsets["WNID"], synsets["words"], synsets["num_children"], strict=True)
         leaves = [(int(i), str(w), str(words)) for i, w, words, children in rows if int(children) == 0]
     except (ValueError, KeyError, TypeError, NotImplementedError) as exc:
         raise LayoutError(f"{origin} is not the ILSVRC-2012 devkit's meta.mat (no 'synsets' table): {exc}") from exc
@@ -191,7 +191,7 @@ def _scan_class_folders(split_dir: Location, split: str, rejected: list) -> tupl
     with ThreadPoolExecutor(LISTING_THREADS) as pool:
         listings = list(pool.map(lambda d: split_dir.at(d.path).listdir(), folders))
     items = []
-    for folder, entries in zip(folders, listings):
+    for folder, entries in zip(folders, listings, strict=True):
         for entry in entries:
             reason = _unusable(entry)
             if reason:

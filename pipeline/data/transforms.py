@@ -16,9 +16,7 @@ import io
 import zlib
 
 import numpy as np
-import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
 
 _JPEG_MAGIC = b"\xff\xd8"
 
@@ -65,6 +63,10 @@ def decode(data: bytes) -> np.ndarray:
     Anything else, or a JPEG torchvision refuses, goes through PIL.
     """
     if data[:2] == _JPEG_MAGIC:
+        # Imported here: preparation (PIL only) and the jobs' start-up need no torch (seconds per process).
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
         try:
             encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # writable: a copy of a few KB
             return decode_jpeg(encoded, mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
