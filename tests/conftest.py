@@ -1,8 +1,8 @@
 """Shared fixtures: one real local Ray cluster, one real MLflow server, one tiny prepared dataset and
 one pair of trained, registered runs per session.
 
-Tiers: tests marked `slow` need a trained AlexNet or a cluster of their own; `make test-fast`
-(`pytest -m "not slow"`) runs the rest. Tests whose subject is the plumbing around the model
+Tiers: tests marked `slow` need a trained AlexNet, or a Ray cluster or MLflow server of their own;
+`make test-fast` (`pytest -m "not slow"`) runs the rest. Tests whose subject is the plumbing around the model
 (checkpoints, S3, MLflow, registration, restarts, outages, promotion, inference, the cluster)
 train AlexNet with fc6/fc7 FC_WIDTH wide: the same layers, 12 MB instead of 244 MB per model.
 """

@@ -190,7 +190,7 @@ def test_an_unreachable_server_is_named_by_the_registry_cli_and_refused_by_train
     assert "started a local Ray" not in proc.stdout and not (tmp_path / "runs").exists()  # no cluster work
 
 
-@pytest.mark.parametrize("store", ["server", "sqlite"])
+@pytest.mark.parametrize("store", [pytest.param("server", marks=pytest.mark.slow), "sqlite"])  # slow: a server
 def test_promotion_compares_val_error_only_on_the_same_dataset(store, request, tmp_path):
     """Versions registered directly, with the tags training gives them, on a server and on a sqlite store."""
     uri = request.getfixturevalue("mlflow_server").url if store == "server" else f"sqlite:///{tmp_path / 'm.db'}"
@@ -232,6 +232,7 @@ def test_worker_env_carries_tracking_settings_but_not_what_the_job_already_sets(
     assert tracking.redact("https://bob:pw@mlflow.example.com:443/x") == "https://mlflow.example.com:443/x"
 
 
+@pytest.mark.slow  # a server of its own
 def test_the_server_proxies_artifacts_to_s3_for_clients_without_credentials(s3_server, tmp_path, monkeypatch):
     s3_server.create_dir("team-mlflow")
     with MlflowServer(tmp_path / "server", artifacts_destination="s3://team-mlflow/artifacts") as server:

@@ -263,8 +263,8 @@ def test_the_evaluate_job_prints_the_table_and_logs_it_to_the_models_run(ray_clu
     assert {"eval_centre_top1_error", "eval_ten_crop_top1_error", "eval_ten_crop_top5_error"} <= set(metrics)
 
 
-def test_evaluating_an_unknown_model_fails_before_any_cluster_work(mlflow_server, tiny_shards):
-    uri = mlflow_server.url
+def test_evaluating_an_unknown_model_fails_before_any_cluster_work(tiny_shards, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(evaluation.EvaluationError, match=f"cannot load models:/{REGISTERED_MODEL}/99"):
         evaluation.evaluate(f"models:/{REGISTERED_MODEL}/99", str(tiny_shards), tracking_uri=uri)
     with pytest.raises(evaluation.EvaluationError, match="neither a models:/ URI nor a checkpoint"):
