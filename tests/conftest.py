@@ -64,13 +64,20 @@ def call_job(script: str, *args) -> subprocess.CompletedProcess:
     start-up, what it leaves alone before Ray starts, a signal).
     """
     argv = [str(a) for a in args]
-    out, err = io.StringIO(), io.StringIO()
+    out, err = _Captured(), _Captured()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = load_job(script).main(argv)
         except SystemExit as exc:  # argparse's usage errors
             code = exc.code
     return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
+
+
+class _Captured(io.StringIO):
+    """A job's stdout or stderr in call_job: text kept in memory, as a terminal's or a pipe's would be."""
+
+    def reconfigure(self, **kwargs) -> None:  # jobs ask for line buffering; memory has no buffer to set
+        pass
 
 
 def job_env(ray=None, tracking_uri: str | None = None) -> dict[str, str]:

@@ -257,11 +257,14 @@ class FakeCluster:
         except OSError:
             return None
 
-    def worker_nodes(self) -> dict[str, int]:
-        """Alive worker nodes by type, told apart by their resources (Ray's state API, as `ray list nodes`)."""
-        reply = self._get("/api/v0/nodes?limit=100&detail=1") or {}
+    def worker_nodes(self) -> dict[str, int] | None:
+        """Alive worker nodes by type, told apart by their resources (Ray's state API, as `ray list nodes`);
+        None when the head did not answer."""
+        reply = self._get("/api/v0/nodes?limit=100&detail=1")
+        if reply is None:
+            return None
         counts: dict[str, int] = {}
-        for node in reply.get("data", {}).get("result", {}).get("result", []):
+        for node in reply["data"]["result"]["result"]:
             if node["state"] == "ALIVE" and not node["is_head_node"]:
                 kind = "gpu" if node["resources_total"].get("mock_gpu") else "cpu"
                 counts[kind] = counts.get(kind, 0) + 1
@@ -331,7 +334,9 @@ def test_a_submitted_job_scales_the_cluster_up_stops_resumes_and_the_nodes_go_aw
     # 1. Submitted: the head has no CPUs, so nothing runs until the autoscaler launches nodes.
     first = cluster.ray(*submit, "--submission-id", "train-1", "--no-wait", "--", *train, "--name", "on-cluster")
     assert first.returncode == 0, first.stderr
-    _wait_for(lambda: cluster.worker_nodes().get("gpu", 0) >= 1, "a mock-GPU node for the train worker", 120, cluster)
+    _wait_for(
+        lambda: (cluster.worker_nodes() or {}).get("gpu", 0) >= 1, "a mock-GPU node for the train worker", 120, cluster
+    )
     _wait_for(lambda: (storage / "on-cluster").is_dir() and any((storage / "on-cluster").glob("checkpoint_*/meta.json")),
               "the first checkpoint", 240, cluster)  # fmt: skip
     assert cluster.job_status("train-1") == "RUNNING"

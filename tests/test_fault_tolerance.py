@@ -1,7 +1,14 @@
-"""Training that survives a killed worker, in one MLflow run, on a real local Ray; checkpoints that do not fit.
+"""Training that survives failures, in one MLflow run, on a real local Ray and a real `mlflow server`.
 
-A job stopped with `ray job stop` and continued with --resume: tests/test_cluster.py.
+A train worker killed with SIGKILL mid-epoch and the MLflow server stopped and started again under
+the same running job: no step counted twice or lost, no metric lost. A server still away at the
+end: the metrics are kept in unsent_metrics.json and `--resume` sends them and registers the
+model. The jobs run in this process (a thread), on the session's Ray. Checkpoints that do not fit
+the model are refused. A job stopped with `ray job stop` and continued with --resume:
+tests/test_cluster.py.
 """
+
+from __future__ import annotations
 
 import json
 import signal
@@ -16,10 +23,73 @@ import torch
 from conftest import light
 from mlflow import MlflowClient
 
-from pipeline import checkpoint, config, training
+from pipeline import checkpoint, config, tracking, training
+from pipeline.mlflow_server import MlflowServer
 from pipeline.model import AlexNet
 
-EPOCH_METRICS = ["train_loss", "train_top1_error", "val_top1_error", "val_top5_error", "lr", "images_per_s"]
+KEYS = ("train_loss", "train_top1_error", "train_top5_error", "val_top1_error", "val_top5_error", "lr", "images_per_s")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A server of this file's own, which the tests stop and start again on the same port and store."""
+    root = tmp_path_factory.mktemp("stoppable-server")
+    holder = {"server": MlflowServer(root).start(), "root": root}
+    yield holder
+    holder["server"].stop()
+
+
+@pytest.fixture
+def outage(server):
+    """The module's server, running at the start of the test; `stop()` and `start()` it at will."""
+
+    class Outage:
+        url = server["server"].url
+
+        def stop(self) -> None:
+            server["server"].stop()
+
+        def start(self) -> None:
+            server["server"] = MlflowServer(server["root"], port=server["server"].port).start()
+
+    if server["server"].process is None:  # a failed test left it stopped
+        Outage().start()
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(Outage.url)  # the job's server: train() reads it from MLflow
+    yield Outage()
+    mlflow.set_tracking_uri(previous)
+
+
+class Job(threading.Thread):
+    """training.train(cfg) in a thread: what `python jobs/train.py` runs, on the session's Ray."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.cfg, self.lines, self.summary, self.error = cfg, [], None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.summary = training.train(self.cfg, log=self.lines.append)
+        except BaseException as exc:  # noqa: BLE001 (re-raised by result())
+            self.error = exc
+
+    def result(self, timeout: float = 400):
+        self.join(timeout)
+        assert not self.is_alive(), "the job did not finish"
+        if self.error is not None:
+            raise self.error
+        return self.summary
+
+
+def _wait_for(predicate, what: str, timeout: float = 240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _latest_registered(run_dir: Path) -> dict:
@@ -35,80 +105,112 @@ def _latest_registered(run_dir: Path) -> dict:
     return (snapshot.get("latest_checkpoint_result") or {}).get("metrics", {})
 
 
-def _wait_for(predicate, what: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+def _checkpointed_epoch(run_dir: Path) -> int:
+    epochs = []
+    for meta in run_dir.glob("checkpoint_*/meta.json"):
+        try:
+            epochs.append(json.loads(meta.read_text())["epoch"])
+        except (OSError, ValueError):
+            continue  # being written
+    return max(epochs, default=0)
+
+
+def _run_id(run_dir: Path) -> str:
+    """The MLflow run of a job, from the run record its driver writes once the run is created."""
+    return json.loads((run_dir / training.RUN_RECORD).read_text())["run_id"]
+
+
+def _train_worker_pids() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
 
 
 def _assert_each_epoch_once(client: MlflowClient, run_id: str, epochs: int) -> None:
-    for key in EPOCH_METRICS:
+    for key in KEYS:
         assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(1, epochs + 1)), key
 
 
-@pytest.fixture
-def tracking(mlflow_server):
-    uri = mlflow_server.url
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    mlflow.set_tracking_uri(None)
+@pytest.mark.slow
+def test_a_killed_worker_and_a_server_outage_lose_no_step_and_no_metric(ray_cluster, tiny_shards, tmp_path, outage):
+    # 96 images, 2 workers × batch 2: 24 steps per epoch, a checkpoint after steps 6, 12 and 18.
+    cfg = light(
+        data=str(tiny_shards), epochs=2, batch_size=2, workers=2, cpus_per_worker=1.0, checkpoint_every_steps=6,
+        max_failures=2, storage_path=str(tmp_path / "runs"), name="chaos", experiment="chaos", model_name="chaos",
+    )  # fmt: skip
+    job = Job(cfg)
+    run_dir = tmp_path / "runs" / "chaos"
+    client = MlflowClient(outage.url)
+
+    # 1. A train worker is killed once a checkpoint in the middle of epoch 1 is registered.
+    def mid_epoch() -> bool:  # mid-epoch reports carry the epochs done and the steps into the next
+        metrics = _latest_registered(run_dir)
+        return metrics.get("epoch") == 0 and metrics.get("step_in_epoch", 0) >= 6
+
+    _wait_for(lambda: mid_epoch() or not job.is_alive(), "a registered checkpoint in the middle of epoch 1")
+    workers = _train_worker_pids()
+    assert workers and job.is_alive(), "the job ended before a worker could be killed"
+    workers[0].send_signal(signal.SIGKILL)
+    run_id = _run_id(run_dir)
+
+    # 2. Once the restarted workers have counted themselves, the server goes away: the restart
+    # resumed at step 6 or 12, so the end of epoch 1 (and its metrics) falls into the outage ...
+    def restarted() -> bool:
+        return any(m.value == 1 for m in client.get_metric_history(run_id, "restarts"))
+
+    _wait_for(lambda: restarted() or not job.is_alive(), "the restarted worker group")
+    assert job.is_alive(), "the job ended before the outage"
+    outage.stop()
+    _wait_for(lambda: _checkpointed_epoch(run_dir) >= 1 or not job.is_alive(), "the end of epoch 1")
+    outage.start()  # ... and is back for epoch 2
+    summary = job.result()
+
+    assert summary.delayed_epochs >= 1  # `jobs/train.py` prints "N epoch(s) of metrics were sent late; none lost"
+    runs = client.search_runs([client.get_experiment_by_name("chaos").experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id] == [summary.run_id]
+    assert runs[0].info.status == "FINISHED" and runs[0].data.tags["restarts"] == "1"
+    _assert_each_epoch_once(client, run_id, 2)
+    restarts = client.get_metric_history(run_id, "restarts")
+    assert sorted((m.step, m.value) for m in restarts) == [(0, 0), (0, 1)]  # restarted inside epoch 1
+    # Epoch 1's metrics merge the steps before the kill (the checkpoint's partial sums) with those
+    # after it, each counted once: every training image of the epoch, no more, no fewer.
+    images = client.get_metric_history(run_id, "train_images")
+    assert sorted((m.step, m.value) for m in images) == [(1, 96), (2, 96)]
+    assert [m.value for m in client.get_metric_history(run_id, "val_images")] == [24, 24]
+    assert client.get_model_version_by_alias("chaos", "champion").run_id == run_id
 
 
 @pytest.mark.slow
-def test_a_killed_worker_resumes_mid_epoch_in_the_same_mlflow_run(ray_cluster, tiny_shards, tmp_path, tracking):
-    # 96 images, 2 workers × batch 4: 12 steps per epoch, a checkpoint after steps 3, 6 and 9. A worker
-    # is killed once the checkpoint after step 3 is registered: 9 steps of the epoch are left.
+def test_metrics_the_server_never_got_are_sent_by_resume_which_then_registers_the_model(
+    ray_cluster, tiny_shards, tmp_path, outage, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # the driver gives up on a dead server in seconds
     cfg = light(
-        data=str(tiny_shards),
-        epochs=1,
-        batch_size=4,
-        workers=2,
-        cpus_per_worker=1.0,
-        checkpoint_every_steps=3,
-        max_failures=2,
-        storage_path=str(tmp_path / "runs"),
-        name="killed",
-        experiment="fault-tolerance",
-        model_name="fault-tolerance",
-    )
-    outcome = {}
+        data=str(tiny_shards), epochs=1, batch_size=8, storage_path=str(tmp_path / "runs"), name="late",
+        experiment="late", model_name="alexnet-late",
+    )  # fmt: skip
+    job = Job(cfg)
+    client = MlflowClient(outage.url)
+    run_dir = tmp_path / "runs" / "late"
+    # The run record is written once the driver has created the MLflow run and logged its params.
+    _wait_for(lambda: (run_dir / training.RUN_RECORD).is_file() or not job.is_alive(), "the job's run record")
+    run_id = _run_id(run_dir)
+    outage.stop()  # gone before epoch 1's metrics, and still gone when training ends
+    with pytest.raises(tracking.TrackingError) as failed:
+        job.result()
+    assert training.UNSENT_FILE in str(failed.value) and "--resume late" in str(failed.value)
+    assert "registers the model" in str(failed.value)
+    kept = json.loads((run_dir / training.UNSENT_FILE).read_text())
+    assert [item["step"] for item in kept if item["kind"] == "epoch"] == [1]
 
-    def run():
-        try:
-            outcome["summary"] = training.train(cfg, log=lambda message: None)
-        except BaseException as exc:  # noqa: BLE001 (re-raised in the test thread)
-            outcome["error"] = exc
-
-    job = threading.Thread(target=run)
-    job.start()
-    run_dir = tmp_path / "runs" / "killed"
-
-    def mid_epoch() -> bool:  # mid-epoch reports carry the epochs done and the steps into the next
-        metrics = _latest_registered(run_dir)
-        return metrics.get("epoch") == 0 and metrics.get("step_in_epoch", 0) >= 3
-
-    _wait_for(lambda: mid_epoch() or not job.is_alive(), "a registered checkpoint in the middle of the epoch")
-    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
-    assert workers and job.is_alive(), "the job ended before a worker could be killed"
-    workers[0].send_signal(signal.SIGKILL)
-    job.join(timeout=600)
-    if "error" in outcome:
-        raise outcome["error"]
-
-    client = MlflowClient(tracking)
-    experiment = client.get_experiment_by_name("fault-tolerance")
-    runs = client.search_runs([experiment.experiment_id])
-    assert [r.info.run_id for r in runs] == [outcome["summary"].run_id]
-    assert runs[0].info.status == "FINISHED" and runs[0].data.tags["restarts"] == "1"
-    _assert_each_epoch_once(client, outcome["summary"].run_id, 1)
-    restarts = client.get_metric_history(outcome["summary"].run_id, "restarts")
-    assert sorted((m.step, m.value) for m in restarts) == [(0, 0), (0, 1)]  # restarted inside epoch 1
-    # The epoch's metrics merge the steps before the kill (the checkpoint's partial sums) with those
-    # after it, each counted once: every training image of the epoch, no more, no fewer.
-    images = client.get_metric_history(outcome["summary"].run_id, "train_images")
-    assert [(m.step, m.value) for m in images] == [(1, 96)]
-    assert [m.value for m in client.get_metric_history(outcome["summary"].run_id, "val_images")] == [24]
+    outage.start()
+    lines: list[str] = []
+    summary = training.train(config.resolve(resume="late", storage_path=str(tmp_path / "runs")), log=lines.append)
+    assert "sent 1 epoch(s) of metrics kept from the last attempt" in lines
+    assert not (run_dir / training.UNSENT_FILE).exists()
+    _assert_each_epoch_once(client, run_id, 1)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["restarts"] == "1"  # the resume, counted once
+    assert summary.model_version == "1" and summary.restarts == 1
+    assert client.get_model_version_by_alias("alexnet-late", "champion").run_id == run_id
 
 
 def test_resume_without_a_stopped_run_says_so(tmp_path):

@@ -5,9 +5,10 @@ import pickle
 import shutil
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
-from conftest import job_env, run_job
+from conftest import call_job
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -63,7 +64,12 @@ def test_the_job_on_the_sample_dir_trains_both_arms_and_logs_the_figure(
     shutil.copytree(tiny_shards, sample / "shards")
     out = tmp_path / "out"
     args = ["--sample-dir", sample, "--epochs", EPOCHS, "--batch-size", "8", "--target-error", TARGET, "--out", out]
-    proc = run_job("jobs/relu_vs_tanh.py", *args, env=job_env(ray_cluster, mlflow_server.url))
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(mlflow_server.url)  # the job logs to the tracking URI in effect
+    try:
+        proc = call_job("jobs/relu_vs_tanh.py", *args)  # on the session's Ray
+    finally:
+        mlflow.set_tracking_uri(previous)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "generating the sample" not in proc.stdout and not (sample / "raw").exists()
     result = json.loads((out / "relu_vs_tanh.json").read_text())
