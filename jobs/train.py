@@ -34,20 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     # Line by line even into a file or pipe (`ray job logs`, nohup): progress shows as it happens.
     sys.stdout.reconfigure(line_buffering=True)
     print("config:\n" + cfg.to_json())
-    # Imported once the flags and the data are good: --help, a bad flag and a wrong --data answer
-    # without loading torch, Ray and MLflow (train() checks the data again, fully).
     from pipeline.data.shards import open_dataset
 
     try:
-        if cfg.data and not cfg.resume:
-            open_dataset(cfg.data)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from pipeline.metrics import format_duration
-    from pipeline.training import train
+        if cfg.data and not cfg.resume:  # a wrong --data answers before torch, Ray and MLflow load
+            open_dataset(cfg.data)  # (train() checks the data again, fully)
+        # Imported once the flags and the data are good: --help and a bad flag answer at once too.
+        from pipeline.metrics import format_duration
+        from pipeline.training import train
 
-    try:
         summary = train(cfg)
     except InputError as exc:  # bad input: a message, not a traceback
         print(f"error: {exc}", file=sys.stderr)
