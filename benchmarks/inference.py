@@ -26,16 +26,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.prepare import make_source
-from pipeline import evaluation, inference, tracking
+from benchmarks.common import make_source
+from pipeline import inference, serving, tracking
 from pipeline.data.transforms import center_crop, load_square
 from pipeline.storage import locate
 
 
-def plain_loop(ref: evaluation.ModelRef, files: list[Path], cpus: int, batch_size: int) -> float:
+def plain_loop(ref: serving.ModelRef, files: list[Path], cpus: int, batch_size: int) -> float:
     """images/s of read → preprocess → forward → softmax/top-5, in one process using `cpus` threads."""
     torch.set_num_threads(cpus)
-    model = evaluation.load(ref)
+    model = serving.load(ref)
     started = time.perf_counter()
     for i in range(0, len(files), batch_size):
         batch = np.stack(
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     uri = tracking.resolve_tracking_uri()
-    ref = evaluation.resolve_model(args.model, uri)
+    ref = serving.resolve(args.model, uri)
     with tempfile.TemporaryDirectory() as tmp:
         make_source(Path(tmp, "src"), args.images)
         files = sorted(Path(tmp, "src").rglob("*.JPEG"))

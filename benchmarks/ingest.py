@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import sys
 import tempfile
@@ -31,12 +30,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.prepare import make_source
-from pipeline.data.transforms import decode, random_crop_flip
+from benchmarks.common import decode_floor, load_images, make_source
 
 
 def make_shards(out: Path, images: int, shard_size: int, cpus: int) -> Path:
@@ -58,40 +55,7 @@ def make_shards(out: Path, images: int, shard_size: int, cpus: int) -> Path:
     return shards
 
 
-def load_images(shards: Path) -> list[bytes]:
-    return [
-        b
-        for f in sorted((shards / "train").glob("*.parquet"))
-        for b in pq.read_table(f, columns=["image"])["image"].to_pylist()
-    ]
-
-
 # --- (a) the floor ------------------------------------------------------------------------------
-
-_IMAGES: list[bytes] = []
-
-
-def _floor_part(args: tuple[int, int, int]) -> int:
-    start, stop, crop = args
-    rng = np.random.default_rng(start)
-    for data in _IMAGES[start:stop]:
-        np.ascontiguousarray(random_crop_flip(decode(data), crop, rng))
-    return stop - start
-
-
-def floor(images: list[bytes], crop: int, cpus: int, epochs: int) -> list[float]:
-    """images/s of `cpus` forked processes, each decoding, cropping and flipping its share."""
-    global _IMAGES
-    _IMAGES = images
-    bounds = np.linspace(0, len(images), cpus + 1).astype(int)
-    rates = []
-    with multiprocessing.get_context("fork").Pool(cpus) as pool:
-        for _ in range(epochs):
-            started = time.perf_counter()
-            done = sum(pool.map(_floor_part, [(a, b, crop) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]))
-            rates.append(done / (time.perf_counter() - started))
-    return rates
-
 
 # --- (b) the project's Ray Data pipeline into a Ray Train worker --------------------------------
 
@@ -206,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(images)} training images, {sum(map(len, images)) / len(images) / 1024:.0f} KiB average, "
               f"{args.cpus} cores, {args.crop}-px crops, batch {args.batch_size}, {args.epochs} epochs", flush=True)  # fmt: skip
         runs = {
-            "floor": lambda: floor(images, args.crop, args.cpus, args.epochs),
+            "floor": lambda: decode_floor(images, args.crop, args.cpus, args.epochs),
             "ray_data": lambda: ray_data(shards, args.crop, args.cpus, args.epochs, args.batch_size),
             "torch_dataloader": lambda: torch_dataloader(images, args.crop, args.cpus, args.epochs, args.batch_size),
         }

@@ -23,32 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data.sample import make_sample
+from benchmarks.common import make_source
 from pipeline.data.transforms import encode_jpeg, load_square
 
 IMAGENET_IMAGES = 1_281_167 + 50_000
-
-
-def make_source(root: Path, images: int, seed: int = 0) -> int:
-    """A sample source of `images` ImageNet-sized JPEGs; returns their total bytes."""
-    per_class = max(1, images // 11)  # 10 classes, val a tenth of train
-    make_sample(root, num_classes=10, train_per_class=per_class, val_per_class=max(1, per_class // 10), seed=seed)
-    rng = np.random.default_rng(seed)
-    total = 0
-    for path in sorted(root.rglob("*.JPEG")):
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-        scale = rng.uniform(330, 420) / min(image.size)
-        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
-        pixels = np.asarray(image).astype(np.float32) + rng.normal(0, 10, (image.height, image.width, 3))
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
-        total += path.stat().st_size
-    return total
 
 
 def floor(files: list[Path], size: int) -> float:

@@ -11,7 +11,7 @@
   pipeline    jobs/train.py's training itself (Ray Data → Ray Train worker, the same step) on
               --data for --epochs, without MLflow: images/s and data_wait_fraction per epoch, the
               first epoch apart
-  per core    decode + random crop + flip of the shards' JPEGs in one process (benchmarks/ingest.py's floor)
+  per core    decode + random crop + flip of the shards' JPEGs in one process (benchmarks/common.py's decode_floor)
 
 and the CPU cores per accelerator the pipeline needs at these rates:
   cores per GPU = synthetic images/s ÷ per-core images/s
@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.ingest import floor, load_images
+from benchmarks.common import decode_floor, load_images
 from pipeline import config
 from pipeline.data.device import DeviceAugment
 from pipeline.model import AlexNet
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     images = load_images(Path(args.data))
-    results["per_core"] = float(np.mean(floor(images[:2000], crop, 1, 2)[1:]))
+    results["per_core"] = float(np.mean(decode_floor(images[:2000], crop, 1, 2)[1:]))
     print(f"  per core            {results['per_core']:8.0f} images/s (decode + crop + flip, one process)")
     results["cores_per_accelerator"] = results["synthetic"] / results["per_core"]
 

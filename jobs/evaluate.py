@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
-from pipeline import evaluation, tracking
+from pipeline import evaluation, serving, tracking
 from pipeline.data.shards import open_dataset
 from pipeline.errors import InputError
 
@@ -43,12 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         tracking_uri = tracking.resolve_tracking_uri()
         if args.model.startswith("models:/") or not args.no_log:
             tracking.check_server(tracking_uri)  # a dead server is named now, not after minutes of retries
+        ref = serving.resolve(args.model, tracking_uri)  # an alias → its version, once
         dataset = open_dataset(args.data)
         results = evaluation.evaluate(
-            args.model,
+            ref,
             dataset,
             ten_crop=args.ten_crop,
-            tracking_uri=tracking_uri,
             batch_size=args.batch_size,
             replicas=args.replicas,
             gpus_per_replica=args.gpus_per_replica,
@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"\n{dataset.count('val'):,} validation images of {dataset.uri}\n")
+    version = f" (version {ref.version})" if ref.version else ""
+    print(f"\n{dataset.count('val'):,} validation images of {dataset.uri}; model {ref.uri}{version}\n")
     print(evaluation.table(args.model, results))
-    ref = evaluation.resolve_model(args.model, tracking_uri)
     if not args.no_log and ref.run_id:
         evaluation.log_to_run(ref, dataset, results)
         print(f"\nlogged to MLflow run {ref.run_id} at {tracking.redact(tracking_uri)}")

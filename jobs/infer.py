@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` im
 
 import ray
 
-from pipeline import cluster, evaluation, inference, tracking
+from pipeline import cluster, inference, serving, tracking
 from pipeline.errors import InputError
 from pipeline.storage import locate
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         tracking_uri = tracking.resolve_tracking_uri()
         if args.model.startswith("models:/"):
             tracking.check_server(tracking_uri)
-        ref = evaluation.resolve_model(args.model, tracking_uri)
+        ref = serving.resolve(args.model, tracking_uri)  # an alias → its version, once: every row is that version
         source = locate(args.input)
         listing = inference.list_images(source)
         views = "ten crops" if args.ten_crop else "centre crop"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
-from pipeline import config, relu_vs_tanh, tracking
+from pipeline import relu_vs_tanh, tracking
 from pipeline.errors import InputError
 
 
@@ -48,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
             images, labels = relu_vs_tanh.load_cifar10(args.cifar10)
             source, epochs = f"CIFAR-10 ({args.cifar10})", args.epochs or 40
         else:
-            from pipeline.training import sample_shards
+            from pipeline.prepare import sample_shards
 
-            shards = args.data or str(sample_shards(config.resolve("sample", sample_dir=args.sample_dir)))
+            shards = args.data or str(sample_shards(args.sample_dir))
             images, labels = relu_vs_tanh.load_shards(shards)
             source, epochs = f"{shards} at 32×32", args.epochs or 30
         if args.tracking:
@@ -59,8 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-    import mlflow
 
     from pipeline import cluster
 
@@ -79,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ratio tanh ÷ ReLU: more than {result['ratio_at_least']:.2f} (tanh never reached the target)")
     print(f"figure: {files[0]}\nresults: {files[1]}")
     if args.tracking:
-        mlflow.set_tracking_uri(uri)
-        parent, children = relu_vs_tanh.log_to_mlflow(result, files, args.experiment, args.batch_size, args.seed)
+        parent, children = relu_vs_tanh.log_to_mlflow(uri, result, files, args.experiment, args.batch_size, args.seed)
         print(f"MLflow: run {parent} in experiment {args.experiment!r} (child runs relu {children['relu']}, "
               f"tanh {children['tanh']}) at {tracking.redact(uri)}")  # fmt: skip
     return 0

@@ -2,8 +2,9 @@
 
     model.pt       AlexNet state_dict (torchvision key names)
     optimizer.pt   SGD state (momentum buffers)
-    meta.json      progress (epoch, step in epoch, validation history), the epoch's metrics,
-                   config, classes, colour statistics, MLflow run id, dataset hash
+    meta.json      pipeline.spec.CheckpointMeta: progress (epoch, step in epoch, validation
+                   history), the epoch's metrics, config, classes, colour statistics, MLflow run
+                   id, dataset hash
 
 Tensors load with ``weights_only=True``: a checkpoint cannot run code on the machine that reads it.
 A checkpoint for another class count or architecture fails with a message saying what differs.
@@ -22,8 +23,10 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
+from pipeline.config import TrainConfig
 from pipeline.errors import InputError
 from pipeline.model import AlexNet, architecture
+from pipeline.spec import CheckpointMeta
 from pipeline.storage import Location
 
 MODEL_FILE, OPTIMIZER_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
@@ -51,11 +54,11 @@ def staging(key: str) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def save(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+def save(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: CheckpointMeta) -> None:
     directory = Path(directory)
     torch.save(model.state_dict(), directory / MODEL_FILE)
     torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
-    (directory / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+    (directory / META_FILE).write_text(meta.to_json())
 
 
 def save_best(run_dir: Location, local_dir: str | Path, epoch: int) -> None:
@@ -85,35 +88,35 @@ def local_copy(location: Location) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def read_meta(directory: str | Path) -> dict[str, Any]:
+def read_meta(directory: str | Path) -> CheckpointMeta:
     path = Path(directory) / META_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a checkpoint of this project (no {META_FILE})")
-    return json.loads(path.read_text())
+    return CheckpointMeta.from_json(path.read_text())
 
 
 def load_state(directory: str | Path, name: str = MODEL_FILE) -> dict[str, Any]:
     return torch.load(Path(directory) / name, map_location="cpu", weights_only=True)
 
 
-def load_model(directory: str | Path) -> tuple[AlexNet, dict[str, Any]]:
+def load_model(directory: str | Path) -> tuple[AlexNet, CheckpointMeta]:
     """The checkpoint's AlexNet (eval mode) and its meta."""
     meta = read_meta(directory)
-    model = AlexNet.from_config(len(meta["classes"]), meta["config"])
+    model = AlexNet.from_config(len(meta.classes), meta.config.to_dict())
     _load_checked(model, load_state(directory), directory)
     return model.eval(), meta
 
 
-def restore(directory: str | Path, model: AlexNet, cfg: Any, num_classes: int) -> dict[str, Any]:
+def restore(directory: str | Path, model: AlexNet, cfg: TrainConfig, num_classes: int) -> CheckpointMeta:
     """Load the checkpoint's weights into `model` (built from `cfg` for `num_classes`) and return its meta.
 
     A checkpoint for another class count or architecture fails with what differs.
     """
     meta = read_meta(directory)
     differences = []
-    if len(meta["classes"]) != num_classes:
-        differences.append(f"{len(meta['classes'])} classes in the checkpoint, {num_classes} here")
-    theirs, ours = architecture(meta["config"]), architecture(cfg.to_dict())
+    if len(meta.classes) != num_classes:
+        differences.append(f"{len(meta.classes)} classes in the checkpoint, {num_classes} here")
+    theirs, ours = architecture(meta.config.to_dict()), architecture(cfg.to_dict())
     differences += [f"{k}={theirs[k]} in the checkpoint, {k}={ours[k]} here" for k in ours if theirs[k] != ours[k]]
     if differences:
         raise CheckpointError(f"checkpoint {directory} does not fit this model: {'; '.join(differences)}")

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pipeline.errors import InputError
@@ -26,49 +25,58 @@ class ConfigError(InputError):
     """A config key, value or profile that cannot be used; the message says what to change."""
 
 
+def option(default: Any, help: str) -> Any:
+    """A config field: its default, and its one-line help (the CLI flag's, the README's table)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    profile: str = "imagenet"  # which preset the other fields started from
-    data: str = ""  # prepared shards (jobs/prepare.py --out); empty: the bundled sample, built on first use
-    sample_dir: str = "data/sample"  # where the sample dataset (raw + shards) lives
-    crop: int = 224  # random crop for training, centre crop for validation
-    epochs: int = 90  # passes over the training set
-    batch_size: int = 128  # per train worker
-    lr: float = 0.01  # learning rate for `lr_batch` images; scaled linearly with the global batch
-    lr_batch: int = 128  # the batch size `lr` is quoted for (the paper: 0.01 at 128)
-    schedule: str = "plateau"  # lr schedule: "plateau" (the paper's), "step" (torchvision's) or "constant"
-    plateau_patience: int = 5  # plateau: epochs without a new best val top-1 error before lr ÷10
-    lr_drops: int = 3  # plateau: at most this many ÷10 drops (the paper: three)
-    step_epochs: int = 30  # step: lr ÷10 every this many epochs (torchvision: 30)
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 5e-4  # L2 weight decay, on every parameter as in the paper
-    lighting_std: float = 0.1  # σ of the paper's PCA colour augmentation; 0 turns it off
-    normalize: str = "mean-std"  # "mean-std" (per-channel mean and std) or "mean-image" (the paper's)
-    lrn: bool = False  # the paper's local response normalisation after conv1 and conv2
-    init: str = "torchvision"  # "torchvision" (PyTorch defaults) or "paper" (N(0, 0.01), biases 1)
-    paper_bias: float = 1.0  # positive bias of init="paper" (Caffe used 0.1)
-    dropout: float = 0.5  # dropout before fc6 and fc7
-    fc_width: int = 4096  # width of fc6 and fc7 (the paper: 4096); narrower for experiments and tests
-    clip_grad_norm: float = 0.0  # clip the global gradient norm to this; 0: off (the paper does not clip)
-    workers: int = 1  # Ray Train workers (DDP ranks)
-    gpu: bool = False  # one GPU per worker
-    compile: bool = False  # torch.compile the model (worth it on GPUs; slow to start on CPUs)
-    cpus_per_worker: float = 1.0  # CPUs each train worker reserves; the rest of the cluster decodes
-    worker_resources: str = ""  # more Ray resources per train worker, "name=amount,..." (mock_gpu=1 without GPUs)
-    data_cpus: int = 2  # CPUs a locally started Ray keeps for Ray Data beside the train workers
-    data_cpu_limit: float = 0.0  # most CPUs Ray Data's tasks may hold at once; 0: all the train workers leave
-    seed: int = 0  # model init, file order, colour augmentation
-    tracking: bool = True  # log to MLflow and register the model; --no-tracking: checkpoints only
-    experiment: str = "alexnet"  # MLflow experiment
-    model_name: str = "alexnet"  # MLflow registered model
-    promote: str = "if-better"  # new version @champion: "if-better" (val top-1, same data), "always", "never"
-    system_metrics_interval: float = 10.0  # seconds between CPU/memory/GPU samples logged to the run
-    storage_path: str = "runs"  # Ray Train checkpoints (local directory)
-    name: str = ""  # run name; empty: alexnet-<profile>-<timestamp>
-    resume: str = ""  # continue the stopped run of this name (under --storage-path) with its own config and MLflow run
-    keep_checkpoints: int = 2  # most recent checkpoints kept (the best is kept apart, in best-epoch-NNNN/)
-    checkpoint_every_steps: int = 0  # also checkpoint every N training steps, mid-epoch; 0: at epoch ends only
-    max_failures: int = 0  # worker-group restarts Ray Train may make before giving up (-1: no limit)
+    profile: str = option("imagenet", "which preset the other fields started from")
+    data: str = option("", "prepared shards (jobs/prepare.py --out); empty: the bundled sample, built on first use")
+    sample_dir: str = option("data/sample", "where the sample dataset (raw + shards) lives")
+    crop: int = option(224, "random crop for training, centre crop for validation")
+    epochs: int = option(90, "passes over the training set")
+    batch_size: int = option(128, "per train worker")
+    lr: float = option(0.01, "learning rate for `lr_batch` images; scaled linearly with the global batch")
+    lr_batch: int = option(128, "the batch size `lr` is quoted for (the paper: 0.01 at 128)")
+    schedule: str = option("plateau", "lr schedule: plateau (the paper's), step (torchvision's) or constant")
+    plateau_patience: int = option(5, "plateau: epochs without a new best val top-1 error before lr ÷10")
+    lr_drops: int = option(3, "plateau: at most this many ÷10 drops (the paper: three)")
+    step_epochs: int = option(30, "step: lr ÷10 every this many epochs (torchvision: 30)")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(5e-4, "L2 weight decay, on every parameter as in the paper")
+    lighting_std: float = option(0.1, "σ of the paper's PCA colour augmentation; 0 turns it off")
+    normalize: str = option("mean-std", '"mean-std" (per-channel mean and std) or "mean-image" (the paper\'s)')
+    lrn: bool = option(False, "the paper's local response normalisation after conv1 and conv2")
+    init: str = option("torchvision", '"torchvision" (PyTorch defaults) or "paper" (N(0, 0.01), biases 1)')
+    paper_bias: float = option(1.0, 'positive bias of init="paper" (Caffe used 0.1)')
+    dropout: float = option(0.5, "dropout before fc6 and fc7")
+    fc_width: int = option(4096, "width of fc6 and fc7 (the paper: 4096); narrower for experiments and tests")
+    clip_grad_norm: float = option(0.0, "clip the global gradient norm to this; 0: off (the paper does not clip)")
+    workers: int = option(1, "Ray Train workers (DDP ranks)")
+    gpu: bool = option(False, "one GPU per worker")
+    compile: bool = option(False, "torch.compile the model (worth it on GPUs; slow to start on CPUs)")
+    cpus_per_worker: float = option(1.0, "CPUs each train worker reserves; the rest of the cluster decodes")
+    worker_resources: str = option(
+        "", 'more Ray resources per train worker, "name=amount,..." (mock_gpu=1 without GPUs)'
+    )
+    data_cpus: int = option(2, "CPUs a locally started Ray keeps for Ray Data beside the train workers")
+    data_cpu_limit: float = option(0.0, "most CPUs Ray Data's tasks may hold at once; 0: all the train workers leave")
+    seed: int = option(0, "model init, file order, colour augmentation")
+    tracking: bool = option(True, "log to MLflow and register the model; --no-tracking: checkpoints only")
+    experiment: str = option("alexnet", "MLflow experiment")
+    model_name: str = option("alexnet", "MLflow registered model")
+    promote: str = option("if-better", 'new version @champion: "if-better" (val top-1, same data), "always", "never"')
+    system_metrics_interval: float = option(10.0, "seconds between CPU/memory/GPU samples logged to the run")
+    storage_path: str = option("runs", "Ray Train checkpoints (local directory)")
+    name: str = option("", "run name; empty: alexnet-<profile>-<timestamp>")
+    resume: str = option(
+        "", "continue the stopped run of this name (under --storage-path) with its own config and MLflow run"
+    )
+    keep_checkpoints: int = option(2, "most recent checkpoints kept (the best is kept apart, in best-epoch-NNNN/)")
+    checkpoint_every_steps: int = option(0, "also checkpoint every N training steps, mid-epoch; 0: at epoch ends only")
+    max_failures: int = option(0, "worker-group restarts Ray Train may make before giving up (-1: no limit)")
 
     def __post_init__(self) -> None:
         checks = [
@@ -189,13 +197,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--profile", default="sample", choices=PROFILE_NAMES, help="preset to start from (default: sample)"
     )
-    comments = _field_comments()
     for f in fields(TrainConfig):
         if f.name == "profile":
             continue
         flag = "--" + f.name.replace("_", "-")
         defaults = ", ".join(f"{p}: {_profile_value(p, f.name)!r}" for p in PROFILE_NAMES)
-        help_text = f"{comments.get(f.name, '')} [{defaults}]".strip()
+        help_text = f"{f.metadata['help'].replace('%', '%%')} [{defaults}]"
         if f.type == "bool":
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
@@ -206,13 +213,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def from_args(args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)} - {"profile"}
     return resolve(args.profile, **{name: getattr(args, name) for name in names})
-
-
-def _field_comments() -> dict[str, str]:
-    """The one-line comment after each field of TrainConfig: the flag's help, written once."""
-    pattern = re.compile(r"^\s+(\w+): [^=]+=.*?  # (.+)$")
-    matches = (pattern.match(line) for line in inspect.getsource(TrainConfig).splitlines())
-    return {m.group(1): m.group(2).replace("%", "%%") for m in matches if m}
 
 
 def _profile_value(profile: str, name: str) -> Any:

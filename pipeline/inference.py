@@ -20,6 +20,7 @@ import posixpath
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -29,12 +30,18 @@ import ray
 import torch
 from ray.data import ActorPoolStrategy
 
-from pipeline.data.transforms import center_crop, load_square, ten_crop
+from pipeline.data.transforms import (
+    IMAGE_EXTENSIONS,
+    center_crop,
+    describe_undecodable,
+    is_image_name,
+    load_square,
+    ten_crop,
+)
 from pipeline.errors import InputError
-from pipeline.evaluation import ModelRef, load
+from pipeline.serving import ModelRef, Predictor
 from pipeline.storage import Location, StorageError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 DECODE_BATCH = 32  # files per decode task
 SUCCESS_FILE = "_SUCCESS.json"  # written last: the output is complete
 SCHEMA = pa.schema(
@@ -107,8 +114,8 @@ def list_images(source: Location) -> Listing:
         except OSError as exc:
             raise StorageError(f"cannot list {source.uri}: {exc}") from exc
         files = sorted(e.path for e in entries if e.type == pafs.FileType.File)
-    images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-    ignored = [f for f in files if not f.lower().endswith(IMAGE_EXTENSIONS)]
+    images = [f for f in files if is_image_name(f)]
+    ignored = [f for f in files if not is_image_name(f)]
     if not images:
         raise InferenceError(
             f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {source.uri}"
@@ -142,45 +149,33 @@ def views_batch(batch: dict[str, np.ndarray], fs: pafs.FileSystem, size: int, cr
             errors.append("")  # not None: a block of only None would travel as a null column
         except Exception as exc:  # noqa: BLE001 -- any decoding failure is this file's, reported in its row
             images.append(np.zeros((count, crop, crop, 3), np.uint8))
-            errors.append(_describe(exc, data))
+            errors.append(describe_undecodable(exc, data))
     return {"path": batch["path"], "image": np.stack(images), "error": np.array(errors, dtype=object)}
 
 
-class Predictor:
-    """A model actor: loads the model once; softmax over the views, averaged; the top five per file."""
-
-    def __init__(self, ref: ModelRef, uri_prefix: str) -> None:
-        self.model = load(ref)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = self.model.to(self.device)
-        self.wnids, self.names = np.array(ref.wnids, dtype=object), np.array(ref.names, dtype=object)
-        self.uri, self.version, self.prefix = ref.uri, ref.version, uri_prefix
-
-    @torch.no_grad()
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        views = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)  # (n, V, crop, crop, 3)
-        n, v = views.shape[:2]
-        probs = torch.softmax(self.model(views.reshape(n * v, *views.shape[2:])).float(), dim=1)
-        probs = probs.reshape(n, v, -1).mean(dim=1)
-        top_p, top_i = probs.topk(min(5, probs.shape[1]), dim=1)
-        top_p, top_i = top_p.cpu().numpy(), top_i.cpu().numpy()
-        errors = [e if isinstance(e, str) and e else None for e in batch["error"]]
-        ok = [e is None for e in errors]
-        return pa.table(
-            {
-                "path": [self.prefix + p for p in batch["path"]],
-                "top1_wnid": [self.wnids[i[0]] if good else None for i, good in zip(top_i, ok, strict=True)],
-                "top1_name": [self.names[i[0]] if good else None for i, good in zip(top_i, ok, strict=True)],
-                "top1_prob": [float(p[0]) if good else None for p, good in zip(top_p, ok, strict=True)],
-                "top5_wnids": [list(self.wnids[i]) if good else None for i, good in zip(top_i, ok, strict=True)],
-                "top5_names": [list(self.names[i]) if good else None for i, good in zip(top_i, ok, strict=True)],
-                "top5_probs": [p.tolist() if good else None for p, good in zip(top_p, ok, strict=True)],
-                "model_uri": [self.uri] * n,
-                "model_version": [self.version] * n,
-                "error": errors,
-            },
-            schema=SCHEMA,
-        )
+def top_five(probs: torch.Tensor, batch: dict[str, np.ndarray], ref: ModelRef, uri_prefix: str) -> pa.Table:
+    """One row per file: the top five classes of the views' averaged probabilities, or the file's error."""
+    n = len(batch["path"])
+    top_p, top_i = probs.mean(dim=1).topk(min(5, probs.shape[2]), dim=1)
+    top_p, top_i = top_p.cpu().numpy(), top_i.cpu().numpy()
+    wnids, names = np.array(ref.wnids, dtype=object), np.array(ref.names, dtype=object)
+    errors = [e if isinstance(e, str) and e else None for e in batch["error"]]
+    ok = [e is None for e in errors]
+    return pa.table(
+        {
+            "path": [uri_prefix + p for p in batch["path"]],
+            "top1_wnid": [wnids[i[0]] if good else None for i, good in zip(top_i, ok, strict=True)],
+            "top1_name": [names[i[0]] if good else None for i, good in zip(top_i, ok, strict=True)],
+            "top1_prob": [float(p[0]) if good else None for p, good in zip(top_p, ok, strict=True)],
+            "top5_wnids": [list(wnids[i]) if good else None for i, good in zip(top_i, ok, strict=True)],
+            "top5_names": [list(names[i]) if good else None for i, good in zip(top_i, ok, strict=True)],
+            "top5_probs": [p.tolist() if good else None for p, good in zip(top_p, ok, strict=True)],
+            "model_uri": [ref.uri] * n,
+            "model_version": [ref.version] * n,
+            "error": errors,
+        },
+        schema=SCHEMA,
+    )
 
 
 def infer(
@@ -208,7 +203,7 @@ def infer(
         )
         .map_batches(
             Predictor,
-            fn_constructor_kwargs={"ref": ref, "uri_prefix": prefix},
+            fn_constructor_kwargs={"ref": ref, "keep": partial(top_five, ref=ref, uri_prefix=prefix)},
             compute=ActorPoolStrategy(min_size=replicas[0], max_size=replicas[1]),
             batch_size=batch_size,
             num_gpus=gpus_per_replica,
@@ -250,12 +245,6 @@ def read_predictions(output: Location) -> pa.Table:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-def _describe(exc: Exception, data: bytes) -> str:
-    if not data:
-        return "empty file (0 bytes)"
-    return f"cannot decode: {type(exc).__name__}: {exc}"
-
-
 def _blocks(n: int) -> int:
     return max(1, min(n // DECODE_BATCH, 200))
 

@@ -20,6 +20,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -28,7 +29,8 @@ import ray
 from ray.data import TaskPoolStrategy
 
 from pipeline.data import imagenet, shards
-from pipeline.data.transforms import MIN_INPUT_SIZE, encode_jpeg, load_square
+from pipeline.data.sample import SAMPLE_IMAGE_SIZE, make_sample
+from pipeline.data.transforms import MIN_INPUT_SIZE, describe_undecodable, encode_jpeg, load_square
 from pipeline.errors import InputError
 from pipeline.storage import Location, locate
 
@@ -132,6 +134,29 @@ def prepare(
     return _summary(dest, manifest, plan, done_before, written=written, seconds=seconds, task_seconds=task_seconds)
 
 
+def sample_shards(sample_dir: str, log: Callable[[str], None] = print) -> Path:
+    """The bundled sample's shards, generating and preparing them on first use.
+
+    No stats.json: the sample trains with the published ImageNet colour statistics. Its own
+    (near-isotropic, eigenvalues ~0.07-0.08 against ImageNet's 0.22/0.019/0.0045) make the PCA
+    lighting scramble the colour cue its classes partly rely on.
+    """
+    root = Path(sample_dir).expanduser().resolve()
+    raw, shard_dir = root / "raw", root / "shards"
+    manifest = shards.read_manifest(locate(shard_dir))
+    if manifest and manifest.get("status") == "complete":
+        return shard_dir
+    if not (raw / imagenet.KAGGLE_VAL_SOLUTION).is_file():
+        log(f"generating the sample dataset in {raw} ...")
+        make_sample(raw)
+    log(f"preparing shards in {shard_dir} ...")
+    # A manifest from an older format cannot be resumed: the sample is cheap to make again.
+    stale = manifest is not None and manifest.get("format") != MANIFEST_FORMAT
+    summary = prepare(str(raw), str(shard_dir), size=SAMPLE_IMAGE_SIZE, shard_size=256, overwrite=stale, log=log)
+    log(f"prepared {summary.images} images in {summary.seconds:.1f}s")
+    return shard_dir
+
+
 def make_plan(
     src: imagenet.Source, dest: Location, size: int, shard_size: int, seed: int
 ) -> tuple[list[dict[str, Any]], str]:
@@ -192,7 +217,7 @@ def _write_shard(
         try:
             image = encode_jpeg(load_square(data, size))
         except Exception as exc:  # noqa: BLE001 (any undecodable file is reported, whatever PIL raised)
-            reason = "empty file (0 bytes)" if not data else f"cannot decode: {type(exc).__name__}: {exc}"
+            reason = describe_undecodable(exc, data)
             bad.append({"path": src.uri_of(path), "split": task["split"], "reason": reason, "shard": task["file"]})
             continue
         rows["image"].append(image)

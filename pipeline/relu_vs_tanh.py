@@ -20,6 +20,7 @@ import pickle
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -283,28 +284,39 @@ def write(result: dict[str, Any], out: Path) -> tuple[Path, Path]:
 
 
 def log_to_mlflow(
-    result: dict[str, Any], files: tuple[Path, Path], experiment: str, batch_size: int, seed: int
+    tracking_uri: str, result: dict[str, Any], files: tuple[Path, Path], experiment: str, batch_size: int, seed: int
 ) -> tuple[str, dict[str, str]]:
     """One parent run (the figure, the JSON, the ratio) with one child run per arm (its curve).
 
     Returns the parent's run id and each arm's child run id."""
-    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
 
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name="relu-vs-tanh") as parent:
-        mlflow.log_params({"target_error": result["target_error"], "epochs": result["epochs"], "data": result["data"],
-                           "batch_size": batch_size, "seed": seed})  # fmt: skip
-        children = {}
-        for name, arm in result["arms"].items():
-            with mlflow.start_run(run_name=name, nested=True) as child:
-                mlflow.log_params({"activation": name, "lr": arm["lr"], "batch_size": batch_size, "seed": seed})
-                for epoch, error in enumerate(arm["training_error"]):
-                    mlflow.log_metric("training_error", error, step=epoch)
-                if arm["epochs_to_target"] is not None:
-                    mlflow.log_metric("epochs_to_target", arm["epochs_to_target"])
-                children[name] = child.info.run_id
-        if result["ratio"] is not None:
-            mlflow.log_metric("ratio_tanh_to_relu", result["ratio"])
-        for path in files:
-            mlflow.log_artifact(str(path))
-        return parent.info.run_id, children
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+
+    def new_run(name: str, params: dict[str, Any], parent: str | None = None) -> str:
+        tags = {"mlflow.parentRunId": parent} if parent else None
+        run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        return run_id
+
+    now = int(time.time() * 1000)
+    parent = new_run("relu-vs-tanh", {"target_error": result["target_error"], "epochs": result["epochs"],
+                                      "data": result["data"], "batch_size": batch_size, "seed": seed})  # fmt: skip
+    children = {}
+    for name, arm in result["arms"].items():
+        child = new_run(name, {"activation": name, "lr": arm["lr"], "batch_size": batch_size, "seed": seed}, parent)
+        metrics = [Metric("training_error", error, now, epoch) for epoch, error in enumerate(arm["training_error"])]
+        if arm["epochs_to_target"] is not None:
+            metrics.append(Metric("epochs_to_target", arm["epochs_to_target"], now, 0))
+        client.log_batch(child, metrics=metrics)
+        client.set_terminated(child)
+        children[name] = child
+    if result["ratio"] is not None:
+        client.log_metric(parent, "ratio_tanh_to_relu", result["ratio"])
+    for path in files:
+        client.log_artifact(parent, str(path))
+    client.set_terminated(parent)
+    return parent, children

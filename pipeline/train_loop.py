@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import ray.train
@@ -23,49 +25,98 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from ray.train.v2._internal.execution import context as ray_train_context
 
 from pipeline import checkpoint, ingest, schedules
 from pipeline.config import TrainConfig
 from pipeline.data.device import DeviceAugment
 from pipeline.metrics import format_duration, topk_correct
 from pipeline.model import AlexNet
-from pipeline.tracking import NullLogger, RunLogger
+from pipeline.run_logger import NullLogger, RunLogger
+from pipeline.spec import CheckpointMeta, Outcome, Progress, RunSpec
+
+# Ray 2.60 logs every ray.train.report at INFO through a logger named after its own file
+# (ray/train/v2/_internal/execution/context.py), not under "ray.train": RunConfig's LoggingConfig
+# does not reach it and no public setting does. The epoch line says the same, once.
+REPORT_LOGGER = str(Path(ray.train.__file__).parent / "v2" / "_internal" / "execution" / "context.py")
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
-    cfg = TrainConfig.from_dict(loop_config["config"])
-    classes = loop_config["classes"]
+def train_loop_per_worker(spec: RunSpec) -> Outcome:
+    cfg = spec.config
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    print0 = print if rank == 0 else (lambda *a, **k: None)
-    tracked = rank == 0 and loop_config["run_id"]  # rank 0 logs; nobody with --no-tracking
-    logger = RunLogger(loop_config["run_id"], loop_config["tracking_uri"]) if tracked else NullLogger()
-    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines per attempt
-    logger.start_system_metrics(interval=cfg.system_metrics_interval)
+    say = print if rank == 0 else _silent
+    logger = _open_logger(spec, rank)
+    model, optimizer, progress = _build(spec, device, logger, say)
+    mean, std = spec.normalization
+    colour = spec.colour
+    augment = DeviceAugment(
+        device, cfg.lighting_std, seed=cfg.seed * 1000 + rank, mean=mean, std=std,
+        eigval=colour.eigenvalues, eigvec=colour.eigenvectors,
+    )  # fmt: skip
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    steps_per_epoch = spec.train_images // world // cfg.batch_size  # equal splits, full batches
 
-    # ---- model, optimizer, resume -------------------------------------------------------------
+    def save_mid_epoch(epoch: int, step_in_epoch: int, partial: torch.Tensor) -> None:
+        """A checkpoint inside `epoch`: the epochs before it are done, `step_in_epoch` steps of it."""
+        sums = tuple(_all_reduce(partial.clone()).tolist())  # every rank's share of the epoch so far
+        state = replace(progress, step_in_epoch=step_in_epoch, global_step=progress.global_step + step_in_epoch,
+                        partial_sums=sums)  # fmt: skip
+        report(spec, rank, model, optimizer, {"epoch": epoch - 1, "step_in_epoch": step_in_epoch}, state, None,
+               logger.pending())  # fmt: skip
+
+    epoch_seconds: list[float] = []
+    for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+        lr = _set_lr(optimizer, cfg, epoch, progress)
+        started = time.perf_counter()
+        partial = progress.partial_sums if rank == 0 else None  # counted once, on rank 0
+        train = run_train_epoch(
+            model, optimizer, augment, train_shard, cfg, device, epoch, steps_per_epoch, progress.step_in_epoch,
+            partial, save_mid_epoch,
+        )  # fmt: skip
+        val = evaluate(model, augment, val_shard, cfg, device)
+        epoch_seconds.append(time.perf_counter() - started)
+        metrics = _epoch_metrics(epoch, lr, train, val, epoch_seconds[-1])
+        progress = _after_epoch(progress, metrics, steps_per_epoch)
+        report(spec, rank, model, optimizer, metrics, progress, metrics, logger.pending())
+        logger.log_epoch(epoch, metrics)
+        eta = (cfg.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)
+        say(_epoch_line(cfg.epochs, metrics, eta), flush=True)
+    logger.flush()
+    logger.close()
+    return Outcome(progress.best, world, logger.restarts, logger.pending(), logger.delayed)
+
+
+def _open_logger(spec: RunSpec, rank: int) -> RunLogger | NullLogger:
+    """Rank 0 logs to the run; every other rank, and every rank with --no-tracking, logs nothing."""
+    logging.getLogger(REPORT_LOGGER).setLevel(logging.WARNING)
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines per attempt
+    logger = RunLogger(spec.run_id, spec.tracking_uri) if rank == 0 and spec.run_id else NullLogger()
+    logger.start_system_metrics(interval=spec.config.system_metrics_interval)
+    return logger
+
+
+def _build(spec: RunSpec, device: torch.device, logger, say) -> tuple[torch.nn.Module, torch.optim.Optimizer, Progress]:
+    """The DDP model and its optimizer, from the latest checkpoint when Ray Train hands one over."""
+    cfg = spec.config
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = AlexNet.from_config(len(classes), cfg.to_dict())
-    progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "val_errors": [], "best": None}
-    restored, optimizer_state = ray.train.get_checkpoint(), None
+    model = AlexNet.from_config(len(spec.classes), cfg.to_dict())
+    progress, optimizer_state = Progress(), None
+    restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as ckpt_dir:
-            meta = checkpoint.restore(ckpt_dir, model, cfg, len(classes))
+            meta = checkpoint.restore(ckpt_dir, model, cfg, len(spec.classes))
             optimizer_state = checkpoint.load_state(ckpt_dir, checkpoint.OPTIMIZER_FILE)
-        progress = meta["progress"]
-        logger.requeue(meta.get("unsent_metrics", []))  # what the server missed before the checkpoint
-        logger.log_epoch(progress["epoch"], meta.get("epoch_metrics"))  # if it was lost before MLflow had it
-    restarts = logger.count_attempt(step=progress["epoch"])
+        progress = meta.progress
+        logger.requeue(list(meta.unsent_metrics))  # what the server missed before the checkpoint
+        logger.log_epoch(progress.epoch, meta.epoch_metrics)  # if it was lost before MLflow had it
+    restarts = logger.count_attempt(step=progress.epoch)
     if restored:
-        where = f"epoch {progress['epoch']}" + (
-            f" + {progress['step_in_epoch']} steps" if progress["step_in_epoch"] else ""
-        )
+        where = f"epoch {progress.epoch}" + (f" + {progress.step_in_epoch} steps" if progress.step_in_epoch else "")
         known = "unknown while MLflow is unreachable" if restarts is None else restarts
-        print0(f"resumed from {where} ({restored.path}); restarts so far: {known}", flush=True)
+        say(f"resumed from {where} ({restored.path}); restarts so far: {known}", flush=True)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)  # the uint8 NHWC batches arrive that way
     model = ray.train.torch.prepare_model(model)  # device placement + DDP
@@ -76,100 +127,61 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     )
     if optimizer_state:
         optimizer.load_state_dict(optimizer_state)
-    colour = loop_config["colour"]  # the dataset's stats.json, or the published ImageNet values
-    mean, std = loop_config["normalization"]  # per channel, or the mean image (read by the driver)
-    augment = DeviceAugment(
-        device,
-        cfg.lighting_std,
-        seed=cfg.seed * 1000 + rank,
-        mean=mean,
-        std=std,
-        eigval=colour["eigenvalues"],
-        eigvec=colour["eigenvectors"],
-    )
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-    steps_per_epoch = loop_config["train_images"] // world // cfg.batch_size  # equal splits, full batches
-    # Ray Train logs every report at INFO through a logger named after its file, not "ray.train",
-    # so RunConfig's LoggingConfig does not reach it; the epoch line below says the same.
-    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
+    return model, optimizer, progress
 
-    def save_mid_epoch(epoch: int, step_in_epoch: int, partial: torch.Tensor) -> None:
-        """A checkpoint inside `epoch`: the epochs before it are done, `step_in_epoch` steps of it."""
-        state = {**progress, "step_in_epoch": step_in_epoch, "global_step": progress["global_step"] + step_in_epoch}
-        state["partial_sums"] = _all_reduce(partial.clone()).tolist()  # every rank's share of the epoch so far
-        metrics = {"epoch": epoch - 1, "step_in_epoch": step_in_epoch}
-        report(model, optimizer, metrics, state, None, logger.pending(), cfg, loop_config, rank)
 
-    # ---- epochs -------------------------------------------------------------------------------
-    epoch_seconds = []
-    for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
-        lr = schedules.learning_rate(
-            cfg.schedule,
-            cfg.scaled_lr,
-            epoch,
-            progress["val_errors"],
-            patience=cfg.plateau_patience,
-            max_drops=cfg.lr_drops,
-            step_epochs=cfg.step_epochs,
-        )
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        started = time.perf_counter()
-        resume_at = progress["step_in_epoch"]  # > 0 only in the first epoch after a mid-epoch checkpoint
-        partial = progress.get("partial_sums") if rank == 0 else None  # counted once, on rank 0
-        train = run_train_epoch(
-            model, optimizer, augment, train_shard, cfg, device, epoch, steps_per_epoch, resume_at, partial,
-            save_mid_epoch,
-        )  # fmt: skip
-        val = evaluate(model, augment, val_shard, cfg, device)
-        epoch_seconds.append(time.perf_counter() - started)
+def _set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int, progress: Progress) -> float:
+    lr = schedules.learning_rate(
+        cfg.schedule, cfg.scaled_lr, epoch, progress.val_errors,
+        patience=cfg.plateau_patience, max_drops=cfg.lr_drops, step_epochs=cfg.step_epochs,
+    )  # fmt: skip
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
-        metrics = {
-            "epoch": epoch,
-            "lr": lr,
-            "train_loss": train["loss"],
-            "train_top1_error": train["top1_error"],
-            "train_top5_error": train["top5_error"],
-            "val_loss": val["loss"],
-            "val_top1_error": val["top1_error"],
-            "val_top5_error": val["top5_error"],
-            "train_images": train["images"],  # every rank's, the steps before a restart included
-            "val_images": val["images"],
-            "images_per_s": train["images_per_s"],
-            "data_wait_fraction": train["data_wait_fraction"],
-            "epoch_seconds": epoch_seconds[-1],
-        }
-        best = progress["best"]
-        if best is None or metrics["val_top1_error"] < best["val_top1_error"]:
-            best = {k: metrics[k] for k in ("epoch", "val_top1_error", "val_top5_error")}
-        progress = {
-            "epoch": epoch,
-            "step_in_epoch": 0,
-            "global_step": progress["global_step"] + steps_per_epoch,
-            "val_errors": [*progress["val_errors"], metrics["val_top1_error"]],
-            "best": best,
-        }
-        report(model, optimizer, metrics, progress, metrics, logger.pending(), cfg, loop_config, rank)
-        logger.log_epoch(epoch, metrics)
 
-        eta = (cfg.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)
-        print0(
-            f"epoch {epoch:>3}/{cfg.epochs}  lr {lr:.2g}  train loss {train['loss']:.3f}  top-1 err {train['top1_error']:.3f}"
-            f"  |  val loss {val['loss']:.3f}  top-1 err {val['top1_error']:.3f}  top-5 err {val['top5_error']:.3f}"
-            f"  |  {train['images_per_s']:,.0f} img/s  data wait {train['data_wait_fraction']:.0%}"
-            f"  |  {format_duration(epoch_seconds[-1])}/epoch  ETA {format_duration(eta)}",
-            flush=True,
-        )
-    logger.flush()
-    logger.close()
+def _epoch_metrics(epoch: int, lr: float, train: dict[str, float], val: dict[str, float], seconds: float):
     return {
-        "best": progress["best"],
-        "epochs": cfg.epochs,
-        "world_size": world,
-        "restarts": logger.restarts,
-        "unsent_metrics": logger.pending(),  # the driver sends these (the server was away at the end)
-        "delayed_epochs": logger.delayed,
+        "epoch": epoch,
+        "lr": lr,
+        "train_loss": train["loss"],
+        "train_top1_error": train["top1_error"],
+        "train_top5_error": train["top5_error"],
+        "val_loss": val["loss"],
+        "val_top1_error": val["top1_error"],
+        "val_top5_error": val["top5_error"],
+        "train_images": train["images"],  # every rank's, the steps before a restart included
+        "val_images": val["images"],
+        "images_per_s": train["images_per_s"],
+        "data_wait_fraction": train["data_wait_fraction"],
+        "epoch_seconds": seconds,
     }
+
+
+def _after_epoch(progress: Progress, metrics: dict[str, float], steps_per_epoch: int) -> Progress:
+    best = progress.best
+    if best is None or metrics["val_top1_error"] < best["val_top1_error"]:
+        best = {k: metrics[k] for k in ("epoch", "val_top1_error", "val_top5_error")}
+    return Progress(
+        epoch=metrics["epoch"],
+        global_step=progress.global_step + steps_per_epoch,
+        val_errors=(*progress.val_errors, metrics["val_top1_error"]),
+        best=best,
+    )
+
+
+def _epoch_line(epochs: int, m: dict[str, float], eta: float) -> str:
+    return (
+        f"epoch {m['epoch']:>3}/{epochs}  lr {m['lr']:.2g}  train loss {m['train_loss']:.3f}  "
+        f"top-1 err {m['train_top1_error']:.3f}  |  val loss {m['val_loss']:.3f}  top-1 err {m['val_top1_error']:.3f}"
+        f"  top-5 err {m['val_top5_error']:.3f}  |  {m['images_per_s']:,.0f} img/s  "
+        f"data wait {m['data_wait_fraction']:.0%}  |  {format_duration(m['epoch_seconds'])}/epoch  "
+        f"ETA {format_duration(eta)}"
+    )
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
 
 
 def run_train_epoch(
@@ -251,31 +263,16 @@ def evaluate(model, augment, shard, cfg: TrainConfig, device) -> dict[str, float
     return {"images": n, "loss": loss_sum / n, "top1_error": 1 - top1 / n, "top5_error": 1 - top5 / n}
 
 
-def report(
-    model, optimizer, metrics, progress, epoch_metrics, unsent, cfg: TrainConfig, loop_config, rank: int
-) -> None:
+def report(spec: RunSpec, rank: int, model, optimizer, metrics, progress: Progress, epoch_metrics, unsent) -> None:
     """Report to Ray Train; rank 0 attaches the checkpoint (with the metrics MLflow has not had yet)."""
     if rank != 0:
         ray.train.report(metrics)
         return
-    with checkpoint.staging(loop_config["run_dir"].name()) as tmp:
-        meta = {
-            "epoch": progress["epoch"],
-            "progress": progress,
-            "epoch_metrics": epoch_metrics,
-            "best": progress["best"],
-            "config": cfg.to_dict(),
-            "classes": loop_config["classes"],
-            "colour": loop_config["colour"],
-            "run_id": loop_config["run_id"],
-            "dataset_hash": loop_config["dataset_hash"],
-            "image_size": loop_config["image_size"],  # the stored squares' side: what inference resizes to
-            "unsent_metrics": unsent,
-        }
-        checkpoint.save(tmp, _unwrap(model), optimizer, meta)
+    with checkpoint.staging(spec.run_dir.name()) as tmp:
+        checkpoint.save(tmp, _unwrap(model), optimizer, CheckpointMeta.of(spec, progress, epoch_metrics, unsent))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        if epoch_metrics and progress["best"]["epoch"] == epoch_metrics["epoch"]:  # a new best epoch
-            checkpoint.save_best(loop_config["run_dir"], tmp, epoch_metrics["epoch"])
+        if epoch_metrics and progress.best["epoch"] == epoch_metrics["epoch"]:  # a new best epoch
+            checkpoint.save_best(spec.run_dir, tmp, epoch_metrics["epoch"])
 
 
 def _timed(iterable) -> Iterator[tuple[Any, float]]:

@@ -80,7 +80,14 @@ def test_the_train_job_rejects_unknown_flags_and_bad_values_without_starting_ray
 
 
 def test_every_flag_says_what_it_is_for():
-    assert set(config._field_comments()) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert all(f.metadata.get("help") for f in dataclasses.fields(TrainConfig))
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    helps = {a.dest: a.help for a in parser._actions if a.dest in {f.name for f in dataclasses.fields(TrainConfig)}}
+    assert (
+        helps["fc_width"].startswith("width of fc6 and fc7 (the paper: 4096)") and "imagenet: 4096" in helps["fc_width"]
+    )
+    assert len(helps) == len(dataclasses.fields(TrainConfig))
 
 
 def test_train_workers_ask_for_custom_resources_such_as_a_mock_gpu():

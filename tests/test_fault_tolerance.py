@@ -24,8 +24,11 @@ from conftest import light
 from mlflow import MlflowClient
 
 from pipeline import checkpoint, config, tracking, training
+from pipeline.data.imagenet import ClassInfo
 from pipeline.mlflow_server import MlflowServer
 from pipeline.model import AlexNet
+from pipeline.run import RUN_RECORD, UNSENT_FILE
+from pipeline.spec import CheckpointMeta
 
 KEYS = ("train_loss", "train_top1_error", "train_top5_error", "val_top1_error", "val_top5_error", "lr", "images_per_s")
 
@@ -117,7 +120,7 @@ def _checkpointed_epoch(run_dir: Path) -> int:
 
 def _run_id(run_dir: Path) -> str:
     """The MLflow run of a job, from the run record its driver writes once the run is created."""
-    return json.loads((run_dir / training.RUN_RECORD).read_text())["run_id"]
+    return json.loads((run_dir / RUN_RECORD).read_text())["run_id"]
 
 
 def _train_worker_pids() -> list[psutil.Process]:
@@ -191,21 +194,21 @@ def test_metrics_the_server_never_got_are_sent_by_resume_which_then_registers_th
     client = MlflowClient(outage.url)
     run_dir = tmp_path / "runs" / "late"
     # The run record is written once the driver has created the MLflow run and logged its params.
-    _wait_for(lambda: (run_dir / training.RUN_RECORD).is_file() or not job.is_alive(), "the job's run record")
+    _wait_for(lambda: (run_dir / RUN_RECORD).is_file() or not job.is_alive(), "the job's run record")
     run_id = _run_id(run_dir)
     outage.stop()  # gone before epoch 1's metrics, and still gone when training ends
     with pytest.raises(tracking.TrackingError) as failed:
         job.result()
-    assert training.UNSENT_FILE in str(failed.value) and "--resume late" in str(failed.value)
+    assert UNSENT_FILE in str(failed.value) and "--resume late" in str(failed.value)
     assert "registers the model" in str(failed.value)
-    kept = json.loads((run_dir / training.UNSENT_FILE).read_text())
+    kept = json.loads((run_dir / UNSENT_FILE).read_text())
     assert [item["step"] for item in kept if item["kind"] == "epoch"] == [1]
 
     outage.start()
     lines: list[str] = []
     summary = training.train(config.resolve(resume="late", storage_path=str(tmp_path / "runs")), log=lines.append)
     assert "sent 1 epoch(s) of metrics kept from the last attempt" in lines
-    assert not (run_dir / training.UNSENT_FILE).exists()
+    assert not (run_dir / UNSENT_FILE).exists()
     _assert_each_epoch_once(client, run_id, 1)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["restarts"] == "1"  # the resume, counted once
@@ -220,10 +223,10 @@ def test_resume_without_a_stopped_run_says_so(tmp_path):
 
 def test_a_checkpoint_for_another_model_fails_saying_what_differs(tmp_path):
     cfg = light()  # a light checkpoint: this test is about what restore compares, not about the size
-    meta = {"classes": [{"index": i} for i in range(4)], "config": cfg.to_dict()}
+    meta = CheckpointMeta(cfg, tuple(ClassInfo(i, f"n{i:08d}", f"class {i}") for i in range(4)))
     net = AlexNet(4, fc_width=cfg.fc_width)
     checkpoint.save(tmp_path, net, torch.optim.SGD(net.parameters(), lr=0.1), meta)
-    assert checkpoint.restore(tmp_path, AlexNet(4, fc_width=cfg.fc_width), cfg, 4)["classes"] == meta["classes"]
+    assert checkpoint.restore(tmp_path, AlexNet(4, fc_width=cfg.fc_width), cfg, 4) == meta
     with pytest.raises(checkpoint.CheckpointError, match="4 classes in the checkpoint, 10 here"):
         checkpoint.restore(tmp_path, AlexNet(10, fc_width=cfg.fc_width), cfg, 10)
     with pytest.raises(checkpoint.CheckpointError, match="lrn=False in the checkpoint, lrn=True here"):

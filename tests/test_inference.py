@@ -5,15 +5,15 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
 import torch
 from conftest import REGISTERED_MODEL, call_job, job_env, run_job
+from mlflow import MlflowClient
 from PIL import Image
 
-from pipeline import evaluation, inference
+from pipeline import inference, serving
 from pipeline.data.transforms import center_crop, load_square, ten_crop
 from pipeline.mlflow_server import free_port
 from pipeline.storage import locate
@@ -69,9 +69,8 @@ def image_dir(image_files, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def model(trained):
     """The session's first registered version, resolved and loaded once for the module."""
-    mlflow.set_tracking_uri(trained.tracking_uri)
-    ref = evaluation.resolve_model(f"models:/{REGISTERED_MODEL}/{trained.first.model_version}", trained.tracking_uri)
-    return ref, evaluation.load(ref)
+    ref = serving.resolve(f"models:/{REGISTERED_MODEL}/{trained.first.model_version}", trained.tracking_uri)
+    return ref, serving.load(ref)
 
 
 def _run(ref, input_uri: str, output_uri: str, **options) -> inference.InferenceSummary:
@@ -129,6 +128,7 @@ def test_the_job_reads_and_writes_s3_and_replaces_an_output_only_with_overwrite(
     ray_cluster, trained, model, image_files, s3_server
 ):
     ref, loaded = model
+    assert ref.version == trained.first.model_version == "1"  # the version the job below names
     s3_server.create_dir("photos")
     s3_server.create_dir("preds")
     for rel, data in image_files.items():
@@ -156,6 +156,21 @@ def test_the_job_reads_and_writes_s3_and_replaces_an_output_only_with_overwrite(
     assert "preds/run1/stale-from-an-older-run.parquet" not in stored  # replaced whole, never a mixture
     assert not [p for p in stored if ".tmp-" in p]
     assert inference.read_predictions(output).num_rows == len(image_files) - 2
+
+
+@pytest.mark.slow
+def test_an_alias_is_resolved_once_to_the_version_every_model_actor_loads(trained):
+    champion = MlflowClient(trained.tracking_uri).get_model_version_by_alias(REGISTERED_MODEL, "champion")
+    ref = serving.resolve(f"models:/{REGISTERED_MODEL}@champion", trained.tracking_uri)
+    assert ref.uri == f"models:/{REGISTERED_MODEL}@champion"  # what tables and rows show, as the user named it
+    assert ref.version == champion.version and ref.version_uri == f"models:/{REGISTERED_MODEL}/{champion.version}"
+    version = serving.resolve(ref.version_uri, trained.tracking_uri)
+    assert (version.run_id, version.crop, version.wnids, version.image_size) == (
+        ref.run_id,
+        ref.crop,
+        ref.wnids,
+        ref.image_size,
+    )
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from conftest import SECRET, call_job, job_env, run_job
 from mlflow import MlflowClient
 from PIL import Image
 
-from pipeline import checkpoint, config, tracking
+from pipeline import checkpoint, config, registration, serving, tracking
 from pipeline.data.shards import open_dataset
 from pipeline.data.stats import PUBLISHED
 from pipeline.data.transforms import eval_batch
@@ -64,8 +64,8 @@ def test_a_version_says_how_it_was_made(trained):
     assert "Input: uint8 RGB crops" in client.get_registered_model(MODEL).description
 
     artifacts = {a.path for a in client.list_artifacts(first.run_id)}
-    assert {"classes.json", "config.json", "stats.json", tracking.CURVES_FILE} <= artifacts
-    curves = Image.open(client.download_artifacts(first.run_id, tracking.CURVES_FILE))
+    assert {"classes.json", "config.json", "stats.json", registration.CURVES_FILE} <= artifacts
+    curves = Image.open(client.download_artifacts(first.run_id, registration.CURVES_FILE))
     assert curves.format == "PNG" and curves.size[0] > 500
     info = mlflow.models.get_model_info(f"models:/{MODEL}/{first.model_version}")
     assert info.signature is not None and info.saved_input_example_info is not None
@@ -76,7 +76,7 @@ def test_artifacts_go_through_the_server_into_its_own_store(trained, mlflow_serv
     first, uri = trained.first, trained.tracking_uri
     run = MlflowClient(uri).get_run(first.run_id)
     assert run.info.artifact_uri.startswith("mlflow-artifacts:/")  # proxied: clients never touch the store
-    stored = list(Path(mlflow_server.artifacts_destination).rglob(tracking.CURVES_FILE))
+    stored = list(Path(mlflow_server.artifacts_destination).rglob(registration.CURVES_FILE))
     assert any(first.run_id in str(p) for p in stored)
 
 
@@ -260,13 +260,11 @@ def test_the_papers_full_width_alexnet_registers_and_loads_for_any_batch_size(ti
     rows = pq.read_table(tiny_shards / "val").slice(0, 5).to_pydict()
     images = eval_batch({"image": np.array(rows["image"], dtype=object), "label": np.array(rows["label"])}, 64)["image"]
     cfg = config.resolve("sample", model_name=name)
-    mlflow.set_tracking_uri(uri)
-    try:
-        best = {"epoch": 1, "val_top1_error": 0.5, "val_top5_error": 0.0}
-        version = tracking.log_and_register(run_id, model, images[:2], cfg, data, best)
-        loaded = mlflow.pytorch.load_model(f"models:/{name}/{version}", dst_path=str(tmp_path))
-    finally:
-        mlflow.set_tracking_uri(None)
+    global_uri, env_uri = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
+    best = {"epoch": 1, "val_top1_error": 0.5, "val_top5_error": 0.0}
+    version = registration.log_and_register(uri, run_id, model, images[:2], cfg, data, best)
+    assert (mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")) == (global_uri, env_uri), "left as it was"
+    loaded = serving.load(serving.resolve(f"models:/{name}/{version}", uri))
     assert loaded.state_dict()["net.classifier.1.weight"].shape == (4096, 9216)
     with torch.no_grad():
         for batch in (1, 5):

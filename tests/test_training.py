@@ -20,13 +20,14 @@ from conftest import REGISTERED_MODEL, call_job, light, run_job
 from mlflow import MlflowClient
 from PIL import Image
 
-from pipeline import checkpoint, config, evaluation, training
+from pipeline import checkpoint, config, evaluation, serving, training
 from pipeline.config import ConfigError
 from pipeline.data.device import DeviceAugment
 from pipeline.data.shards import DataError
 from pipeline.data.transforms import eval_batch
 from pipeline.mlflow_server import free_port
 from pipeline.model import AlexNet, ImageClassifier
+from pipeline.run import new_name
 from pipeline.train_loop import train_step
 
 METRICS = [
@@ -106,9 +107,12 @@ def test_the_best_epoch_is_kept_apart_from_the_most_recent_checkpoints(run):
 def test_the_checkpoint_describes_itself(run):
     summary, cfg, _ = run
     meta = checkpoint.read_meta(summary.checkpoint)
-    assert meta["config"] == cfg.to_dict() and meta["run_id"] == summary.run_id
-    assert [c["wnid"] for c in meta["classes"]] == ["n01440764", "n01443537", "n01484850", "n01491361"]
-    assert meta["epoch"] == summary.best["epoch"]
+    assert meta.config == cfg and meta.run_id == summary.run_id
+    assert [c.wnid for c in meta.classes] == ["n01440764", "n01443537", "n01484850", "n01491361"]
+    assert meta.epoch == summary.best["epoch"] == meta.epoch_metrics["epoch"] and meta.progress.step_in_epoch == 0
+    assert meta.image_size == 72 and meta.unsent_metrics == ()
+    stored = json.loads((Path(summary.checkpoint) / checkpoint.META_FILE).read_text())  # the file's own layout
+    assert stored["config"] == cfg.to_dict() and stored["progress"]["epoch"] == stored["epoch"] == meta.epoch
     assert set(checkpoint.load_state(summary.checkpoint, checkpoint.OPTIMIZER_FILE)) == {"state", "param_groups"}
     net, _ = checkpoint.load_model(summary.checkpoint)
     assert net.classifier[1].out_features == net.classifier[4].out_features == cfg.fc_width == 64
@@ -143,7 +147,7 @@ def test_the_registered_model_carries_its_class_index(run, tmp_path):
 def test_reusing_a_run_name_is_refused_instead_of_resuming_the_old_run(run):
     summary, cfg, _ = run
     with pytest.raises(ConfigError, match="already exists; pass another --name"):
-        training.run_name(dataclasses.replace(cfg, name=summary.run_name))
+        new_name(dataclasses.replace(cfg, name=summary.run_name))
 
 
 def _fake_dataset(root: Path, columns: dict) -> Path:
@@ -224,7 +228,7 @@ def test_a_training_step_is_a_function_of_the_seed():
 def test_ten_crop_evaluation_matches_a_direct_pytorch_computation(run, measured_shards):
     summary, _, uri = run
     model_uri = f"models:/{summary.model_name}/{summary.model_version}"
-    results = evaluation.evaluate(model_uri, str(measured_shards), ten_crop=True, tracking_uri=uri, batch_size=5)
+    results = evaluation.evaluate(serving.resolve(model_uri, uri), str(measured_shards), ten_crop=True, batch_size=5)
 
     # Reference: torchvision's ten_crop of each decoded stored square, the checkpoint's network.
     rows = pq.read_table(measured_shards / "val").to_pydict()
@@ -246,7 +250,7 @@ def test_ten_crop_evaluation_matches_a_direct_pytorch_computation(run, measured_
         assert results[name]["images"] == n
         assert results[name]["top1_error"] == pytest.approx(1 - top1 / n, abs=1e-9), name
         assert results[name]["top5_error"] == pytest.approx(1 - top5 / n, abs=1e-9), name
-    from_checkpoint = evaluation.evaluate(summary.checkpoint, str(measured_shards), ten_crop=True, tracking_uri=uri)
+    from_checkpoint = evaluation.evaluate(serving.resolve(summary.checkpoint, uri), str(measured_shards), ten_crop=True)
     assert from_checkpoint == results
 
 
@@ -265,10 +269,12 @@ def test_the_evaluate_job_prints_the_table_and_logs_it_to_the_models_run(ray_clu
 
 def test_evaluating_an_unknown_model_fails_before_any_cluster_work(tiny_shards, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with pytest.raises(evaluation.EvaluationError, match=f"cannot load models:/{REGISTERED_MODEL}/99"):
-        evaluation.evaluate(f"models:/{REGISTERED_MODEL}/99", str(tiny_shards), tracking_uri=uri)
-    with pytest.raises(evaluation.EvaluationError, match="neither a models:/ URI nor a checkpoint"):
-        evaluation.evaluate("/no/such/checkpoint", str(tiny_shards), tracking_uri=uri)
+    with pytest.raises(serving.ModelError, match=f"cannot load models:/{REGISTERED_MODEL}/99"):
+        serving.resolve(f"models:/{REGISTERED_MODEL}/99", uri)
+    with pytest.raises(serving.ModelError, match="neither a models:/ URI nor a checkpoint"):
+        serving.resolve("/no/such/checkpoint", uri)
+    with pytest.raises(serving.ModelError, match="write models:/NAME/VERSION or models:/NAME@ALIAS"):
+        serving.resolve(f"models:/{REGISTERED_MODEL}/latest", uri)
 
 
 @pytest.mark.slow

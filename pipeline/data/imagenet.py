@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 
+from pipeline.data.transforms import IMAGE_EXTENSIONS, is_image_name
 from pipeline.errors import InputError
 from pipeline.storage import Location, locate
 
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".webp")
 SYNSET_MAPPING = "LOC_synset_mapping.txt"
 KAGGLE_VAL_SOLUTION = "LOC_val_solution.csv"
 DEVKIT_GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
@@ -64,10 +64,6 @@ class Source:
     splits: dict[str, list[Item]]  # "train", "val"
     rejected: list[dict[str, str]] = field(default_factory=list)  # {"path", "split", "reason"}
     layout: str = ""
-
-
-def is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def read_synset_mapping(text: str, origin: str = SYNSET_MAPPING) -> dict[str, str]:

@@ -21,8 +21,8 @@ import numpy as np
 
 from pipeline.data import shards
 from pipeline.data.device import IMAGENET_EIGVAL, IMAGENET_EIGVEC, IMAGENET_MEAN, IMAGENET_STD
+from pipeline.data.shards import read_shards
 from pipeline.data.transforms import decode
-from pipeline.ingest import read_shards
 from pipeline.storage import Location, locate
 
 PAIRS = [(i, j) for i in range(3) for j in range(i, 3)]  # the 6 distinct entries of a 3×3 symmetric matrix

@@ -22,6 +22,18 @@ _JPEG_MAGIC = b"\xff\xd8"
 
 JPEG_QUALITY = 90  # for re-encoded shards: visually lossless at ~1/3 the bytes of quality 100
 MIN_INPUT_SIZE = 63  # the smallest square AlexNet's conv/pool stack accepts (pipeline.model)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # source images: preparation and inference, any case
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def describe_undecodable(exc: Exception, data: bytes) -> str:
+    """Why a source file gives no image: what reports and prediction rows say about it."""
+    if not data:
+        return "empty file (0 bytes)"
+    return f"cannot decode: {type(exc).__name__}: {exc}"
 
 
 def square_image(image: Image.Image, size: int) -> Image.Image:
@@ -137,7 +149,11 @@ def ten_crop_batch(batch: dict[str, np.ndarray], crop: int) -> dict[str, np.ndar
 
 
 def _task_index() -> int:
-    """The index of this Ray Data task in its execution: for a fused read, the file's position."""
+    """The index of this Ray Data task in its execution: for a fused read, the file's position.
+
+    Ray 2.60 exposes a task's context only in ray.data._internal (no public equivalent); this is
+    the one place the project reads it.
+    """
     from ray.data._internal.execution.interfaces.task_context import TaskContext
 
     context = TaskContext.get_current()

@@ -1,0 +1,50 @@
+"""Fitting: the TorchTrainer that runs pipeline.train_loop on every worker, fed by pipeline.ingest.
+
+RunSpec ──► TorchTrainer(train_loop_per_worker, ScalingConfig, RunConfig, datasets) ──► Outcome
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+
+from ray.data import DataContext
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipeline import ingest
+from pipeline.data.shards import PreparedDataset
+from pipeline.spec import Outcome, RunSpec
+from pipeline.storage import locate
+from pipeline.train_loop import train_loop_per_worker
+
+
+def fit(spec: RunSpec, data: PreparedDataset) -> Outcome:
+    """Train to the end (Ray Train restarts lost workers from the latest checkpoint); rank 0's outcome."""
+    cfg = spec.config
+    # Workers print their epoch lines themselves; Ray Train's print patch would print each twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # One progress bar per dataset rather than one per operator.
+    DataContext.get_current().enable_operator_progress_bars = False
+    storage = locate(cfg.storage_path)
+    trainer = TorchTrainer(
+        partial(train_loop_per_worker, spec),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker=cfg.resources_per_worker
+        ),
+        run_config=RunConfig(
+            name=spec.run_dir.name(),
+            storage_path=storage.path,
+            storage_filesystem=storage.fs,
+            # The most recent K; the best is copied to <run>/best-epoch-NNNN/ by rank 0.
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),  # no line per report; epoch lines say it
+        ),
+        datasets={
+            "train": ingest.train_dataset(data.split_dir("train"), cfg.crop, cfg.seed),
+            "val": ingest.eval_dataset(data.split_dir("val"), cfg.crop),
+        },
+        dataset_config=ingest.IngestConfig(cpu_limit=cfg.data_cpu_limit),
+    )
+    return trainer.fit().return_value

@@ -1,0 +1,147 @@
+"""A training run's lifecycle on the driver: name, run directory, run record, resume, unsent metrics, close.
+
+    <storage_path>/<name>/alexnet_run.json       its MLflow run, tracking URI (no credentials), config, data
+    <storage_path>/<name>/unsent_metrics.json    metrics the MLflow server never got; --resume sends them
+
+Ray Train keeps its checkpoints in the same directory, so `--resume NAME` finds everything there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from pipeline import tracking
+from pipeline.config import ConfigError, TrainConfig
+from pipeline.data.shards import PreparedDataset
+from pipeline.data.stats import ColourStats
+from pipeline.run_logger import UNREACHABLE
+from pipeline.storage import Location, locate
+
+RUN_RECORD = "alexnet_run.json"
+UNSENT_FILE = "unsent_metrics.json"
+
+
+def run_dir(storage_path: str, name: str) -> Location:
+    return locate(storage_path).join(name)
+
+
+def resumed_config(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """With --resume: the stopped run's own config, and its record; otherwise `cfg` as it is."""
+    if not cfg.resume:
+        return cfg, None
+    record = run_dir(cfg.storage_path, cfg.resume).join(RUN_RECORD)
+    if not record.is_file():
+        raise ConfigError(
+            f"nothing to resume: {record.uri} does not exist; --resume takes the name of a run started "
+            f"with --storage-path {cfg.storage_path}"
+        )
+    values = json.loads(record.read_text())
+    log(f"resuming run {cfg.resume} (MLflow run {values['run_id']}) with its own config")
+    return TrainConfig.from_dict({**values["config"], "resume": cfg.resume}), values
+
+
+def new_name(cfg: TrainConfig) -> str:
+    """cfg.name, or a fresh timestamped one; a name whose run directory exists is refused.
+
+    Ray Train resumes a run whose storage_path/name already holds checkpoints, so reusing a name
+    would silently continue an old run under a new MLflow run: that is what --resume is for.
+    """
+    name = cfg.name or f"alexnet-{cfg.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
+    existing = run_dir(cfg.storage_path, name)
+    if existing.info().type != pafs.FileType.NotFound:
+        raise ConfigError(
+            f"run directory {existing.uri} already exists; pass another --name, or --resume {name} to continue it"
+        )
+    return name
+
+
+def tracking_uri(cfg: TrainConfig, record: dict[str, Any] | None) -> str | None:
+    """The MLflow server this run logs to (a resumed run: its own, unless MLFLOW_TRACKING_URI says
+    otherwise), checked now: an unreachable server fails before the cluster does anything."""
+    if not cfg.tracking:
+        return None
+    from_env = bool(os.environ.get("MLFLOW_TRACKING_URI"))
+    uri = tracking.resolve_tracking_uri() if from_env or not record else record["tracking_uri"]
+    tracking.check_server(uri)
+    return uri
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    directory: Location
+    run_id: str | None  # None with --no-tracking
+    tracking_uri: str | None
+
+    @property
+    def shown_uri(self) -> str | None:
+        """The tracking URI without credentials: what logs, records and summaries show."""
+        return tracking.redact(self.tracking_uri) if self.tracking_uri else None
+
+    @classmethod
+    def begin(
+        cls,
+        cfg: TrainConfig,
+        data: PreparedDataset,
+        colour: ColourStats,
+        name: str,
+        uri: str | None,
+        record: dict[str, Any] | None,
+        log: Callable[[str], None],
+    ) -> Run:
+        """A new run (an MLflow run and a run record), or the resumed one reopened with its unsent metrics sent."""
+        directory = run_dir(cfg.storage_path, name)
+        if record:
+            run = cls(name, directory, record["run_id"], uri)
+            if run.run_id:
+                tracking.reopen_run(uri, run.run_id)
+                run._send_unsent(log)
+        else:
+            run = cls(name, directory, tracking.start_run(uri, cfg, data, name, colour) if uri else None, uri)
+            record = {"run_id": run.run_id, "tracking_uri": run.shown_uri, "config": cfg.to_dict(), "data": data.uri}
+            directory.join(RUN_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+        if run.run_id:
+            log(f"MLflow run {run.run_id} ({name}) in experiment {cfg.experiment!r} at {run.shown_uri}")
+        else:
+            log(f"run {name}: no MLflow tracking (--no-tracking); checkpoints in {directory.uri}")
+        return run
+
+    def send_at_end(self, pending: list[dict[str, Any]], log: Callable[[str], None]) -> int:
+        """Metrics rank 0 could not send: send them now (MLflow retries for minutes), else keep them for --resume.
+
+        Returns the epochs that reached MLflow late."""
+        if not pending:
+            return 0
+        log(f"sending {len(pending)} metric batches the MLflow server missed ...")
+        try:
+            return tracking.log_pending(self.tracking_uri, self.run_id, pending)
+        except tracking.TrackingError as exc:
+            self.directory.join(UNSENT_FILE).write_text(json.dumps(pending) + "\n")
+            raise tracking.TrackingError(
+                f"{exc}. Training finished and its checkpoints are in {self.directory.uri}; the metrics are kept "
+                f"in {UNSENT_FILE} there. When the server is back, `python jobs/train.py --resume {self.name}` "
+                "sends them and registers the model"
+            ) from exc
+
+    def finish(self, status: str, log: Callable[[str], None]) -> None:
+        """Close the MLflow run as FINISHED, FAILED or KILLED."""
+        if not self.run_id:
+            return
+        try:
+            tracking.finish_run(self.tracking_uri, self.run_id, status)
+        except UNREACHABLE as exc:  # the run stays RUNNING in the UI; its data is complete
+            log(f"could not mark MLflow run {self.run_id} {status}: {exc}")
+
+    def _send_unsent(self, log: Callable[[str], None]) -> None:
+        unsent = self.directory.join(UNSENT_FILE)
+        if unsent.is_file():
+            sent = tracking.log_pending(self.tracking_uri, self.run_id, json.loads(unsent.read_text()))
+            unsent.fs.delete_file(unsent.path)
+            log(f"sent {sent} epoch(s) of metrics kept from the last attempt")
