@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
 from pipeline import config
-from pipeline.errors import InputError
+from pipeline.errors import InputError, TrainingFailed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:  # bad input: a message, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingFailed as exc:  # failures past --max-failures: what failed and how to continue
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     best = summary.best
     lines = [
         f"\ndone in {format_duration(summary.seconds)}",

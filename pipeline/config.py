@@ -44,6 +44,9 @@ class TrainConfig:
     plateau_patience: int = option(5, "plateau: epochs without a new best val top-1 error before lr ÷10")
     lr_drops: int = option(3, "plateau: at most this many ÷10 drops (the paper: three)")
     step_epochs: int = option(30, "step: lr ÷10 every this many epochs (torchvision: 30)")
+    warmup_epochs: float = option(
+        5.0, "epochs over which the lr rises per step from 1% to its scaled value (Goyal et al.); 0: no warmup"
+    )
     momentum: float = option(0.9, "SGD momentum")
     weight_decay: float = option(5e-4, "L2 weight decay, on every parameter as in the paper")
     lighting_std: float = option(0.1, "σ of the paper's PCA colour augmentation; 0 turns it off")
@@ -69,14 +72,21 @@ class TrainConfig:
     model_name: str = option("alexnet", "MLflow registered model")
     promote: str = option("if-better", 'new version @champion: "if-better" (val top-1, same data), "always", "never"')
     system_metrics_interval: float = option(10.0, "seconds between CPU/memory/GPU samples logged to the run")
-    storage_path: str = option("runs", "Ray Train checkpoints (local directory)")
+    storage_path: str = option(
+        "runs", "Ray Train checkpoints and the run record: a local directory or s3://bucket/prefix"
+    )
+    shared_storage: bool = option(
+        False, "local --storage-path and --data are on a filesystem every node mounts at the same path (NFS, EFS)"
+    )
     name: str = option("", "run name; empty: alexnet-<profile>-<timestamp>")
     resume: str = option(
         "", "continue the stopped run of this name (under --storage-path) with its own config and MLflow run"
     )
     keep_checkpoints: int = option(2, "most recent checkpoints kept (the best is kept apart, in best-epoch-NNNN/)")
     checkpoint_every_steps: int = option(0, "also checkpoint every N training steps, mid-epoch; 0: at epoch ends only")
-    max_failures: int = option(0, "worker-group restarts Ray Train may make before giving up (-1: no limit)")
+    max_failures: int = option(
+        3, "worker-group restarts from the latest checkpoint before the run stops (0: stop at the first; -1: no limit)"
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -88,6 +98,7 @@ class TrainConfig:
             (self.normalize in NORMALIZATIONS, f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}"),
             (self.plateau_patience >= 1 and self.step_epochs >= 1, "plateau_patience and step_epochs must be >= 1"),
             (self.lr_drops >= 0, f"lr_drops must be >= 0, got {self.lr_drops}"),
+            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0 (0: no warmup), got {self.warmup_epochs}"),
             (self.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0 (0: at epoch ends only)"),
             (self.crop >= 63, f"crop must be at least 63 pixels (AlexNet's smallest input), got {self.crop}"),
             (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
@@ -155,6 +166,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "cpus_per_worker": 2.0,
         "clip_grad_norm": 5.0,
         "keep_checkpoints": 1,
+        "warmup_epochs": 0.0,  # one worker at the paper's batch: nothing to warm up from
         # The sample's loss sits at ln 10 for its first ~6 epochs before it falls: a plateau
         # schedule would cut the lr before learning starts. 22 epochs at a constant lr instead.
         "schedule": "constant",

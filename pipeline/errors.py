@@ -1,5 +1,9 @@
-"""The one exception type for bad input: jobs print its message (what is wrong, what to do) and exit 2."""
+"""What jobs report as `error: …` instead of a traceback: bad input (exit 2), a run that stopped (exit 1)."""
 
 
 class InputError(ValueError):
     """A config value, folder, file or flag that cannot be used; raised before the cluster does any work."""
+
+
+class TrainingFailed(RuntimeError):
+    """A run that stopped on a failure it could not restart from; the message says what and how to resume."""

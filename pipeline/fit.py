@@ -8,14 +8,24 @@ from __future__ import annotations
 import os
 from functools import partial
 
+import ray.exceptions
 from ray.data import DataContext
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import (
+    CheckpointConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+    TrainingFailedError,
+    WorkerGroupError,
+)
 from ray.train.torch import TorchTrainer
 
 from pipeline import ingest
 from pipeline.data.shards import PreparedDataset
+from pipeline.errors import TrainingFailed
 from pipeline.spec import Outcome, RunSpec
-from pipeline.storage import locate
+from pipeline.storage import Location, locate
 from pipeline.train_loop import train_loop_per_worker
 
 
@@ -47,4 +57,32 @@ def fit(spec: RunSpec, data: PreparedDataset) -> Outcome:
         },
         dataset_config=ingest.IngestConfig(cpu_limit=cfg.data_cpu_limit),
     )
-    return trainer.fit().return_value
+    try:
+        return trainer.fit().return_value
+    except TrainingFailedError as exc:
+        raise TrainingFailed(explain_failure(exc, spec.run_dir, cfg.storage_path, cfg.max_failures)) from exc
+
+
+def explain_failure(exc: Exception, run_dir: Location, storage_path: str, max_failures: int) -> str:
+    """What failed (per rank), the last checkpoint and the exact command that continues the run."""
+    if isinstance(exc, WorkerGroupError) and exc.worker_failures:
+        causes = [f"rank {rank}: {_describe(error)}" for rank, error in sorted(exc.worker_failures.items())]
+    else:
+        causes = [_describe(getattr(exc, "controller_failure", exc))]
+    restarts = "no restarts allowed (--max-failures 0)" if max_failures == 0 else f"after {max_failures} restart(s)"
+    checkpoints = sorted(e.base_name for e in run_dir.listdir() if e.base_name.startswith("checkpoint_"))
+    last = f"the last checkpoint is {run_dir.join(checkpoints[-1]).uri}" if checkpoints else "no checkpoint was saved"
+    return (
+        f"training stopped {restarts}: " + "; ".join(causes) + f". {last}; continue with: "
+        f"python jobs/train.py --resume {run_dir.name()} --storage-path {storage_path}"
+    )
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    first = f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+    if isinstance(error, ray.exceptions.OutOfMemoryError):
+        return f"{first} (out of memory: lower --batch-size or give each worker more memory)"
+    if isinstance(error, ray.exceptions.ActorDiedError | ray.exceptions.ActorUnavailableError):
+        return f"{first} (the worker process or its node died: killed, preempted or out of memory)"
+    return first

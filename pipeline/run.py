@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -44,7 +45,9 @@ def resumed_config(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[TrainC
         )
     values = json.loads(record.read_text())
     log(f"resuming run {cfg.resume} (MLflow run {values['run_id']}) with its own config")
-    return TrainConfig.from_dict({**values["config"], "resume": cfg.resume}), values
+    # Its own config, except where it is now: the --storage-path given (the run may have moved).
+    own = {**values["config"], "resume": cfg.resume, "storage_path": cfg.storage_path}
+    return TrainConfig.from_dict(own), values
 
 
 def new_name(cfg: TrainConfig) -> str:
@@ -71,6 +74,17 @@ def tracking_uri(cfg: TrainConfig, record: dict[str, Any] | None) -> str | None:
     uri = tracking.resolve_tracking_uri() if from_env or not record else record["tracking_uri"]
     tracking.check_server(uri)
     return uri
+
+
+def _absolute(cfg: TrainConfig, data: PreparedDataset) -> dict[str, Any]:
+    """The config as the run record keeps it: every path absolute, so --resume works from any directory
+    (a job submitted with `ray job submit` runs in a fresh working directory each time)."""
+    return {
+        **cfg.to_dict(),
+        "storage_path": locate(cfg.storage_path).uri,
+        "data": data.uri if cfg.data else "",
+        "sample_dir": str(Path(cfg.sample_dir).expanduser().resolve()),
+    }
 
 
 @dataclass(frozen=True)
@@ -105,7 +119,12 @@ class Run:
                 run._send_unsent(log)
         else:
             run = cls(name, directory, tracking.start_run(uri, cfg, data, name, colour) if uri else None, uri)
-            record = {"run_id": run.run_id, "tracking_uri": run.shown_uri, "config": cfg.to_dict(), "data": data.uri}
+            record = {
+                "run_id": run.run_id,
+                "tracking_uri": run.shown_uri,
+                "config": _absolute(cfg, data),
+                "data": data.uri,
+            }
             directory.join(RUN_RECORD).write_text(json.dumps(record, indent=1) + "\n")
         if run.run_id:
             log(f"MLflow run {run.run_id} ({name}) in experiment {cfg.experiment!r} at {run.shown_uri}")

@@ -5,13 +5,20 @@
     step      torchvision's reference recipe: lr ÷10 every `step_epochs` epochs
     constant  the base lr throughout
 
+With warmup (Goyal et al.; torchvision's `--lr-warmup-epochs`), the lr rises linearly per step
+from WARMUP_START of the epoch's lr to all of it over the first `warmup_epochs` epochs; the
+schedule counts epochs from the end of warmup (the plateau's patience ignores warmup epochs).
+
 The validation history travels in every checkpoint, so a resumed run continues the same schedule.
 """
 
 from __future__ import annotations
 
+import math
+
 SCHEDULES = ("plateau", "step", "constant")
 FACTOR = 0.1  # every drop divides the lr by 10
+WARMUP_START = 0.01  # the first warmup step's share of the lr (torchvision's default)
 
 
 def plateau_drops(val_errors: list[float], patience: int, max_drops: int) -> int:
@@ -40,10 +47,17 @@ def learning_rate(
     patience: int = 5,
     max_drops: int = 3,
     step_epochs: int = 30,
+    warmup_epochs: float = 0.0,
 ) -> float:
-    """The lr of 1-based `epoch`, given the validation errors of the epochs before it."""
+    """The lr of 1-based `epoch` once warmup is over, given the validation errors of the epochs before it.
+
+    Epochs are counted from the end of warmup: the first epoch that starts after it is the
+    schedule's epoch 1, and validation errors of warmup epochs do not count for the plateau.
+    """
+    skipped = math.ceil(warmup_epochs)
+    epoch = max(1, epoch - skipped)
     if schedule == "plateau":
-        drops = plateau_drops(val_errors[: epoch - 1], patience, max_drops)
+        drops = plateau_drops(val_errors[skipped : skipped + epoch - 1], patience, max_drops)
     elif schedule == "step":
         drops = step_drops(epoch, step_epochs)
     elif schedule == "constant":
@@ -51,3 +65,12 @@ def learning_rate(
     else:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
     return base_lr * FACTOR**drops
+
+
+def warmup_factor(step: int, steps_per_epoch: int, warmup_epochs: float, start: float = WARMUP_START) -> float:
+    """The share of the lr at 0-based global `step`: `start` at step 0, rising linearly to 1 at the
+    end of warmup (`warmup_epochs` × `steps_per_epoch` steps), 1 from then on."""
+    total = warmup_epochs * steps_per_epoch
+    if total <= 0 or step >= total:
+        return 1.0
+    return start + (1.0 - start) * step / total

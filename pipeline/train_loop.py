@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -69,15 +70,18 @@ def train_loop_per_worker(spec: RunSpec) -> Outcome:
 
     epoch_seconds: list[float] = []
     for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+        torch.manual_seed(rank_seed(cfg.seed, rank, epoch))  # dropout: other masks on every rank and epoch
         lr = _set_lr(optimizer, cfg, epoch, progress)
+        warm = _warmup(optimizer, cfg.warmup_epochs, lr, epoch, steps_per_epoch)
         started = time.perf_counter()
         partial = progress.partial_sums if rank == 0 else None  # counted once, on rank 0
         train = run_train_epoch(
             model, optimizer, augment, train_shard, cfg, device, epoch, steps_per_epoch, progress.step_in_epoch,
-            partial, save_mid_epoch,
+            partial, save_mid_epoch, warm,
         )  # fmt: skip
         val = evaluate(model, augment, val_shard, cfg, device)
         epoch_seconds.append(time.perf_counter() - started)
+        lr = optimizer.param_groups[0]["lr"]  # the epoch's last step's (warmup ramps it within the epoch)
         metrics = _epoch_metrics(epoch, lr, train, val, epoch_seconds[-1])
         progress = _after_epoch(progress, metrics, steps_per_epoch)
         report(spec, rank, model, optimizer, metrics, progress, metrics, logger.pending())
@@ -87,6 +91,13 @@ def train_loop_per_worker(spec: RunSpec) -> Outcome:
     logger.flush()
     logger.close()
     return Outcome(progress.best, world, logger.restarts, logger.pending(), logger.delayed)
+
+
+def rank_seed(seed: int, rank: int, epoch: int) -> int:
+    """torch's seed for one rank's epoch: the initial weights come from `seed` alone (the same on
+    every rank); what the steps draw (dropout) differs between ranks and epochs, and repeats with
+    the seed, after a restart too."""
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
 
 
 def _open_logger(spec: RunSpec, rank: int) -> RunLogger | NullLogger:
@@ -132,12 +143,26 @@ def _build(spec: RunSpec, device: torch.device, logger, say) -> tuple[torch.nn.M
 
 def _set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int, progress: Progress) -> float:
     lr = schedules.learning_rate(
-        cfg.schedule, cfg.scaled_lr, epoch, progress.val_errors,
-        patience=cfg.plateau_patience, max_drops=cfg.lr_drops, step_epochs=cfg.step_epochs,
+        cfg.schedule, cfg.scaled_lr, epoch, progress.val_errors, patience=cfg.plateau_patience,
+        max_drops=cfg.lr_drops, step_epochs=cfg.step_epochs, warmup_epochs=cfg.warmup_epochs,
     )  # fmt: skip
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
+
+
+def _warmup(optimizer, warmup_epochs: float, lr: float, epoch: int, steps_per_epoch: int):
+    """During warmup, what sets each step's lr (given the step in the epoch); None after it."""
+    first = (epoch - 1) * steps_per_epoch
+    if schedules.warmup_factor(first, steps_per_epoch, warmup_epochs) == 1.0:
+        return None
+
+    def set_step_lr(step_in_epoch: int) -> None:
+        factor = schedules.warmup_factor(first + step_in_epoch, steps_per_epoch, warmup_epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * factor
+
+    return set_step_lr
 
 
 def _epoch_metrics(epoch: int, lr: float, train: dict[str, float], val: dict[str, float], seconds: float):
@@ -185,9 +210,21 @@ def _silent(*args, **kwargs) -> None:
 
 
 def run_train_epoch(
-    model, optimizer, augment, shard, cfg: TrainConfig, device, epoch, steps_per_epoch, resume_at, partial, save
+    model,
+    optimizer,
+    augment,
+    shard,
+    cfg: TrainConfig,
+    device,
+    epoch,
+    steps_per_epoch,
+    resume_at,
+    partial,
+    save,
+    warm=None,
 ) -> dict[str, float]:
-    """One epoch (or its rest, from step `resume_at`), checkpointing every cfg.checkpoint_every_steps."""
+    """One epoch (or its rest, from step `resume_at`), checkpointing every cfg.checkpoint_every_steps;
+    `warm(step)`, when given, sets each step's lr (warmup)."""
     model.train()
     sums = torch.zeros(6, device=device, dtype=torch.float64)  # loss·n, top-1 correct, n, wait s, busy s, top-5
     if partial:
@@ -199,6 +236,8 @@ def run_train_epoch(
         if step >= steps_per_epoch:  # a resumed epoch ends where an uninterrupted one would
             break
         wait += waited
+        if warm:
+            warm(step)
         labels = batch["label"].to(device, non_blocking=True)
         loss, logits = train_step(model, optimizer, augment, batch["image"], labels, cfg.clip_grad_norm)
         top1, top5 = topk_correct(logits.detach(), labels)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray
 import torch
 
 from pipeline import checkpoint, cluster, run, tracking
@@ -27,6 +28,7 @@ from pipeline.fit import fit
 from pipeline.prepare import sample_shards
 from pipeline.registration import register
 from pipeline.spec import RunSpec
+from pipeline.storage import locate
 
 
 @dataclass
@@ -54,6 +56,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
     uri = run.tracking_uri(cfg, record)  # an unreachable server fails here, before the cluster does anything
     connect_ray(cfg, log, tracking.worker_env(uri) if uri else None)
     data = data or _check_crop(cfg, open_dataset(str(sample_shards(cfg.sample_dir, log))))
+    check_reachable(cfg, data.uri, ray.nodes(), ray.get_runtime_context().get_node_id())
     spec = _spec(cfg, data, name, uri, log)  # a missing mean image fails here
     current = run.Run.begin(cfg, data, spec.colour, name, uri, record, log)
     spec = dataclasses.replace(spec, run_id=current.run_id)
@@ -124,6 +127,30 @@ def connect_ray(cfg: TrainConfig, log: Callable[[str], None] = print, env: dict[
     # A local Ray also gets the custom resources the train workers ask for (e.g. mock_gpu).
     local_resources = {name: amount * cfg.workers for name, amount in cfg.resources_per_worker.items() if name != "CPU"}
     cluster.connect(log, env, local_cpus, local_resources)
+
+
+def check_reachable(cfg: TrainConfig, data_uri: str, nodes: list[dict[str, Any]], driver_node: str) -> None:
+    """Local paths only where every train worker can reach them: one node that trains, or --shared-storage.
+
+    `nodes` is ray.nodes(); `driver_node` the node this driver runs on. A head that keeps no CPUs
+    (the cluster definitions' layout) runs no train worker: its disk is unreachable to them even
+    before the autoscaler has added a node.
+    """
+    local = [(flag, uri) for flag, uri in (("--storage-path", cfg.storage_path), ("--data", data_uri))
+             if locate(uri).is_local]  # fmt: skip
+    if cfg.shared_storage or not local:
+        return
+    alive = [node for node in nodes if node.get("Alive")]
+    here = next((node for node in alive if node["NodeID"] == driver_node), {})
+    if len(alive) == 1 and here.get("Resources", {}).get("CPU", 0) > 0:
+        return
+    where = f"{len(alive)} nodes" if len(alive) > 1 else "a head node that runs no train workers"
+    flag, uri = local[0]
+    raise ConfigError(
+        f"{flag} {locate(uri).uri} is a local path, and this Ray cluster has {where}: the train workers on other "
+        "nodes cannot read or write it (checkpoints would fail at the first save). Use s3://bucket/prefix, or a "
+        "filesystem every node mounts at the same path and pass --shared-storage"
+    )
 
 
 def check_local_gpus(cfg: TrainConfig) -> None:

@@ -143,7 +143,7 @@ def measured_shards(ray_cluster, tiny_shards, tmp_path_factory):
 
 @dataclasses.dataclass
 class Trained:
-    first: object  # TrainSummary: 2 DDP workers, 2 epochs, MLflow credentials in its environment
+    first: object  # TrainSummary: 2 DDP workers, 2 epochs (the first a warmup), MLflow credentials in its environment
     second: object  # TrainSummary: 1 worker, 1 epoch, another seed and lr, same dataset
     cfg: object  # the first run's TrainConfig
     tracking_uri: str
@@ -168,7 +168,7 @@ def trained(ray_cluster, measured_shards, mlflow_server, tmp_path_factory):
         data=str(measured_shards), batch_size=8, storage_path=str(tmp / "runs"), experiment="alexnet-test",
         model_name=REGISTERED_MODEL, system_metrics_interval=1.0,
     )  # fmt: skip
-    cfg = light(**base, name="first", epochs=2, workers=2, cpus_per_worker=1.0)
+    cfg = light(**base, name="first", epochs=2, workers=2, cpus_per_worker=1.0, warmup_epochs=1.0)
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_USERNAME")}
     os.environ.update({"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": SECRET})
     try:

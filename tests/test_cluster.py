@@ -331,6 +331,14 @@ def test_a_submitted_job_scales_the_cluster_up_stops_resumes_and_the_nodes_go_aw
     ]  # fmt: skip
     submit = ["job", "submit", "--address", cluster.dashboard, "--working-dir", ".", "--runtime-env-json", runtime_env]
 
+    # 0. The head trains nothing, so local paths are refused in seconds, before any node is bought;
+    # this cluster's "nodes" share this machine's disk, which --shared-storage says.
+    refused = cluster.ray(*submit, "--submission-id", "refused", "--", *train, "--name", "refused")
+    assert cluster.job_status("refused") == "FAILED", refused.stdout[-3000:]
+    assert "is a local path" in refused.stdout and "pass --shared-storage" in refused.stdout, refused.stdout[-3000:]
+    assert cluster.worker_nodes() == {}
+    train.append("--shared-storage")
+
     # 1. Submitted: the head has no CPUs, so nothing runs until the autoscaler launches nodes.
     first = cluster.ray(*submit, "--submission-id", "train-1", "--no-wait", "--", *train, "--name", "on-cluster")
     assert first.returncode == 0, first.stderr

@@ -10,6 +10,7 @@ tests/test_cluster.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import threading
@@ -23,7 +24,7 @@ import torch
 from conftest import light
 from mlflow import MlflowClient
 
-from pipeline import checkpoint, config, tracking, training
+from pipeline import checkpoint, config, run, tracking, training
 from pipeline.data.imagenet import ClassInfo
 from pipeline.mlflow_server import MlflowServer
 from pipeline.model import AlexNet
@@ -137,7 +138,7 @@ def test_a_killed_worker_and_a_server_outage_lose_no_step_and_no_metric(ray_clus
     # 96 images, 2 workers × batch 2: 24 steps per epoch, a checkpoint after steps 6, 12 and 18.
     cfg = light(
         data=str(tiny_shards), epochs=2, batch_size=2, workers=2, cpus_per_worker=1.0, checkpoint_every_steps=6,
-        max_failures=2, storage_path=str(tmp_path / "runs"), name="chaos", experiment="chaos", model_name="chaos",
+        storage_path=str(tmp_path / "runs"), name="chaos", experiment="chaos", model_name="chaos",
     )  # fmt: skip
     job = Job(cfg)
     run_dir = tmp_path / "runs" / "chaos"
@@ -210,8 +211,8 @@ def test_metrics_the_server_never_got_are_sent_by_resume_which_then_registers_th
     assert "sent 1 epoch(s) of metrics kept from the last attempt" in lines
     assert not (run_dir / UNSENT_FILE).exists()
     _assert_each_epoch_once(client, run_id, 1)
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["restarts"] == "1"  # the resume, counted once
+    found = client.get_run(run_id)
+    assert found.info.status == "FINISHED" and found.data.tags["restarts"] == "1"  # the resume, counted once
     assert summary.model_version == "1" and summary.restarts == 1
     assert client.get_model_version_by_alias("alexnet-late", "champion").run_id == run_id
 
@@ -238,3 +239,41 @@ def test_a_checkpoint_for_another_model_fails_saying_what_differs(tmp_path):
     torch.save(state, tmp_path / checkpoint.MODEL_FILE)
     with pytest.raises(checkpoint.CheckpointError, match=r"features.0.weight: \(32, 3, 11, 11\) vs \(64, 3, 11, 11\)"):
         checkpoint.restore(tmp_path, AlexNet(4, fc_width=cfg.fc_width), cfg, 4)
+
+
+def test_a_run_that_stops_on_a_failure_says_what_failed_where_its_checkpoint_is_and_how_to_resume(tmp_path):
+    from ray.exceptions import OutOfMemoryError
+    from ray.train import ControllerError, WorkerGroupError
+
+    from pipeline.fit import explain_failure
+    from pipeline.storage import locate
+
+    run_dir = tmp_path / "runs" / "big"
+    for name in ("checkpoint_2026-11-30_10-00-00.000001", "checkpoint_2026-11-30_11-00-00.000002", "best-epoch-0003"):
+        (run_dir / name).mkdir(parents=True)
+    failures = {
+        1: OutOfMemoryError("Task was killed due to the node running low on memory.\nsecond line"),
+        0: ValueError(),
+    }
+    message = explain_failure(WorkerGroupError("...", failures), locate(run_dir), str(tmp_path / "runs"), 3)
+    assert message.startswith("training stopped after 3 restart(s): rank 0: ValueError; rank 1: OutOfMemoryError:")
+    assert "out of memory: lower --batch-size" in message and "second line" not in message
+    assert f"the last checkpoint is {run_dir}/checkpoint_2026-11-30_11-00-00.000002" in message
+    assert message.endswith(f"continue with: python jobs/train.py --resume big --storage-path {tmp_path / 'runs'}")
+    empty = explain_failure(ControllerError(RuntimeError("lost")), locate(tmp_path), "runs", 0)
+    assert "no restarts allowed (--max-failures 0): RuntimeError: lost. no checkpoint was saved" in empty
+
+
+def test_the_defaults_restart_a_lost_worker_group_three_times():
+    assert config.resolve("sample").max_failures == config.resolve("imagenet").max_failures == 3
+
+
+def test_resume_reads_the_run_where_storage_path_says_and_keeps_it_there(tmp_path):
+    first = light(name="moved", storage_path=str(tmp_path / "old"), data=str(tmp_path / "shards"))
+    moved = tmp_path / "new" / "moved"
+    moved.mkdir(parents=True)
+    record = {"run_id": None, "tracking_uri": None, "config": first.to_dict(), "data": str(tmp_path / "shards")}
+    (moved / RUN_RECORD).write_text(json.dumps(record))
+    cfg, found = run.resumed_config(config.resolve("sample", resume="moved", storage_path=str(tmp_path / "new")), print)
+    assert found == record and cfg.storage_path == str(tmp_path / "new") and cfg.resume == "moved"
+    assert dataclasses.replace(cfg, storage_path=first.storage_path, resume="") == first  # otherwise its own config

@@ -28,7 +28,7 @@ from pipeline.data.transforms import eval_batch
 from pipeline.mlflow_server import free_port
 from pipeline.model import AlexNet, ImageClassifier
 from pipeline.run import new_name
-from pipeline.train_loop import train_step
+from pipeline.train_loop import rank_seed, train_step
 
 METRICS = [
     "train_loss", "train_top1_error", "val_top1_error", "val_top5_error", "images_per_s", "data_wait_fraction",
@@ -67,6 +67,11 @@ def test_the_run_holds_every_epochs_metrics_exactly_once(run):
     assert {k: found.data.params[k] for k in cfg.to_dict()} == {k: str(v) for k, v in cfg.to_dict().items()}
     assert found.data.params["fc_width"] == "64" and found.data.tags["num_classes"] == "4"
     assert found.data.tags["dataset_hash"]
+    # one warmup epoch: its last step's lr is short of the scaled lr by one step of the ramp, then the lr holds
+    steps = 96 // cfg.global_batch  # steps per epoch: 96 training images (measured_shards)
+    lrs = [m.value for m in sorted(client.get_metric_history(summary.run_id, "lr"), key=lambda m: m.step)]
+    ramp = 0.01 + 0.99 * (steps - 1) / steps
+    assert lrs == pytest.approx([cfg.scaled_lr * ramp, cfg.scaled_lr]) and lrs[0] < lrs[1]
 
 
 @pytest.mark.slow
@@ -224,6 +229,23 @@ def test_a_training_step_is_a_function_of_the_seed():
     assert loss_c != loss_a and not torch.equal(weights_a["features.0.weight"], weights_c["features.0.weight"])
 
 
+def test_dropout_differs_between_ranks_and_epochs_and_repeats_with_the_seed():
+    """Every rank starts from the same weights (the seed alone), then draws its own dropout masks."""
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    model = AlexNet.from_config(4, light().to_dict()).train()
+
+    def forward(rank: int, epoch: int) -> torch.Tensor:
+        torch.manual_seed(rank_seed(0, rank, epoch))  # what each rank does at the start of an epoch
+        with torch.no_grad():
+            return model(x)
+
+    assert torch.equal(forward(0, 1), forward(0, 1))  # reproducible
+    assert not torch.equal(forward(0, 1), forward(1, 1))  # ranks differ
+    assert not torch.equal(forward(0, 1), forward(0, 2))  # epochs differ
+    assert len({rank_seed(0, r, e) for r in range(64) for e in range(1, 91)}) == 64 * 90
+
+
 @pytest.mark.slow
 def test_ten_crop_evaluation_matches_a_direct_pytorch_computation(run, measured_shards):
     summary, _, uri = run
@@ -309,3 +331,25 @@ def test_a_run_without_tracking_checkpointing_to_s3_repeats_every_epochs_metrics
     for key in ("train_loss", "train_top1_error", "val_loss", "val_top1_error", "val_top5_error", "train_images"):
         first = sorted((m.step, m.value) for m in client.get_metric_history(summary.run_id, key))
         assert first == [(epoch, by_epoch[epoch][key]) for epoch in sorted(by_epoch)], key
+
+
+def test_local_paths_are_refused_where_train_workers_cannot_reach_them():
+    """ray.nodes()'s view of a cluster: a local path is fine on one node that trains, refused otherwise."""
+
+    def node(node_id: str, cpus: float) -> dict:
+        return {"NodeID": node_id, "Alive": True, "Resources": {"CPU": cpus} if cpus else {}}
+
+    laptop, head_only = [node("a", 2)], [node("head", 0)]
+    cluster = [node("head", 0), node("gpu-1", 8), {"NodeID": "gone", "Alive": False, "Resources": {}}]
+    cfg = config.resolve("sample", storage_path="runs")
+    training.check_reachable(cfg, "/data/shards", laptop, "a")
+    for nodes, where in ((cluster, "2 nodes"), (head_only, "a head node that runs no train workers")):
+        with pytest.raises(
+            ConfigError, match=f"--storage-path /.*/runs is a local path, and this Ray cluster has {where}"
+        ):
+            training.check_reachable(cfg, "/data/shards", nodes, "head")
+    remote = dataclasses.replace(cfg, storage_path="s3://bucket/runs")
+    with pytest.raises(ConfigError, match="--data /data/shards is a local path.*pass --shared-storage"):
+        training.check_reachable(remote, "/data/shards", cluster, "head")
+    training.check_reachable(remote, "s3://bucket/shards", cluster, "head")
+    training.check_reachable(dataclasses.replace(cfg, shared_storage=True), "/mnt/efs/shards", cluster, "head")

@@ -121,11 +121,10 @@ def train_batch(batch: dict[str, np.ndarray], crop: int, seed: int | None = None
 
     The row shuffle complements the per-epoch file shuffle of the reader: shards are written with
     classes mixed, so file order × in-batch order gives every epoch a fresh sample order without
-    a shuffle buffer's copies. With a `seed`, the randomness is a function of the seed, the
-    block's position in this epoch's (seeded) file order and its labels: the same every run,
-    different every epoch.
+    a shuffle buffer's copies. With a `seed`, the randomness is a function of the seed, the epoch
+    (the dataset's execution) and the block's contents: the same every run, new every epoch.
     """
-    rng = np.random.default_rng(None if seed is None else [seed, _task_index(), zlib.crc32(batch["label"].tobytes())])
+    rng = np.random.default_rng(None if seed is None else [seed, _execution_index(), _fingerprint(batch)])
     order = rng.permutation(len(batch["label"]))
     # Each crop goes straight into the batch while its decoded image is still in cache: stacking
     # a list of crops afterwards keeps every decoded image alive and was ~27% slower per core.
@@ -148,16 +147,22 @@ def ten_crop_batch(batch: dict[str, np.ndarray], crop: int) -> dict[str, np.ndar
     return {"image": images, "label": batch["label"].astype(np.int64)}
 
 
-def _task_index() -> int:
-    """The index of this Ray Data task in its execution: for a fused read, the file's position.
+def _fingerprint(batch: dict[str, np.ndarray]) -> int:
+    """Which block this is, from what it holds: its labels and the start of its first image."""
+    first = bytes(batch["image"][0][:4096]) if len(batch["image"]) else b""
+    return zlib.crc32(first, zlib.crc32(batch["label"].tobytes()))
 
-    Ray 2.60 exposes a task's context only in ray.data._internal (no public equivalent); this is
-    the one place the project reads it.
+
+def _execution_index() -> int:
+    """Which execution of its dataset this task serves: under Ray Train, the epoch (from 0).
+
+    Ray Data counts the executions of each dataset; RandomSeedConfig reads the count from the
+    task's own DataContext (Ray 2.60), as FileShuffleConfig does for the per-epoch file order.
     """
-    from ray.data._internal.execution.interfaces.task_context import TaskContext
+    from ray.data import DataContext, RandomSeedConfig
 
-    context = TaskContext.get_current()
-    return context.task_idx if context is not None else 0
+    seed = RandomSeedConfig(seed=0, reseed_after_execution=True).get_seed_tuple(data_context=DataContext.get_current())
+    return seed.execution_idx or 0
 
 
 def _check_fits(h: int, w: int, crop: int) -> None:
