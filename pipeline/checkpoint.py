@@ -12,7 +12,6 @@ A checkpoint for another class count or architecture fails with a message saying
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from pipeline.spec import CheckpointMeta
 from pipeline.storage import Location
 
 MODEL_FILE, OPTIMIZER_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
-BEST_POINTER = "best.json"  # in the run directory: which best-epoch-NNNN/ holds the best checkpoint
+SCORE = "val_top1_error"  # what Ray Train keeps the best checkpoints by (lowest first)
 
 
 class CheckpointError(InputError):
@@ -59,22 +58,6 @@ def save(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.O
     torch.save(model.state_dict(), directory / MODEL_FILE)
     torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
     (directory / META_FILE).write_text(meta.to_json())
-
-
-def save_best(run_dir: Location, local_dir: str | Path, epoch: int) -> None:
-    """Copy a checkpoint to <run>/best-epoch-NNNN/, then point best.json at it (one atomic write)."""
-    target = run_dir.join(f"best-epoch-{epoch:04d}")
-    run_dir.fs.create_dir(target.path, recursive=True)
-    pafs.copy_files(str(local_dir), target.path, pafs.LocalFileSystem(), run_dir.fs)
-    previous = best_checkpoint(run_dir)
-    run_dir.join(BEST_POINTER).write_text(json.dumps({"dir": target.name(), "epoch": epoch}) + "\n")
-    if previous is not None and previous.path != target.path:
-        run_dir.fs.delete_dir(previous.path)
-
-
-def best_checkpoint(run_dir: Location) -> Location | None:
-    pointer = run_dir.join(BEST_POINTER)
-    return run_dir.join(json.loads(pointer.read_text())["dir"]) if pointer.is_file() else None
 
 
 @contextmanager

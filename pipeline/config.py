@@ -82,7 +82,7 @@ class TrainConfig:
     resume: str = option(
         "", "continue the stopped run of this name (under --storage-path) with its own config and MLflow run"
     )
-    keep_checkpoints: int = option(2, "most recent checkpoints kept (the best is kept apart, in best-epoch-NNNN/)")
+    keep_checkpoints: int = option(2, "best checkpoints kept (by val top-1 error), besides the latest")
     checkpoint_every_steps: int = option(0, "also checkpoint every N training steps, mid-epoch; 0: at epoch ends only")
     max_failures: int = option(
         3, "worker-group restarts from the latest checkpoint before the run stops (0: stop at the first; -1: no limit)"

@@ -6,6 +6,7 @@ RunSpec ──► TorchTrainer(train_loop_per_worker, ScalingConfig, RunConfig, 
 from __future__ import annotations
 
 import os
+import posixpath
 from functools import partial
 
 import ray.exceptions
@@ -22,6 +23,7 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 
 from pipeline import ingest
+from pipeline.checkpoint import SCORE
 from pipeline.data.shards import PreparedDataset
 from pipeline.errors import TrainingFailed
 from pipeline.spec import Outcome, RunSpec
@@ -29,8 +31,9 @@ from pipeline.storage import Location, locate
 from pipeline.train_loop import train_loop_per_worker
 
 
-def fit(spec: RunSpec, data: PreparedDataset) -> Outcome:
-    """Train to the end (Ray Train restarts lost workers from the latest checkpoint); rank 0's outcome."""
+def fit(spec: RunSpec, data: PreparedDataset) -> tuple[Outcome, Location]:
+    """Train to the end (Ray Train restarts lost workers from the latest checkpoint): rank 0's outcome
+    and the best checkpoint."""
     cfg = spec.config
     # Workers print their epoch lines themselves; Ray Train's print patch would print each twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -46,8 +49,11 @@ def fit(spec: RunSpec, data: PreparedDataset) -> Outcome:
             name=spec.run_dir.name(),
             storage_path=storage.path,
             storage_filesystem=storage.fs,
-            # The most recent K; the best is copied to <run>/best-epoch-NNNN/ by rank 0.
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            # The K best by validation error, and always the latest (what a restart resumes from):
+            # a checkpoint is the best the moment Ray Train registers it, with no copy to lose.
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute=SCORE, checkpoint_score_order="min"
+            ),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),  # no line per report; epoch lines say it
         ),
@@ -58,9 +64,11 @@ def fit(spec: RunSpec, data: PreparedDataset) -> Outcome:
         dataset_config=ingest.IngestConfig(cpu_limit=cfg.data_cpu_limit),
     )
     try:
-        return trainer.fit().return_value
+        result = trainer.fit()
     except TrainingFailedError as exc:
         raise TrainingFailed(explain_failure(exc, spec.run_dir, cfg.storage_path, cfg.max_failures)) from exc
+    best = result.get_best_checkpoint(SCORE, "min")
+    return result.return_value, spec.run_dir.join(posixpath.basename(best.path.rstrip("/")))
 
 
 def explain_failure(exc: Exception, run_dir: Location, storage_path: str, max_failures: int) -> str:

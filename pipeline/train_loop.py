@@ -14,6 +14,7 @@ where they stopped; epochs already in the MLflow run are never logged twice.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -65,8 +66,12 @@ def train_loop_per_worker(spec: RunSpec) -> Outcome:
         sums = tuple(_all_reduce(partial.clone()).tolist())  # every rank's share of the epoch so far
         state = replace(progress, step_in_epoch=step_in_epoch, global_step=progress.global_step + step_in_epoch,
                         partial_sums=sums)  # fmt: skip
-        report(spec, rank, model, optimizer, {"epoch": epoch - 1, "step_in_epoch": step_in_epoch}, state, None,
-               logger.pending())  # fmt: skip
+        metrics = {
+            "epoch": epoch - 1,
+            "step_in_epoch": step_in_epoch,
+            checkpoint.SCORE: math.inf,
+        }  # kept as latest only
+        report(spec, rank, model, optimizer, metrics, state, None, logger.pending())
 
     epoch_seconds: list[float] = []
     for epoch in range(progress.epoch + 1, cfg.epochs + 1):
@@ -310,8 +315,6 @@ def report(spec: RunSpec, rank: int, model, optimizer, metrics, progress: Progre
     with checkpoint.staging(spec.run_dir.name()) as tmp:
         checkpoint.save(tmp, _unwrap(model), optimizer, CheckpointMeta.of(spec, progress, epoch_metrics, unsent))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        if epoch_metrics and progress.best["epoch"] == epoch_metrics["epoch"]:  # a new best epoch
-            checkpoint.save_best(spec.run_dir, tmp, epoch_metrics["epoch"])
 
 
 def _timed(iterable) -> Iterator[tuple[Any, float]]:

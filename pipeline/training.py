@@ -28,7 +28,7 @@ from pipeline.fit import fit
 from pipeline.prepare import sample_shards
 from pipeline.registration import register
 from pipeline.spec import RunSpec
-from pipeline.storage import locate
+from pipeline.storage import Location, locate
 
 
 @dataclass
@@ -63,11 +63,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
     summary = TrainSummary(name, cfg.experiment, cfg.model_name, current.run_id, current.shown_uri)
     status = "FAILED"
     try:
-        outcome = fit(spec, data)
+        outcome, best = fit(spec, data)
         cluster.reenter_working_dir(cwd)
         summary.restarts = outcome.restarts
         summary.delayed_epochs = outcome.delayed_epochs + current.send_at_end(outcome.unsent_metrics, log)
-        _register_best(spec, data, summary)
+        _register_best(spec, data, best, summary)
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C; SIGTERM (`ray job stop`), which Ray's handler turns into an exit
         status = "KILLED"
@@ -97,9 +97,8 @@ def _spec(cfg: TrainConfig, data: PreparedDataset, name: str, uri: str | None, l
     )
 
 
-def _register_best(spec: RunSpec, data: PreparedDataset, summary: TrainSummary) -> None:
+def _register_best(spec: RunSpec, data: PreparedDataset, best: Location, summary: TrainSummary) -> None:
     """The run's best checkpoint into the summary; registered and promoted when the run is tracked."""
-    best = checkpoint.best_checkpoint(spec.run_dir)
     summary.checkpoint = best.uri
     with checkpoint.local_copy(best) as ckpt_dir:
         metrics = checkpoint.read_meta(ckpt_dir).epoch_metrics

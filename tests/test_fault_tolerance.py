@@ -180,6 +180,12 @@ def test_a_killed_worker_and_a_server_outage_lose_no_step_and_no_metric(ray_clus
     assert sorted((m.step, m.value) for m in images) == [(1, 96), (2, 96)]
     assert [m.value for m in client.get_metric_history(run_id, "val_images")] == [24, 24]
     assert client.get_model_version_by_alias("chaos", "champion").run_id == run_id
+    # The kill fell between reports: the best checkpoint is one Ray Train registered, whole, with
+    # the best epoch's error (no copy that a lost worker could have left half made).
+    best = checkpoint.read_meta(summary.checkpoint)
+    errors = {m.step: m.value for m in client.get_metric_history(run_id, "val_top1_error")}
+    assert best.epoch == summary.best["epoch"] and best.epoch_metrics["val_top1_error"] == min(errors.values())
+    assert (Path(summary.checkpoint) / checkpoint.MODEL_FILE).is_file()
 
 
 @pytest.mark.slow
@@ -249,7 +255,7 @@ def test_a_run_that_stops_on_a_failure_says_what_failed_where_its_checkpoint_is_
     from pipeline.storage import locate
 
     run_dir = tmp_path / "runs" / "big"
-    for name in ("checkpoint_2026-11-30_10-00-00.000001", "checkpoint_2026-11-30_11-00-00.000002", "best-epoch-0003"):
+    for name in ("checkpoint_2026-11-30_10-00-00.000001", "checkpoint_2026-11-30_11-00-00.000002", "unsent"):
         (run_dir / name).mkdir(parents=True)
     failures = {
         1: OutOfMemoryError("Task was killed due to the node running low on memory.\nsecond line"),

@@ -99,13 +99,16 @@ def test_every_epoch_counts_every_validation_image_and_every_training_step_acros
 
 
 @pytest.mark.slow
-def test_the_best_epoch_is_kept_apart_from_the_most_recent_checkpoints(run):
+def test_ray_train_keeps_the_best_checkpoint_and_the_latest(run):
     summary, cfg, _ = run
     run_dir = Path(cfg.storage_path) / summary.run_name
-    assert summary.checkpoint == str(run_dir / f"best-epoch-{summary.best['epoch']:04d}")
-    assert json.loads((run_dir / "best.json").read_text())["epoch"] == summary.best["epoch"]
-    assert len(list(run_dir.glob("best-epoch-*"))) == 1  # an earlier best is removed
-    assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) == cfg.keep_checkpoints  # K most recent
+    kept = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    epochs = {p.name: checkpoint.read_meta(p).epoch for p in kept}
+    assert Path(summary.checkpoint) in kept and epochs[Path(summary.checkpoint).name] == summary.best["epoch"]
+    assert epochs[kept[-1].name] == cfg.epochs  # the latest, what a restart resumes from
+    assert len(kept) <= cfg.keep_checkpoints + 1  # the K best by val top-1 error, and the latest
+    best = checkpoint.read_meta(summary.checkpoint).epoch_metrics["val_top1_error"]
+    assert best == summary.best["val_top1_error"] == min(checkpoint.read_meta(p).progress.val_errors[-1] for p in kept)
 
 
 @pytest.mark.slow
@@ -315,9 +318,9 @@ def test_a_run_without_tracking_checkpointing_to_s3_repeats_every_epochs_metrics
     finally:
         mlflow.set_tracking_uri(uri)
     assert again.run_id is None and again.model_version is None
-    assert again.checkpoint == f"s3://runs/alexnet/repeat/best-epoch-{again.best['epoch']:04d}"
+    assert again.checkpoint.startswith("s3://runs/alexnet/repeat/checkpoint_")
     stored = [i.path for i in s3_server.get_file_info(pafs.FileSelector("runs/alexnet/repeat", recursive=True))]
-    assert {"runs/alexnet/repeat/alexnet_run.json", "runs/alexnet/repeat/best.json"} <= set(stored)
+    assert "runs/alexnet/repeat/alexnet_run.json" in stored
     assert f"{again.checkpoint.removeprefix('s3://')}/model.pt" in stored
     metas = [
         json.loads(s3_server.open_input_file(path).read())
