@@ -1,6 +1,10 @@
 """Fitting: the TorchTrainer that runs pipeline.train_loop on every worker, fed by pipeline.ingest.
 
-RunSpec ──► TorchTrainer(train_loop_per_worker, ScalingConfig, RunConfig, datasets) ──► Outcome
+    RunSpec ──► TorchTrainer(train_loop_per_worker, scaling, run config, datasets)
+            ──► rank 0's Outcome, and the best checkpoint Ray Train kept
+
+Ray Train restarts a worker group that lost a worker up to `--max-failures` times (3 by default);
+past that, the run stops with TrainingFailed: what failed, the last checkpoint, how to resume.
 """
 
 from __future__ import annotations

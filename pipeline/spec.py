@@ -128,10 +128,8 @@ class CheckpointMeta:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What the train workers hand back to the driver (rank 0's view)."""
+    """What the train workers hand back to the driver (rank 0's view); the best checkpoint is Ray Train's."""
 
-    best: dict[str, float] | None
-    world_size: int
     restarts: int | None  # None: not known (no tracking, or MLflow unreachable)
     unsent_metrics: list[dict[str, Any]]  # the server was away at the end: the driver sends these
     delayed_epochs: int  # epochs whose metrics reached MLflow late

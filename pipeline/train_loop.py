@@ -95,7 +95,7 @@ def train_loop_per_worker(spec: RunSpec) -> Outcome:
         say(_epoch_line(cfg.epochs, metrics, eta), flush=True)
     logger.flush()
     logger.close()
-    return Outcome(progress.best, world, logger.restarts, logger.pending(), logger.delayed)
+    return Outcome(logger.restarts, logger.pending(), logger.delayed)
 
 
 def rank_seed(seed: int, rank: int, epoch: int) -> int:
