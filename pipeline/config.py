@@ -87,6 +87,12 @@ class TrainConfig:
     max_failures: int = option(
         3, "worker-group restarts from the latest checkpoint before the run stops (0: stop at the first; -1: no limit)"
     )
+    stall_warning: float = option(
+        120.0, "seconds without a training batch before the job says what the cluster waits for; 0: never"
+    )
+    skip_resource_check: bool = option(
+        False, "start even where this cluster, which has no autoscaler, cannot hold the plan (nodes will join)"
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -113,6 +119,7 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
             (self.clip_grad_norm >= 0, f"clip_grad_norm must be >= 0, got {self.clip_grad_norm}"),
             (self.max_failures >= -1, "max_failures must be >= -1 (-1: retry forever)"),
+            (self.stall_warning >= 0, f"stall_warning must be >= 0 (0: no watchdog), got {self.stall_warning}"),
         ]
         for ok, message in checks:
             if not ok:

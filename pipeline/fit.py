@@ -9,8 +9,10 @@ past that, the run stops with TrainingFailed: what failed, the last checkpoint, 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import posixpath
+from collections.abc import Callable
 from functools import partial
 
 import ray.exceptions
@@ -30,14 +32,22 @@ from pipeline import ingest
 from pipeline.checkpoint import SCORE
 from pipeline.data.shards import PreparedDataset
 from pipeline.errors import TrainingFailed
+from pipeline.resources import Plan
 from pipeline.spec import Outcome, RunSpec
 from pipeline.storage import Location, locate
 from pipeline.train_loop import train_loop_per_worker
+from pipeline.watchdog import Watchdog
 
 
-def fit(spec: RunSpec, data: PreparedDataset) -> tuple[Outcome, Location]:
+def fit(spec: RunSpec, data: PreparedDataset, log: Callable[[str], None] = print) -> tuple[Outcome, Location]:
     """Train to the end (Ray Train restarts lost workers from the latest checkpoint): rank 0's outcome
-    and the best checkpoint."""
+    and the best checkpoint. A watchdog says what the run waits for when no batch arrives."""
+    cfg = spec.config
+    with Watchdog(cfg.stall_warning, Plan.of(cfg), log) as watchdog:
+        return _fit(dataclasses.replace(spec, watchdog=watchdog), data)
+
+
+def _fit(spec: RunSpec, data: PreparedDataset) -> tuple[Outcome, Location]:
     cfg = spec.config
     # Workers print their epoch lines themselves; Ray Train's print patch would print each twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")

@@ -35,6 +35,7 @@ from pipeline.metrics import format_duration, topk_correct
 from pipeline.model import AlexNet
 from pipeline.run_logger import NullLogger, RunLogger
 from pipeline.spec import CheckpointMeta, Outcome, Progress, RunSpec
+from pipeline.watchdog import HEARTBEAT_EVERY_S, Heartbeat
 
 # Ray 2.60 logs every ray.train.report at INFO through a logger named after its own file
 # (ray/train/v2/_internal/execution/context.py), not under "ray.train": RunConfig's LoggingConfig
@@ -59,6 +60,7 @@ def train_loop_per_worker(spec: RunSpec) -> Outcome:
         eigval=colour.eigenvalues, eigvec=colour.eigenvectors,
     )  # fmt: skip
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    beat = Heartbeat(spec.watchdog, every=min(HEARTBEAT_EVERY_S, cfg.stall_warning / 4))
     steps_per_epoch = spec.train_images // world // cfg.batch_size  # equal splits, full batches
 
     def save_mid_epoch(epoch: int, step_in_epoch: int, partial: torch.Tensor) -> None:
@@ -82,9 +84,9 @@ def train_loop_per_worker(spec: RunSpec) -> Outcome:
         partial = progress.partial_sums if rank == 0 else None  # counted once, on rank 0
         train = run_train_epoch(
             model, optimizer, augment, train_shard, cfg, device, epoch, steps_per_epoch, progress.step_in_epoch,
-            partial, save_mid_epoch, warm,
+            partial, save_mid_epoch, warm, beat,
         )  # fmt: skip
-        val = evaluate(model, augment, val_shard, cfg, device)
+        val = evaluate(model, augment, val_shard, cfg, device, beat)
         epoch_seconds.append(time.perf_counter() - started)
         lr = optimizer.param_groups[0]["lr"]  # the epoch's last step's (warmup ramps it within the epoch)
         metrics = _epoch_metrics(epoch, lr, train, val, epoch_seconds[-1])
@@ -227,9 +229,10 @@ def run_train_epoch(
     partial,
     save,
     warm=None,
+    beat=None,
 ) -> dict[str, float]:
     """One epoch (or its rest, from step `resume_at`), checkpointing every cfg.checkpoint_every_steps;
-    `warm(step)`, when given, sets each step's lr (warmup)."""
+    `warm(step)`, when given, sets each step's lr (warmup); `beat()` is told of every batch."""
     model.train()
     sums = torch.zeros(6, device=device, dtype=torch.float64)  # loss·n, top-1 correct, n, wait s, busy s, top-5
     if partial:
@@ -241,6 +244,8 @@ def run_train_epoch(
         if step >= steps_per_epoch:  # a resumed epoch ends where an uninterrupted one would
             break
         wait += waited
+        if beat:
+            beat()
         if warm:
             warm(step)
         labels = batch["label"].to(device, non_blocking=True)
@@ -289,10 +294,12 @@ def train_step(model, optimizer, augment, images: torch.Tensor, labels: torch.Te
 
 
 @torch.no_grad()
-def evaluate(model, augment, shard, cfg: TrainConfig, device) -> dict[str, float]:
+def evaluate(model, augment, shard, cfg: TrainConfig, device, beat=None) -> dict[str, float]:
     model.eval()
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss·n, top-1, top-5, n
     for batch in ingest.torch_batches(shard, cfg.batch_size, pin_memory=device.type == "cuda"):
+        if beat:
+            beat()
         images = augment(batch["image"].to(device, non_blocking=True), train=False)
         labels = batch["label"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

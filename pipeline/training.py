@@ -27,6 +27,7 @@ from pipeline.data.stats import normalization, read_stats
 from pipeline.fit import fit
 from pipeline.prepare import sample_shards
 from pipeline.registration import register
+from pipeline.resources import ClusterState, Plan, refusal
 from pipeline.spec import RunSpec
 from pipeline.storage import Location, locate
 
@@ -55,6 +56,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
     name = cfg.resume or run.new_name(cfg)
     uri = run.tracking_uri(cfg, record)  # an unreachable server fails here, before the cluster does anything
     connect_ray(cfg, log, tracking.worker_env(uri) if uri else None)
+    check_resources(cfg, log)  # a plan that would wait forever is refused before anything starts
     data = data or _check_crop(cfg, open_dataset(str(sample_shards(cfg.sample_dir, log))))
     check_reachable(cfg, data.uri, ray.nodes(), ray.get_runtime_context().get_node_id())
     spec = _spec(cfg, data, name, uri, log)  # a missing mean image fails here
@@ -63,7 +65,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
     summary = TrainSummary(name, cfg.experiment, cfg.model_name, current.run_id, current.shown_uri)
     status = "FAILED"
     try:
-        outcome, best = fit(spec, data)
+        outcome, best = fit(spec, data, log)
         cluster.reenter_working_dir(cwd)
         summary.restarts = outcome.restarts
         summary.delayed_epochs = outcome.delayed_epochs + current.send_at_end(outcome.unsent_metrics, log)
@@ -150,6 +152,20 @@ def check_reachable(cfg: TrainConfig, data_uri: str, nodes: list[dict[str, Any]]
         "nodes cannot read or write it (checkpoints would fail at the first save). Use s3://bucket/prefix, or a "
         "filesystem every node mounts at the same path and pass --shared-storage"
     )
+
+
+def check_resources(cfg: TrainConfig, log: Callable[[str], None] = print) -> None:
+    """On a cluster with no autoscaler, refuse a plan that can never run (pipeline.resources)."""
+    if cfg.skip_resource_check:
+        return
+    try:
+        state = ClusterState.read()
+    except Exception as exc:  # noqa: BLE001 -- Ray's GCS calls changed or failed: the watchdog still reports
+        log(f"could not read the cluster's resources ({type(exc).__name__}: {exc}); starting without the check")
+        return
+    problem = refusal(Plan.of(cfg), state)
+    if problem:
+        raise ConfigError(problem)
 
 
 def check_local_gpus(cfg: TrainConfig) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FC_WIDTH
+from conftest import FC_WIDTH, run_job
 from mlflow import MlflowClient
 
 from pipeline.data.stats import compute_stats
@@ -190,17 +190,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class FakeCluster:
-    """`RAY_FAKE_CLUSTER=1 ray start --head --block` with cluster/local.yaml, in a session of its own.
+class LocalCluster:
+    """`ray start --head --block` in a session of its own: a fixed head with `cpus` CPUs, or (the
+    default) cluster/local.yaml's fake multi-node cluster with its autoscaler.
 
     Its own temp dir (so it never becomes the machine's "current" cluster that `address="auto"`
     finds) and dashboard port; the worker "nodes" the autoscaler launches are processes in the
     same process group, all stopped through it.
     """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, cpus: int = 0, autoscaling: bool = True) -> None:
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rfk", dir="/tmp"))  # short: Ray's socket paths
         self.dashboard = f"http://127.0.0.1:{_free_port()}"
+        self.cpus, self.autoscaling = cpus, autoscaling
+        self.gcs_address = f"127.0.0.1:{GCS_PORT if autoscaling else _free_port()}"
         venv_bin = str(Path(sys.executable).parent)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_JOB"))}
         # The job CLI sends the token only with RAY_AUTH_MODE=token; `python` in entrypoints is this venv's.
@@ -208,24 +211,22 @@ class FakeCluster:
         self.log_path = workdir / "head.log"
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> FakeCluster:
+    def start(self) -> LocalCluster:
+        port = self.gcs_address.rsplit(":", 1)[1]
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", GCS_PORT)) == 0:
-                pytest.fail(f"port {GCS_PORT} is taken: the fake multi-node cluster needs it for its GCS")
+            if s.connect_ex(("127.0.0.1", int(port))) == 0:
+                pytest.fail(f"port {port} is taken: the fake multi-node cluster needs it for its GCS")
         command = [
-            str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "0",
-            "--port", str(GCS_PORT), "--dashboard-port", self.dashboard.rsplit(":", 1)[1],
+            str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", str(self.cpus),
+            "--port", port, "--dashboard-port", self.dashboard.rsplit(":", 1)[1],
             # the session's own Ray holds the default agent port (52365): the job agent needs another
-            "--dashboard-agent-listen-port", str(_free_port()),
-            "--temp-dir", str(self.temp_dir), "--autoscaling-config", str(CLUSTER / "local.yaml"),
+            "--dashboard-agent-listen-port", str(_free_port()), "--temp-dir", str(self.temp_dir),
         ]  # fmt: skip
         # A stopped job gets 30 s to abort its run and withdraw its node request (cluster/README.md).
-        env = {
-            **self.env,
-            "RAY_FAKE_CLUSTER": "1",
-            "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-            "RAY_JOB_STOP_WAIT_TIME_S": "30",
-        }
+        env = {**self.env, "RAY_JOB_STOP_WAIT_TIME_S": "30"}
+        if self.autoscaling:
+            command += ["--autoscaling-config", str(CLUSTER / "local.yaml")]
+            env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=log, start_new_session=True)
         _wait_for(lambda: self._get("/api/version") is not None, "the head's job server", 90, self)
@@ -294,7 +295,7 @@ def _epochs_printed(log: str) -> set[int]:
     return {int(n) for n in re.findall(r"epoch +(\d+)/\d+ +lr", log)}
 
 
-def _wait_for(predicate, what: str, timeout: float, cluster: FakeCluster | None = None) -> None:
+def _wait_for(predicate, what: str, timeout: float, cluster: LocalCluster | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if cluster is not None and not cluster.alive():
@@ -303,9 +304,56 @@ def _wait_for(predicate, what: str, timeout: float, cluster: FakeCluster | None 
         time.sleep(1)
 
 
+@pytest.mark.slow
+def test_train_workers_that_leave_ray_data_no_cpu_are_refused_in_seconds_or_explained_while_they_wait(
+    tiny_shards, tmp_path
+):
+    # A fixed 4-CPU cluster (no autoscaler) and the default profile's 2 CPUs per train worker.
+    cluster = LocalCluster(tmp_path, cpus=4, autoscaling=False).start()
+    try:
+        env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address}
+        train = [
+            "--data", tiny_shards, "--workers", "2", "--cpus-per-worker", "2", "--epochs", "1",
+            "--fc-width", FC_WIDTH, "--no-tracking", "--storage-path", tmp_path / "runs",
+        ]  # fmt: skip
+        started = time.monotonic()
+        refused = run_job("jobs/train.py", *train, env=env, timeout=120)
+        assert refused.returncode == 2 and time.monotonic() - started < 60, refused.stderr[-3000:]
+        assert (
+            "error: 2 train workers × 2 CPUs = 4 of this cluster's 4 CPUs, which leaves 0 for Ray Data"
+            in refused.stderr
+        ), refused.stderr[-3000:]
+        assert "--cpus-per-worker 1" in refused.stderr and "--skip-resource-check" in refused.stderr
+        assert not (tmp_path / "runs").exists(), "refused before anything was written"
+
+        # Told to start all the same, it waits; the watchdog says why, and says it again.
+        out, err = tmp_path / "waiting.out", tmp_path / "waiting.err"
+        with out.open("w") as stdout, err.open("w") as stderr:
+            job = subprocess.Popen(
+                [sys.executable, str(ROOT / "jobs" / "train.py"), *map(str, train),
+                 "--skip-resource-check", "--stall-warning", "5"],
+                env=env, stdout=stdout, stderr=stderr, start_new_session=True,
+            )  # fmt: skip
+        try:
+            _wait_for(lambda: out.read_text().count("Ray Data has no free CPU") >= 2 or job.poll() is not None,
+                      "two watchdog reports", 180, cluster)  # fmt: skip
+        finally:
+            job.send_signal(signal.SIGTERM)  # as `ray job stop` does
+            try:
+                job.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(job.pid, signal.SIGKILL)
+        said = out.read_text()
+        assert said.count("Ray Data has no free CPU") >= 2, said[-3000:] + err.read_text()[-3000:]
+        assert "watchdog: no training batch yet" in said and "in use (reserved): CPU 4/4 over 1 node(s)" in said
+        assert re.search(r"waiting for resources \(tasks and actors, e\.g\. Ray Data's reads\): \d+ × \{CPU: 1\}", said)
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture(scope="module")
 def fake_cluster(tmp_path_factory):  # a second Ray cluster: only slow tests use it
-    cluster = FakeCluster(tmp_path_factory.mktemp("fake-cluster"))
+    cluster = LocalCluster(tmp_path_factory.mktemp("fake-cluster"))
     try:
         yield cluster.start()
     finally:
@@ -326,7 +374,7 @@ def test_a_submitted_job_scales_the_cluster_up_stops_resumes_and_the_nodes_go_aw
     train = [
         "python", "jobs/train.py", "--data", str(data), "--epochs", "2", "--batch-size", "4", "--fc-width", str(FC_WIDTH),
         "--cpus-per-worker", "1", "--worker-resources", "mock_gpu=1", "--data-cpu-limit", "2",
-        "--normalize", "mean-image",
+        "--normalize", "mean-image", "--stall-warning", "10",
         "--storage-path", str(storage), "--experiment", "cluster", "--model-name", "alexnet-cluster",
     ]  # fmt: skip
     submit = ["job", "submit", "--address", cluster.dashboard, "--working-dir", ".", "--runtime-env-json", runtime_env]
@@ -356,6 +404,11 @@ def test_a_submitted_job_scales_the_cluster_up_stops_resumes_and_the_nodes_go_aw
     logs = cluster.ray("job", "logs", "--address", cluster.dashboard, "train-1").stdout
     (tmp_path / "train-1.log").write_text(logs)
     assert "epoch   1/2" in logs and "--resume on-cluster" in logs, logs[-3000:]
+    # While the nodes started, the watchdog said every 10 s (--stall-warning) what the run had and
+    # waited for (which, depends on the moment: tests/test_resources.py checks each report), then that
+    # batches arrived.
+    assert "watchdog: no training batch yet" in logs and "in use (reserved): CPU" in logs, logs[-3000:]
+    assert "training batches are arriving again" in logs, logs[-3000:]
     client = MlflowClient(mlflow_server.url)
     (run,) = client.search_runs([client.get_experiment_by_name("cluster").experiment_id])
     assert run.info.status == "KILLED" and "MLFLOW_TRACKING_URI" not in json.dumps(run.data.params)
