@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
-from pipeline import evaluation, serving, tracking
+from pipeline import cluster, evaluation, serving, tracking
 from pipeline.data.shards import open_dataset
 from pipeline.errors import InputError
 
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             tracking.check_server(tracking_uri)  # a dead server is named now, not after minutes of retries
         ref = serving.resolve(args.model, tracking_uri)  # an alias → its version, once
         dataset = open_dataset(args.data)
+        cluster.connect(env=tracking.worker_env(tracking_uri))  # model actors on every node reach MLflow
         results = evaluation.evaluate(
             ref,
             dataset,

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` im
 
 from ray.data import DataContext
 
+from pipeline import cluster
 from pipeline.errors import InputError
 from pipeline.prepare import DEFAULT_SHARD_SIZE, PrepareSummary, prepare
 
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.data.stats import compute_stats
 
             context.enable_progress_bars = not args.no_progress
+            cluster.connect()
             print(f"\ncomputing colour statistics over {args.out}/train ...", flush=True)
             stats = compute_stats(args.out)
             print(

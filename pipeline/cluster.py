@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import ray
+
+from pipeline.errors import InputError
+
+ANSWER_TIMEOUT_S = 5.0  # a cluster's GCS that does not accept a connection in this long is taken as gone
+
+
+class ClusterUnreachable(InputError):
+    """The Ray cluster a job would join does not answer; the message names it, where it came from, the fix."""
 
 
 def connect(
@@ -25,17 +35,60 @@ def connect(
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": env} if env else None
-    try:
-        ray.init(address="auto", runtime_env=runtime_env)
-        log(f"connected to the Ray cluster at {ray.get_runtime_context().gcs_address}")
-    except ConnectionError:
-        if os.environ.get("RAY_ADDRESS"):
-            raise
+    joined = False
+    if os.environ.get("RAY_ADDRESS") != "local":  # RAY_ADDRESS=local: a local Ray, whatever is recorded
+        check_answers()  # a dead cluster is named in seconds; ray.init would retry it for many minutes
+        try:
+            ray.init(address="auto", runtime_env=runtime_env)
+            joined = True
+            log(f"connected to the Ray cluster at {ray.get_runtime_context().gcs_address}")
+        except ConnectionError:
+            if os.environ.get("RAY_ADDRESS"):
+                raise
+    if not joined:
         ray.init(
-            num_cpus=local_cpus() if local_cpus else None, resources=local_resources or None, runtime_env=runtime_env
+            address="local",
+            num_cpus=local_cpus() if local_cpus else None,
+            resources=local_resources or None,
+            runtime_env=runtime_env,
         )
         log(f"started a local Ray with {ray.cluster_resources().get('CPU', 0):.0f} logical CPUs")
     stop_on_sigterm()
+
+
+def check_answers(timeout: float = ANSWER_TIMEOUT_S) -> None:
+    """The cluster ray.init(address="auto") would join (RAY_ADDRESS, else the one `ray start` recorded
+    on this machine) accepts a connection, or ClusterUnreachable says which, from where, and the fix.
+
+    A `ray start` killed without `ray stop` leaves its address in <ray temp dir>/ray_current_cluster;
+    every later job on the machine would wait on it for many minutes, deaf to SIGTERM.
+    """
+    address, source = os.environ.get("RAY_ADDRESS", ""), "RAY_ADDRESS"
+    if not address or address == "auto":
+        from ray._common.utils import get_ray_address_file
+
+        record = Path(get_ray_address_file(None))
+        try:
+            address, source = record.read_text().strip(), str(record)
+        except OSError:
+            return  # nothing recorded: ray.init looks for a running cluster, else a local one starts
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit() or "://" in host:
+        return  # not host:port; ray.init says what is wrong with it
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        if source == "RAY_ADDRESS":
+            fix = "start that cluster, set RAY_ADDRESS to one that runs, or RAY_ADDRESS=local for a local Ray"
+        else:
+            fix = (
+                f"its `ray start` is gone without `ray stop`. Remove the stale record (rm {source}), or set "
+                "RAY_ADDRESS=local to start a local Ray for this job, or RAY_ADDRESS=HOST:PORT for another cluster"
+            )
+        raise ClusterUnreachable(
+            f"the Ray cluster at {address} (from {source}) does not answer within {timeout:g}s ({why}): {fix}"
+        ) from None
 
 
 def stop_on_sigterm() -> None:

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.data import TaskPoolStrategy
 
+from pipeline import cluster
 from pipeline.data import imagenet, shards
 from pipeline.data.sample import SAMPLE_IMAGE_SIZE, make_sample
 from pipeline.data.transforms import MIN_INPUT_SIZE, describe_undecodable, encode_jpeg, load_square
@@ -194,6 +195,7 @@ def _run(
     """Results of the shard tasks, streamed back to the driver as each one finishes."""
     if not todo:
         return []
+    cluster.connect()  # the cluster this job runs on (or a local Ray): a dead one is named, not waited for
     results = ray.data.from_items(todo, override_num_blocks=len(todo)).map(
         _write_shard,
         fn_kwargs={"src": src, "dest": dest, "size": size, "wnids": wnids, "plan_id": plan_id},

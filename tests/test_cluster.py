@@ -181,6 +181,58 @@ def test_the_job_package_leaves_out_data_venvs_stores_checkpoints_and_git(tmp_pa
     assert {"pipeline/data/imagenet.py", "cluster/local.yaml", "jobs/train.py"} <= names
 
 
+# --- a cluster that is not there ----------------------------------------------------------------
+
+
+@pytest.fixture
+def dead_record():
+    """An environment whose Ray temp dir records a cluster nobody answers for (a killed `ray start`).
+
+    The temp dir is short: a local Ray started under it puts its sockets there (107 bytes at most).
+    """
+    temp = Path(tempfile.mkdtemp(prefix="rdr", dir="/tmp"))
+    address = f"127.0.0.1:{_free_port()}"  # bound once and released: nothing listens there
+    record = temp / "ray" / "ray_current_cluster"
+    record.parent.mkdir()
+    record.write_text(address)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    yield {**env, "RAY_TMPDIR": str(temp)}, address, record
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("job", ["train", "prepare"])
+def test_a_dead_recorded_cluster_is_named_in_seconds_not_waited_for(job, dead_record, tiny_raw, tmp_path):
+    env, address, record = dead_record
+    args = {
+        "train": ["jobs/train.py", "--no-tracking", "--storage-path", tmp_path / "runs"],
+        "prepare": ["jobs/prepare.py", "--source", tiny_raw, "--out", tmp_path / "shards"],
+    }[job]
+    started = time.monotonic()
+    done = run_job(*args, env=env, timeout=120)
+    assert done.returncode == 2 and time.monotonic() - started < 60, done.stderr[-3000:]
+    assert f"error: the Ray cluster at {address} (from {record}) does not answer within 5s" in done.stderr
+    assert f"rm {record}" in done.stderr and "RAY_ADDRESS=local" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_dead_ray_address_is_named_too(monkeypatch):
+    from pipeline.cluster import ClusterUnreachable, check_answers
+
+    address = f"127.0.0.1:{_free_port()}"
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    with pytest.raises(ClusterUnreachable, match=f"the Ray cluster at {address} \\(from RAY_ADDRESS\\)"):
+        check_answers(timeout=2)
+
+
+@pytest.mark.slow
+def test_ray_address_local_starts_a_local_ray_whatever_is_recorded(dead_record, tiny_raw, tmp_path):
+    env, _, _ = dead_record
+    done = run_job("jobs/prepare.py", "--source", tiny_raw, "--out", tmp_path / "shards",
+                   env={**env, "RAY_ADDRESS": "local"}, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "started a local Ray" in done.stdout and "prepared" in done.stdout
+
+
 # --- a real autoscaling cluster on this machine -------------------------------------------------
 
 
