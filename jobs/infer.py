@@ -50,13 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:  # everything that can be wrong is found here, before any cluster work
         inference.parse_replicas(args.replicas)  # a bad value fails here, before any cluster work
-        output = locate(args.output)
-        inference.prepare_output(output, args.overwrite)
+        output, source = locate(args.output), locate(args.input)
+        inference.prepare_output(output, args.overwrite, source)
         tracking_uri = tracking.resolve_tracking_uri()
         if args.model.startswith("models:/"):
             tracking.check_server(tracking_uri)
         ref = serving.resolve(args.model, tracking_uri)  # an alias → its version, once: every row is that version
-        source = locate(args.input)
         listing = inference.list_images(source)
         views = "ten crops" if args.ten_crop else "centre crop"
         print(

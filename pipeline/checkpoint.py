@@ -12,6 +12,8 @@ A checkpoint for another class count or architecture fails with a message saying
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -38,19 +40,39 @@ class CheckpointError(InputError):
 
 @contextmanager
 def staging(key: str) -> Iterator[Path]:
-    """An empty local directory to build a checkpoint in before Ray Train persists it; removed after.
+    """A private, empty local directory to build a checkpoint in before Ray Train persists it; removed after.
 
-    One fixed path per run, not a fresh temporary name: a worker killed while it holds one
-    (preemption, a lost node, `ray job stop`) leaves it behind, and the run's next checkpoint on
-    that node clears it, instead of every kill leaving a model and its optimizer state in /tmp.
+    `<tmp>/alexnet-checkpoints/<run>/<pid>-<random>`, mode 0700: two jobs of one name on a node, or
+    two workers, never share one. A worker killed while it holds one (preemption, a lost node,
+    `ray job stop`) leaves it behind; the run's next checkpoint on that node removes the leftovers
+    of its own processes that are gone, so kills do not pile models up in /tmp.
     """
-    path = Path(tempfile.gettempdir()) / "alexnet-checkpoints" / key
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
+    base = Path(tempfile.gettempdir()) / "alexnet-checkpoints" / key
+    base.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(base)
+    path = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_leftovers(base: Path) -> None:
+    """Staging folders under `base` of processes that no longer run (this user's, named by staging())."""
+    for entry in base.iterdir():
+        match = re.fullmatch(r"(\d+)-[a-z0-9_]+", entry.name)
+        if match and entry.is_dir() and entry.stat().st_uid == os.getuid() and not _running(int(match[1])):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def save(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: CheckpointMeta) -> None:

@@ -124,6 +124,12 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        for flag, value in (("name", self.name), ("resume", self.resume)):
+            if value and not PLAIN_NAME.fullmatch(value):
+                raise ConfigError(
+                    f"{flag} {value!r} is not a plain name: letters, digits, '.', '_' and '-', starting with a "
+                    "letter or digit (it names a folder under --storage-path, and may not leave it)"
+                )
         parse_resources(self.worker_resources)
 
     @property
@@ -153,6 +159,8 @@ class TrainConfig:
             raise ConfigError(f"unknown config keys {unknown}; valid keys: {sorted(f.name for f in fields(cls))}")
         return cls(**values)
 
+
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")  # a run's folder: no '/', '..' or '.' of its own
 
 # Profiles: a name and the fields in which it differs from the dataclass defaults (the paper's).
 PROFILES: dict[str, dict[str, Any]] = {

@@ -40,7 +40,7 @@ from pipeline.data.transforms import (
 )
 from pipeline.errors import InputError
 from pipeline.serving import ModelRef, Predictor
-from pipeline.storage import Location, StorageError
+from pipeline.storage import Location, StorageError, check_apart
 
 DECODE_BATCH = 32  # files per decode task
 SUCCESS_FILE = "_SUCCESS.json"  # written last: the output is complete
@@ -124,11 +124,25 @@ def list_images(source: Location) -> Listing:
     return Listing(images, ignored)
 
 
-def prepare_output(output: Location, overwrite: bool) -> None:
-    """Refuse an existing output unless --overwrite; check an S3 bucket exists. No cluster work yet."""
+def prepare_output(output: Location, overwrite: bool, source: Location) -> None:
+    """Check where the predictions go, before any cluster work: a place apart from the input (and
+    from /, home, the working directory; a prefix, not a bucket root) in a bucket that exists; an
+    existing output is refused, or with --overwrite replaced only if this job wrote it."""
+    check_apart(output, "--output", {"--input": source})
     output.check_writable()
-    if _exists(output) and not overwrite:
-        raise InferenceError(f"output {output.uri} already exists; pass --overwrite to replace it whole")
+    if _exists(output):
+        if not overwrite:
+            raise InferenceError(f"output {output.uri} already exists; pass --overwrite to replace it whole")
+        _check_ours(output)
+
+
+def _check_ours(output: Location) -> None:
+    """--overwrite deletes only a prediction output (it ends with SUCCESS_FILE), never other files."""
+    if not output.join(SUCCESS_FILE).is_file():
+        raise InferenceError(
+            f"--overwrite replaces only predictions jobs/infer.py wrote (they hold {SUCCESS_FILE}); {output.uri} "
+            "holds other files: choose another --output, or move them away yourself"
+        )
 
 
 def views_batch(batch: dict[str, np.ndarray], fs: pafs.FileSystem, size: int, crop: int, ten: bool) -> dict:
@@ -278,6 +292,7 @@ def _move_into_place(staging: Location, output: Location, overwrite: bool) -> No
     if _exists(output):
         if not overwrite:
             raise InferenceError(f"output {output.uri} appeared while the job ran; nothing was replaced")
+        _check_ours(output)
         _delete(output)
     if output.is_local:
         output.fs.create_dir(posixpath.dirname(output.path.rstrip("/")), recursive=True)

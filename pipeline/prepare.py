@@ -33,7 +33,7 @@ from pipeline.data import imagenet, shards
 from pipeline.data.sample import SAMPLE_IMAGE_SIZE, make_sample
 from pipeline.data.transforms import MIN_INPUT_SIZE, describe_undecodable, encode_jpeg, load_square
 from pipeline.errors import InputError
-from pipeline.storage import Location, locate
+from pipeline.storage import Location, check_apart, locate
 
 DEFAULT_SHARD_SIZE = 1024  # images per shard: ~25-30 MB at 256 px, a good Ray Data block
 MANIFEST_FORMAT = 2
@@ -79,6 +79,7 @@ def prepare(
         raise InputError(f"--max-tasks must be at least 1, got {max_tasks}")
     src = imagenet.scan(source, devkit=devkit)  # layout errors surface here, before any cluster work
     dest = locate(out)
+    check_apart(dest, "--out", {"--source": src.root})
     dest.check_writable()
     plan, plan_id = make_plan(src, dest, size, shard_size, seed)
     header = {
@@ -93,6 +94,7 @@ def prepare(
 
     previous = shards.read_manifest(dest)
     if overwrite:
+        _check_ours(dest, previous)
         _clear(dest)
         previous = None
     elif previous and previous.get("plan") != plan_id:
@@ -325,6 +327,17 @@ def _summary(
         bad_files=manifest["bad_files"],
         layout=manifest.get("layout", ""),
     )
+
+
+def _check_ours(dest: Location, manifest: dict[str, Any] | None) -> None:
+    """--overwrite replaces only a dataset this job wrote (it has a manifest), never other folders."""
+    splits = [split for split in shards.SPLITS if dest.join(split).is_dir()]
+    if manifest is None and splits:
+        raise InputError(
+            f"--overwrite replaces only a dataset jobs/prepare.py wrote (it holds {shards.MANIFEST_FILE}); "
+            f"{dest.uri} has {', '.join(f'{s}/' for s in splits)} but no {shards.MANIFEST_FILE}: choose another "
+            "--out, or move those folders away yourself"
+        )
 
 
 def _clear(dest: Location) -> None:

@@ -104,6 +104,44 @@ class Location:
         self.write_bytes(text.encode("utf-8"))
 
 
+def check_apart(output: Location, output_flag: str, inputs: dict[str, Location]) -> None:
+    """`output` is a place of its own: not the same as, inside, or around an input, nor (locally) the
+    filesystem root, the home directory or the working directory; on S3, a prefix, not a bucket.
+
+    What a job writes there (or replaces with --overwrite) then never touches what it reads or
+    what the user keeps around it.
+    """
+    if not output.is_local and "/" not in output.path.strip("/"):
+        raise StorageError(
+            f"{output_flag} {output.uri} is a bucket root: name a prefix in it ({output.uri.rstrip('/')}/predictions)"
+        )
+    protected = dict(inputs)
+    if output.is_local:
+        for name, path in (("/", "/"), ("your home directory", os.path.expanduser("~")), ("the working directory", os.getcwd())):  # fmt: skip
+            protected[name] = locate(path)
+    for name, place in protected.items():
+        if not _overlap(output, place):
+            continue
+        if output.is_local and name in ("/", "your home directory", "the working directory"):
+            if _key(output) == _key(place) or _inside(place, output):
+                raise StorageError(f"{output_flag} {output.uri} is or holds {name}: name a folder of its own")
+            continue  # a folder inside home or the working directory is where outputs usually go
+        where = "is" if _key(output) == _key(place) else "is inside" if _inside(output, place) else "holds"
+        raise StorageError(f"{output_flag} {output.uri} {where} {name} {place.uri}: name a separate place")
+
+
+def _key(location: Location) -> str:
+    return os.path.realpath(location.path) if location.is_local else location.path.strip("/")
+
+
+def _inside(inner: Location, outer: Location) -> bool:
+    return _key(inner).startswith(_key(outer).rstrip("/") + "/")
+
+
+def _overlap(a: Location, b: Location) -> bool:
+    return a.is_local == b.is_local and (_key(a) == _key(b) or _inside(a, b) or _inside(b, a))
+
+
 def locate(uri: str | os.PathLike) -> Location:
     """A local path (relative or absolute, ~ expanded) or an s3:// URI."""
     text = str(uri)

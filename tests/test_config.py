@@ -64,11 +64,21 @@ def test_flags_are_generated_from_fields_and_override_the_profile():
         ({"normalize": "zca"}, "normalize must be one of \\('mean-std', 'mean-image'\\)"),
         ({"lr_drops": -1}, "lr_drops must be >= 0"),
         ({"checkpoint_every_steps": -5}, "checkpoint_every_steps must be >= 0"),
+        ({"stall_warning": -1}, "stall_warning must be >= 0"),
+        ({"name": "../escaped"}, "name '../escaped' is not a plain name"),
+        ({"name": "."}, "name '.' is not a plain name"),
+        ({"name": "runs/a"}, "name 'runs/a' is not a plain name"),
+        ({"resume": ".."}, "resume '..' is not a plain name"),
     ],
 )
 def test_bad_values_fail_with_a_message(overrides, message):
     with pytest.raises(ConfigError, match=message):
         config.resolve("sample", **overrides)
+
+
+def test_run_names_are_plain_names():
+    for name in ("alexnet-sample-20261130-061500", "exp_1.2", "A"):
+        assert config.resolve("sample", name=name).name == name
 
 
 def test_the_train_job_rejects_unknown_flags_and_bad_values_without_starting_ray():

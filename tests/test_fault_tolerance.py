@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -283,3 +287,27 @@ def test_resume_reads_the_run_where_storage_path_says_and_keeps_it_there(tmp_pat
     cfg, found = run.resumed_config(config.resolve("sample", resume="moved", storage_path=str(tmp_path / "new")), print)
     assert found == record and cfg.storage_path == str(tmp_path / "new") and cfg.resume == "moved"
     assert dataclasses.replace(cfg, storage_path=first.storage_path, resume="") == first  # otherwise its own config
+
+
+def test_checkpoint_staging_is_private_per_process_and_clears_only_its_runs_dead_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    base = tmp_path / "alexnet-checkpoints" / "run"
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
+    dead = int(gone.stdout)  # a process of this user that has exited
+    leftovers = {
+        "dead": base / f"{dead}-abc_1",  # a killed worker's: removed
+        "alive": base / f"{os.getppid()}-abc_2",  # a running process's: kept
+        "other": base / "notes",  # not a staging folder: kept
+        "other run": tmp_path / "alexnet-checkpoints" / "run-2" / f"{dead}-abc_3",  # another run's: kept
+    }
+    for path in leftovers.values():
+        path.mkdir(parents=True)
+    with checkpoint.staging("run") as first, checkpoint.staging("run") as second:
+        assert first != second and first.parent == second.parent == base
+        assert first.name.startswith(f"{os.getpid()}-") and oct(first.stat().st_mode & 0o777) == "0o700"
+        (first / "model.pt").write_bytes(b"x")
+    assert not first.exists() and not second.exists()
+    assert not leftovers["dead"].exists()
+    assert all(leftovers[k].is_dir() for k in ("alive", "other", "other run"))

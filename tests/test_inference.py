@@ -75,7 +75,7 @@ def model(trained):
 
 def _run(ref, input_uri: str, output_uri: str, **options) -> inference.InferenceSummary:
     source, output = locate(input_uri), locate(output_uri)
-    inference.prepare_output(output, options.get("overwrite", False))
+    inference.prepare_output(output, options.get("overwrite", False), source)
     return inference.infer(ref, source, inference.list_images(source), output, **options)
 
 
@@ -185,6 +185,9 @@ def test_an_alias_is_resolved_once_to_the_version_every_model_actor_loads(traine
         (["--output", "s3://no-such-bucket/preds/"], "bucket s3://no-such-bucket does not exist"),
         (["--replicas", "4:2"], "--replicas '4:2': need 1 <= min <= max"),
         (["--tracking", "DEAD"], "does not answer"),
+        (["--output", "s3://photos"], "--output s3://photos is a bucket root: name a prefix in it"),
+        (["--output", "INSIDE"], "is inside --input"),
+        (["--output", "."], "is or holds the working directory"),
     ],
 )
 def test_bad_input_fails_fast_with_a_message_before_any_cluster_work(
@@ -198,7 +201,9 @@ def test_bad_input_fails_fast_with_a_message_before_any_cluster_work(
         if flag == "--tracking":
             dead_server = True
         else:
-            values[flag] = str(tmp_path / "empty") if value == "EMPTY" else value
+            values[flag] = {"EMPTY": str(tmp_path / "empty"), "INSIDE": str(image_dir / "c" / "preds")}.get(
+                value, value
+            )
     args = [x for kv in values.items() for x in kv]
     if dead_server:  # as a process of its own, started by a user: no Ray is started, nothing is written
         env = job_env(tracking_uri=f"http://127.0.0.1:{free_port()}")
@@ -209,6 +214,26 @@ def test_bad_input_fails_fast_with_a_message_before_any_cluster_work(
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert message in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_overwrite_replaces_only_predictions_and_never_touches_the_input(model, image_dir, tmp_path):
+    before = {p: p.stat().st_size for p in image_dir.rglob("*")}
+    base = ["--model", f"models:/{REGISTERED_MODEL}/1", "--input", str(image_dir), "--overwrite", "--output"]
+    for output, message in [
+        (image_dir, f"--output {image_dir} is --input {image_dir}"),
+        (image_dir / "c", "is inside --input"),
+        (image_dir.parent, f"--output {image_dir.parent} holds --input {image_dir}"),
+    ]:
+        refused = call_job("jobs/infer.py", *base, str(output))
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+    # A folder of other files is not an output this job wrote, --overwrite or not.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    refused = call_job("jobs/infer.py", *base, str(tmp_path / "notes"))
+    assert refused.returncode == 2 and "replaces only predictions jobs/infer.py wrote" in refused.stderr
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+    assert {p: p.stat().st_size for p in image_dir.rglob("*")} == before, "the input tree is intact"
 
 
 def test_replicas_are_a_number_or_a_range():

@@ -1,6 +1,7 @@
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -166,3 +167,20 @@ def test_a_killed_prepare_resumes_without_redoing_or_losing_anything(ray_cluster
         assert resumed == uninterrupted  # same keys, labels and bytes, in the same shards and order
     manifests = [json.loads((d / "manifest.json").read_text()) for d in (out, reference)]
     assert manifests[0]["hash"] == manifests[1]["hash"] and manifests[0]["status"] == "complete"
+
+
+def test_overwrite_never_reaches_the_source_or_folders_prepare_did_not_write(tiny_raw, tmp_path):
+    before = sorted(p.relative_to(tiny_raw) for p in tiny_raw.rglob("*"))
+    for out, message in [
+        (tiny_raw, f"--out {tiny_raw} is --source {tiny_raw}"),
+        (tiny_raw / "shards", "is inside --source"),
+        (tiny_raw.parent, "holds --source"),
+    ]:
+        with pytest.raises(InputError, match=re.escape(message)):
+            prepare(str(tiny_raw), str(out), size=64, shard_size=32, overwrite=True)
+    # An ILSVRC-style tree (train/, val/) that is not a dataset prepare wrote is not replaced.
+    other = shutil.copytree(tiny_raw, tmp_path / "copy")
+    with pytest.raises(InputError, match="replaces only a dataset jobs/prepare.py wrote"):
+        prepare(str(tiny_raw), str(other), size=64, shard_size=32, overwrite=True)
+    assert sorted(p.relative_to(other) for p in other.rglob("*")) == before
+    assert sorted(p.relative_to(tiny_raw) for p in tiny_raw.rglob("*")) == before
