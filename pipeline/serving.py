@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import posixpath
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,8 @@ from pipeline.data.stats import normalization
 from pipeline.errors import InputError
 from pipeline.model import ImageClassifier
 
+PT2_FILE = "model.pt2"  # what mlflow.pytorch writes for serialization_format="pt2"
+NO_PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 
 
@@ -95,7 +100,9 @@ def _resolve_registered(spec: str, tracking_uri: str) -> ModelRef:
         # global registry URI only, whatever tracking_uri a call is given.
         artifacts = client.get_model_version_download_uri(match["name"], version.version)
         with tempfile.TemporaryDirectory() as tmp:
-            signature = Model.load(_download(f"{artifacts.rstrip('/')}/MLmodel", tracking_uri, tmp)).signature
+            description = Model.load(_download(f"{artifacts.rstrip('/')}/MLmodel", tracking_uri, tmp))
+            _check_format(spec, description, artifacts, tracking_uri)
+            signature = description.signature
             classes = _download(f"runs:/{version.run_id}/classes.json", tracking_uri, tmp)
             index = json.loads(Path(classes).read_text())
         params = client.get_run(version.run_id).data.params
@@ -116,6 +123,46 @@ def _resolve_registered(spec: str, tracking_uri: str) -> ModelRef:
     )
 
 
+def _check_format(spec: str, description: Model, artifacts: str, tracking_uri: str) -> None:
+    """A version this project registered: a torch.export program (data/model.pt2), no code of its own.
+
+    Anything else is refused before any cluster work. A pickle-format version (data/model.pth)
+    runs whatever its pickle says when loaded, and a version with a code/ folder puts that folder
+    on sys.path; anyone who can register a version could make one.
+    """
+    flavor = description.flavors.get("pytorch")
+    if flavor is None:
+        raise ModelError(f"{spec} is not a PyTorch model (flavors: {', '.join(description.flavors)}); "
+                         "these jobs load only versions jobs/train.py registered")  # fmt: skip
+    if flavor.get("code"):
+        raise ModelError(f"{spec} carries code of its own ({flavor['code']}/); these jobs load only models "
+                         "without code: torch.export programs as jobs/train.py registers them")  # fmt: skip
+    data = f"{artifacts.rstrip('/')}/{flavor.get('model_data', 'data')}"
+    files = {posixpath.basename(f.path) for f in mlflow.artifacts.list_artifacts(artifact_uri=data, tracking_uri=tracking_uri)}  # fmt: skip
+    if PT2_FILE not in files:
+        found = ", ".join(sorted(files)) or "nothing"
+        kind = "pickle format, whose loading runs code from the file" if "model.pth" in files else "not a pt2 program"
+        raise ModelError(
+            f"{spec} is saved in {kind} ({found} in {flavor.get('model_data', 'data')}/); these jobs load only "
+            f"torch.export programs ({PT2_FILE}), as jobs/train.py registers them: register the model again with it"
+        )
+
+
+@contextmanager
+def _no_pickle() -> Iterator[None]:
+    """MLflow's pickle deserialisation off while a model loads (it defaults to on): a pt2 archive is
+    checked to hold only tensors and plain data before torch.export.load reads it."""
+    previous = os.environ.get(NO_PICKLE_ENV)
+    os.environ[NO_PICKLE_ENV] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(NO_PICKLE_ENV, None)
+        else:
+            os.environ[NO_PICKLE_ENV] = previous
+
+
 def _download(uri: str, tracking_uri: str, directory: str) -> str:
     """An artifact (runs:/… or a storage location) into `directory`, from the given tracking server."""
     return mlflow.artifacts.download_artifacts(uri, dst_path=directory, tracking_uri=tracking_uri)
@@ -131,7 +178,7 @@ def load(ref: ModelRef) -> torch.nn.Module:
     if ref.version:
         # Into a directory of our own, deleted after loading: MLflow's default is a fresh temporary
         # directory it never deletes (the model's size in /tmp, per actor, per job).
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, _no_pickle():
             return mlflow.pytorch.load_model(_download(ref.artifacts, ref.tracking_uri, tmp))
     net, _ = checkpoint.load_model(ref.uri)
     mean, std = ref.normalization

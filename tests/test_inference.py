@@ -236,6 +236,52 @@ def test_overwrite_replaces_only_predictions_and_never_touches_the_input(model, 
     assert {p: p.stat().st_size for p in image_dir.rglob("*")} == before, "the input tree is intact"
 
 
+class _Payload(torch.nn.Module):
+    """A model whose pickle runs code when loaded: here, it creates a file."""
+
+    def __init__(self, marker: Path) -> None:
+        super().__init__()
+        self.marker = str(marker)
+
+    def forward(self, x):
+        return x
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.slow
+def test_a_version_whose_loading_would_run_code_is_refused_before_any_cluster_work(
+    model, image_dir, tiny_shards, tmp_path
+):  # `model`: MLflow points at the session's server, where the version is registered
+    import mlflow
+
+    marker = tmp_path / "the-payload-ran"
+    with mlflow.start_run(run_name="payload"):
+        info = mlflow.pytorch.log_model(
+            _Payload(marker), name="model", serialization_format="pickle", pip_requirements=["torch"],
+            registered_model_name="payload",
+        )  # fmt: skip
+    # As MLflow loads it by default, the payload runs (and returns an open file, not a model): the threat is real.
+    with pytest.raises(AttributeError, match="has no attribute 'eval'"):
+        mlflow.pytorch.load_model(info.model_uri)
+    assert marker.exists()
+    marker.unlink()
+
+    version = f"models:/payload/{info.registered_model_version}"
+    for job, args in (
+        ("jobs/infer.py", ["--input", str(image_dir), "--output", str(tmp_path / "out")]),
+        ("jobs/evaluate.py", ["--data", str(tiny_shards)]),
+    ):
+        refused = call_job(job, "--model", version, *args)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert f"error: {version} is saved in pickle format, whose loading runs code from the file" in refused.stderr
+        assert "model.pth" in refused.stderr
+    with pytest.raises(serving.ModelError, match="pickle format"):
+        serving.resolve(version, mlflow.get_tracking_uri())
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
 def test_replicas_are_a_number_or_a_range():
     assert inference.parse_replicas("3") == (3, 3) and inference.parse_replicas("1:8") == (1, 8)
     assert inference.parse_replicas("auto", {"CPU": 6.0}) == (1, 6)
