@@ -50,9 +50,7 @@ def register(spec: RunSpec, data: PreparedDataset, ckpt_dir: str | Path, best: d
     net, _ = checkpoint.load_model(ckpt_dir)
     model = ImageClassifier(net, *spec.normalization).eval()  # normalises as training did
     version = log_and_register(spec.tracking_uri, spec.run_id, model, input_example(data, cfg.crop), cfg, data, best)
-    registry = Registry(spec.tracking_uri)
-    decision = registry.decide(cfg.model_name, version, cfg.promote)
-    registry.promote(cfg.model_name, version, decision.alias, decision.reason)
+    decision = Registry(spec.tracking_uri).settle(cfg.model_name, version, cfg.promote)
     return Registered(version, decision.alias, decision.reason)
 
 

@@ -3,13 +3,19 @@
 Aliases are read from the registered model (`get_registered_model(...).aliases`), never from
 `search_model_versions`, which returns empty aliases on SQL stores. Every change of champion is
 appended to the registered model's `champion_history` tag, which is what `rollback` walks back.
+Promotions and rollbacks of a model take its promotion lock: two jobs finishing together cannot
+both beat the same old champion, and the history loses no entry.
 """
 
 from __future__ import annotations
 
 import getpass
 import json
+import random
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +26,10 @@ from pipeline.config import PROMOTE_POLICIES
 from pipeline.errors import InputError
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+LOCK_TAG = "promotion_lock"  # on the registered model while a promotion runs: "<token> <unix time>"
+LOCK_SETTLE_S = 2.0  # after writing the lock tag: far longer than one registry write takes
+LOCK_STALE_S = 120.0  # a lock held longer was left by a job that died while promoting
+LOCK_TIMEOUT_S = 600.0
 HISTORY_TAG = "champion_history"  # on the registered model: JSON list of versions that were champion, oldest first
 METRIC = "val_top1_error"  # what promotion compares, on the same dataset only
 
@@ -67,9 +77,10 @@ class Decision:
 
 
 class Registry:
-    def __init__(self, tracking_uri: str) -> None:
+    def __init__(self, tracking_uri: str, settle_s: float = LOCK_SETTLE_S) -> None:
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        self.settle_s = settle_s  # see promotion_lock
 
     # ---- reading ----------------------------------------------------------------------------
     def model_names(self) -> list[str]:
@@ -148,9 +159,56 @@ class Registry:
             CHALLENGER, f"{METRIC} {ours:.4f} does not beat champion v{current.version}'s {theirs:.4f}", previous
         )
 
+    def settle(self, name: str, version: str, policy: str) -> Decision:
+        """A new version's place under `--promote policy`, decided and applied under the promotion lock:
+        two jobs finishing together compare against each other's outcome, not the same old champion."""
+        with self.promotion_lock(name):
+            decision = self.decide(name, version, policy)
+            self._promote(name, version, decision.alias, decision.reason)
+        return decision
+
     def promote(self, name: str, version: str, alias: str = CHAMPION, reason: str = "promoted by hand") -> Version:
         """Point `alias` at `version`; a new champion is recorded in the history and drops @challenger."""
-        target = self.version(name, version)  # fails for an unknown name or version
+        self.version(name, version)  # fails for an unknown name or version, before the lock
+        with self.promotion_lock(name):
+            return self._promote(name, version, alias, reason)
+
+    @contextmanager
+    def promotion_lock(self, name: str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+        """Promotions of `name` one at a time, across jobs and machines (Fischer's algorithm on a tag).
+
+        MLflow has no compare-and-set. A job waits until the registered model's `promotion_lock`
+        tag is free (empty, or older than LOCK_STALE_S: its holder died), writes its own token,
+        waits `settle_s` (far longer than the write of a job that saw the tag free at the same
+        moment can take), and holds the lock if the tag still has its token; else it waits again.
+        """
+        token = f"{uuid.uuid4().hex} {time.time():.3f}"
+        deadline = time.monotonic() + timeout
+        while True:
+            held = self._model(name).tags.get(LOCK_TAG, "")
+            if _lock_free(held):
+                try:
+                    self.client.set_registered_model_tag(name, LOCK_TAG, token)
+                except MlflowException:  # another job wrote it at the same instant (a SQL store's unique key)
+                    pass
+                else:
+                    time.sleep(self.settle_s)
+                    if self._model(name).tags.get(LOCK_TAG) == token:
+                        break
+            elif time.monotonic() > deadline:
+                raise RegistryError(
+                    f"model {name!r}: another promotion has held the lock for over {timeout:.0f}s ({LOCK_TAG} = "
+                    f"{held!r}); retry, or clear the tag if its job is gone"
+                )
+            time.sleep(random.uniform(0.1, 0.5) * max(self.settle_s, 0.2))
+        try:
+            yield
+        finally:
+            if self._model(name).tags.get(LOCK_TAG) == token:
+                self.client.delete_registered_model_tag(name, LOCK_TAG)
+
+    def _promote(self, name: str, version: str, alias: str, reason: str) -> Version:
+        target = self.version(name, version)
         self.client.set_registered_model_alias(name, alias, target.version)
         self.client.set_model_version_tag(name, target.version, f"{alias}_since", _now())
         if alias == CHAMPION:
@@ -164,6 +222,10 @@ class Registry:
 
     def rollback(self, name: str) -> tuple[str, str]:
         """Champion back to the previous champion that still exists; returns (from, to)."""
+        with self.promotion_lock(name):
+            return self._rollback(name)
+
+    def _rollback(self, name: str) -> tuple[str, str]:
         current = self.champion(name)
         if current is None:
             raise RegistryError(f"model {name!r} has no champion to roll back")
@@ -215,6 +277,17 @@ def _version(mv, aliases: dict[str, str]) -> Version:
 
 def _quote(name: str) -> str:
     return name.replace("'", "\\'")
+
+
+def _lock_free(held: str) -> bool:
+    """An empty lock tag, or one whose holder took it over LOCK_STALE_S ago (a job that died holding it)."""
+    if not held:
+        return True
+    try:
+        taken = float(held.rsplit(" ", 1)[-1])
+    except ValueError:
+        return True  # not a token promotion_lock wrote
+    return time.time() - taken > LOCK_STALE_S
 
 
 def _now() -> str:

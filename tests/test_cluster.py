@@ -224,13 +224,15 @@ def test_a_dead_ray_address_is_named_too(monkeypatch):
         check_answers(timeout=2)
 
 
-@pytest.mark.slow
-def test_ray_address_local_starts_a_local_ray_whatever_is_recorded(dead_record, tiny_raw, tmp_path):
+@pytest.mark.slow  # a Ray of its own
+def test_ray_address_local_starts_a_local_ray_whatever_is_recorded(dead_record):
     env, _, _ = dead_record
-    done = run_job("jobs/prepare.py", "--source", tiny_raw, "--out", tmp_path / "shards",
-                   env={**env, "RAY_ADDRESS": "local"}, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "started a local Ray" in done.stdout and "prepared" in done.stdout
+    joined = subprocess.run(
+        [sys.executable, "-c", "from pipeline import cluster; cluster.connect(local_cpus=lambda: 1)"],
+        env={**env, "RAY_ADDRESS": "local"}, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert joined.returncode == 0, joined.stderr[-3000:]
+    assert "started a local Ray with 1 logical CPUs" in joined.stdout
 
 
 # --- a real autoscaling cluster on this machine -------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import mlflow
@@ -194,7 +195,7 @@ def test_an_unreachable_server_is_named_by_the_registry_cli_and_refused_by_train
 def test_promotion_compares_val_error_only_on_the_same_dataset(store, request, tmp_path):
     """Versions registered directly, with the tags training gives them, on a server and on a sqlite store."""
     uri = request.getfixturevalue("mlflow_server").url if store == "server" else f"sqlite:///{tmp_path / 'm.db'}"
-    client, registry, name = MlflowClient(uri), Registry(uri), f"alexnet-promotion-rule-{store}"
+    client, registry, name = MlflowClient(uri), Registry(uri, settle_s=0.05), f"alexnet-promotion-rule-{store}"
     experiment = client.create_experiment(f"promotion-{store}", artifact_location=str(tmp_path / "artifacts"))
     run_id = client.create_run(experiment).info.run_id
     client.create_registered_model(name)
@@ -206,8 +207,7 @@ def test_promotion_compares_val_error_only_on_the_same_dataset(store, request, t
     decisions = []
     for error, dataset in ((0.5, "a"), (0.4, "a"), (0.45, "a"), (0.1, "b")):
         version = register(error, dataset)
-        decision = registry.decide(name, version, "if-better")
-        registry.promote(name, version, decision.alias, decision.reason)
+        decision = registry.settle(name, version, "if-better")
         decisions.append((str(version), decision.alias))
     assert decisions == [("1", "champion"), ("2", "champion"), ("3", "challenger"), ("4", "challenger")]
     assert registry.aliases(name) == {"champion": "2", "challenger": "4"}
@@ -220,6 +220,49 @@ def test_promotion_compares_val_error_only_on_the_same_dataset(store, request, t
     assert registry.rollback(name) == ("2", "1")
     with pytest.raises(RegistryError, match="v1 is the first champion; nothing to roll back to"):
         registry.rollback(name)
+
+
+@pytest.mark.parametrize("store", [pytest.param("server", marks=pytest.mark.slow), "sqlite"])  # slow: a server
+def test_two_jobs_promoting_at_once_leave_the_better_champion_and_every_champion_in_the_history(
+    store, request, tmp_path
+):
+    """Two registrations settle at the same moment, each through its own client, as two jobs would."""
+    uri = request.getfixturevalue("mlflow_server").url if store == "server" else f"sqlite:///{tmp_path / 'm.db'}"
+    client, name = MlflowClient(uri), f"alexnet-concurrent-{store}"
+    run_id = client.create_run(client.create_experiment(f"concurrent-{store}")).info.run_id
+    client.create_registered_model(name)
+
+    def register(error: float) -> str:
+        tags = {"val_top1_error": str(error), "dataset_hash": "a"}
+        return str(client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id, tags=tags).version)
+
+    Registry(uri).settle(name, register(0.6), "if-better")  # v1: the champion both jobs find
+    for round_, errors in enumerate(((0.5, 0.4), (0.2, 0.3), (0.15, 0.1))):
+        worse, better = sorted(errors, reverse=True)
+        versions = {error: register(error) for error in errors}
+        start, decisions = threading.Barrier(2), {}
+
+        threads = [threading.Thread(target=_settle_at, args=(uri, name, versions, error, start, decisions))
+                   for error in errors]  # fmt: skip
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        registry = Registry(uri)
+        assert registry.aliases(name)["champion"] == versions[better], (round_, decisions)
+        assert decisions[better] == "champion"
+        history = registry.history(name)
+        # The worse one was champion only if it settled first; then the history has both, in that order.
+        expected = [versions[worse], versions[better]] if decisions[worse] == "champion" else [versions[better]]
+        assert history[-len(expected) :] == expected and len(history) == len(set(history)), (history, decisions)
+        assert "promotion_lock" not in client.get_registered_model(name).tags
+
+
+def _settle_at(uri: str, name: str, versions: dict, error: float, start: threading.Barrier, decisions: dict) -> None:
+    """One job's registration end: its own client, released at the same moment as the other's."""
+    registry = Registry(uri, settle_s=0.5)
+    start.wait()
+    decisions[error] = registry.settle(name, versions[error], "if-better").alias
 
 
 def test_worker_env_carries_tracking_settings_but_not_what_the_job_already_sets(monkeypatch):
