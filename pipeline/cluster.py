@@ -25,15 +25,16 @@ def connect(
     env: dict[str, str] | None = None,
     local_cpus: Callable[[], int] | None = None,
     local_resources: dict[str, float] | None = None,
-) -> None:
+) -> bool:
     """Join the cluster in RAY_ADDRESS or one started with `ray start`; else start a local one.
 
     `env` reaches every worker, on every node, through the job's runtime env. `local_cpus` sizes a
     local Ray (and may refuse to start one); Ray's default is this machine's cores. A local Ray
-    also gets `local_resources` (custom resources such as a mock GPU).
+    also gets `local_resources` (custom resources such as a mock GPU). Returns False when it
+    started a local Ray (sized by `local_cpus`), True when it joined a cluster or Ray was up.
     """
     if ray.is_initialized():
-        return
+        return True
     runtime_env = {"env_vars": env} if env else None
     joined = False
     if os.environ.get("RAY_ADDRESS") != "local":  # RAY_ADDRESS=local: a local Ray, whatever is recorded
@@ -54,6 +55,7 @@ def connect(
         )
         log(f"started a local Ray with {ray.cluster_resources().get('CPU', 0):.0f} logical CPUs")
     stop_on_sigterm()
+    return joined
 
 
 def check_answers(timeout: float = ANSWER_TIMEOUT_S) -> None:

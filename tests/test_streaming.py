@@ -17,7 +17,8 @@ def test_a_dataset_larger_than_the_object_store_streams_without_spilling(tmp_pat
     assert [e["rows"] for e in result["epochs"]] == [3000, 3000]
     assert result["decoded_per_epoch_mib"] > 2.5 * result["object_store_mib"]
     assert result["dataset_on_disk_mib"] > result["object_store_mib"]
-    # Materialising the stream would spill hundreds of MiB here (the epoch is 2.5× the store); the
-    # store runs near full while streaming, and a stray small object can go to disk at its edge.
-    assert result["spilled_mib"] < 1 and result["fallback_mib"] == 0
+    # Materialising the stream would spill hundreds of MiB here (at least 1.5× the store per epoch:
+    # the epoch is 2.5× the store). Streaming runs the store near full, and on a loaded 2-core
+    # machine a few decoded blocks (9 MiB each) can go to disk at its edge: 0 to 28 MiB seen.
+    assert result["spilled_mib"] < 0.25 * result["object_store_mib"] and result["fallback_mib"] == 0
     assert result["peak_object_store_mib"] < result["object_store_mib"]
