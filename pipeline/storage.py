@@ -115,19 +115,15 @@ def check_apart(output: Location, output_flag: str, inputs: dict[str, Location])
         raise StorageError(
             f"{output_flag} {output.uri} is a bucket root: name a prefix in it ({output.uri.rstrip('/')}/predictions)"
         )
-    protected = dict(inputs)
-    if output.is_local:
-        for name, path in (("/", "/"), ("your home directory", os.path.expanduser("~")), ("the working directory", os.getcwd())):  # fmt: skip
-            protected[name] = locate(path)
-    for name, place in protected.items():
-        if not _overlap(output, place):
-            continue
-        if output.is_local and name in ("/", "your home directory", "the working directory"):
+    for name, place in inputs.items():
+        if _overlap(output, place):
+            where = "is" if _key(output) == _key(place) else "is inside" if _inside(output, place) else "holds"
+            raise StorageError(f"{output_flag} {output.uri} {where} {name} {place.uri}: name a separate place")
+    if output.is_local:  # inside home or the working directory is where outputs usually go; not the folder itself
+        for name, path in (("/", "/"), ("your home directory", "~"), ("the working directory", ".")):
+            place = locate(os.path.expanduser(path))
             if _key(output) == _key(place) or _inside(place, output):
                 raise StorageError(f"{output_flag} {output.uri} is or holds {name}: name a folder of its own")
-            continue  # a folder inside home or the working directory is where outputs usually go
-        where = "is" if _key(output) == _key(place) else "is inside" if _inside(output, place) else "holds"
-        raise StorageError(f"{output_flag} {output.uri} {where} {name} {place.uri}: name a separate place")
 
 
 def _key(location: Location) -> str:
