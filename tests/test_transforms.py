@@ -5,10 +5,13 @@ import pytest
 from PIL import Image
 
 from pipeline.data.transforms import (
+    UnsupportedImage,
     center_crop,
     decode,
+    describe_undecodable,
     encode_jpeg,
     eval_batch,
+    load_square,
     random_crop_flip,
     square_image,
     train_batch,
@@ -82,3 +85,48 @@ def test_batches_are_uint8_nhwc_with_int64_labels():
     assert sorted(train_batch(batch, crop=64)["label"]) == list(range(5))  # shuffled, none lost
     expected = center_crop(np.asarray(Image.open(io.BytesIO(jpegs[0]))), 64)
     np.testing.assert_array_equal(eval_batch(batch, crop=64)["image"][0], expected)
+
+
+def _encoded(fmt: str, size=(80, 60)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(out, format=fmt)
+    return out.getvalue()
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """The first chunk of a PNG claiming width×height pixels: all Pillow reads before decoding."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_source_images_are_jpeg_png_or_webp(fmt):
+    assert load_square(_encoded(fmt), 32).size == (32, 32)
+
+
+@pytest.mark.parametrize("fmt, named", [("TIFF", "TIFF"), ("GIF", "GIF"), ("BMP", "BMP"), ("PDF", "PDF")])
+def test_other_formats_behind_an_image_name_are_refused_naming_their_format(fmt, named):
+    data = _encoded(fmt)
+    with pytest.raises(UnsupportedImage, match=f"a {named} file, not a JPEG, PNG or WebP image") as refused:
+        load_square(data, 32)
+    assert describe_undecodable(refused.value, data).startswith("cannot decode: UnsupportedImage: a ")
+
+
+def test_a_format_without_a_known_signature_never_reaches_its_decoder():
+    # An ICNS file (Pillow can read it): not in the signature table, refused by Pillow's format list.
+    data = _encoded("ICNS", (64, 64))
+    with pytest.raises(Exception, match="cannot identify image file"):
+        load_square(data, 32)
+
+
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header():
+    for side in (10_000, 20_000):  # above Pillow's warning threshold, and above its error threshold
+        with pytest.raises(UnsupportedImage, match=f"{side * side:,} pixels, over the 89,478,485-pixel limit"):
+            load_square(_png_header(side, side), 32)  # 0.3 and 1.2 GB of pixels if decoded: never allocated

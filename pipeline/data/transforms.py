@@ -13,6 +13,8 @@ Batches are Ray Data numpy batches: ``{"image": object array of JPEG bytes, "lab
 from __future__ import annotations
 
 import io
+import re
+import warnings
 import zlib
 
 import numpy as np
@@ -23,6 +25,15 @@ _JPEG_MAGIC = b"\xff\xd8"
 JPEG_QUALITY = 90  # for re-encoded shards: visually lossless at ~1/3 the bytes of quality 100
 MIN_INPUT_SIZE = 63  # the smallest square AlexNet's conv/pool stack accepts (pipeline.model)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # source images: preparation and inference, any case
+SOURCE_FORMATS = ("JPEG", "PNG", "WEBP")  # the only decoders a source file reaches (not EPS, PSD, TIFF, ...)
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # larger source images are listed, not decoded (Pillow's threshold, 89.5 M)
+# What other formats' files start with, to name them in the file's error.
+_MAGIC = {b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"GIF8": "GIF", b"BM": "BMP", b"%!PS": "PostScript/EPS",
+          b"\xc5\xd0\xd3\xc6": "EPS", b"8BPS": "PSD", b"\x00\x00\x01\x00": "ICO", b"%PDF": "PDF"}  # fmt: skip
+
+
+class UnsupportedImage(ValueError):
+    """A source file this project does not decode: another format, or more pixels than MAX_PIXELS."""
 
 
 def is_image_name(name: str) -> bool:
@@ -48,13 +59,26 @@ def square_image(image: Image.Image, size: int) -> Image.Image:
 
 
 def load_square(data: bytes, size: int) -> Image.Image:
-    """Source file bytes (JPEG, PNG, ...; any colour mode) → the RGB size×size square.
+    """Source file bytes (JPEG, PNG or WebP; any colour mode) → the RGB size×size square.
 
     A JPEG at least twice the target size is decoded at a reduced DCT scale (1/2, 1/4, 1/8; never
     below `size` on the short side) before the antialiased resize: the same result to the eye,
-    several times faster on large photos. A truncated or undecodable file raises.
+    several times faster on large photos. A truncated or undecodable file raises; so do another
+    format (UnsupportedImage, naming it: no other decoder is reached) and an image over
+    MAX_PIXELS (refused from its header, before any pixel is decoded).
     """
-    with Image.open(io.BytesIO(data)) as image:
+    kind = next((name for magic, name in _MAGIC.items() if data.startswith(magic)), None)
+    if kind:
+        raise UnsupportedImage(f"a {kind} file, not a JPEG, PNG or WebP image")
+    try:
+        with warnings.catch_warnings():  # Pillow only warns between its limit and twice it
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data), formats=SOURCE_FORMATS)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        size = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{int(size[1]):,} pixels" if size else "too many pixels"
+        raise UnsupportedImage(f"{pixels}, over the {MAX_PIXELS:,}-pixel limit for a source image") from None
+    with opened as image:
         if image.format == "JPEG":
             image.draft("RGB", (size, size))
         return square_image(image, size)
