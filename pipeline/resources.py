@@ -75,7 +75,8 @@ class ClusterState:
         """The connected cluster, now (what `ray status` shows)."""
         from ray.autoscaler.v2.sdk import get_cluster_status
 
-        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+        address = ray.get_runtime_context().gcs_address
+        status = get_cluster_status(address)
         nodes = tuple(
             {name: float(amount) for name, amount in node["Resources"].items() if not name.startswith("node:")}
             for node in ray.nodes()
@@ -104,7 +105,7 @@ class ClusterState:
         failed += [f"{entry[1]}" for entry in v1.get("failed_nodes") or [] if len(entry) >= 2]
         return cls(
             autoscaling=autoscaling,
-            address=ray.get_runtime_context().gcs_address,
+            address=address,
             nodes=nodes,
             used=used,
             waiting_groups=groups,
@@ -197,12 +198,10 @@ def _fixes(plan: Plan, state: ClusterState) -> str:
     """Changes that make `plan` fit these nodes (checked), then adding a node."""
     options = []
     cpus = plan.per_worker.get("CPU", 0.0)
-    if cpus:
-        for fewer in (math.floor(cpus) - step for step in range(0, math.ceil(cpus) + 1)):
-            candidate = replace(plan, per_worker={**plan.per_worker, "CPU": float(fewer)})
-            if 0 < fewer < cpus and _fits(candidate, state):
-                options.append(f"--cpus-per-worker {fewer:g}")
-                break
+    for fewer in range(math.ceil(cpus) - 1, 0, -1):  # whole CPUs below today's, the most that fits first
+        if _fits(replace(plan, per_worker={**plan.per_worker, "CPU": float(fewer)}), state):
+            options.append(f"--cpus-per-worker {fewer}")
+            break
     for workers in range(plan.workers - 1, 0, -1):
         if _fits(replace(plan, workers=workers), state):
             options.append(f"--workers {workers}")
