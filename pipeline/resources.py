@@ -140,7 +140,8 @@ def refusal(plan: Plan, state: ClusterState) -> str | None:
     if max(left, default=0.0) < DATA_CPUS:
         cpus, total = plan.per_worker.get("CPU", 0.0), state.total.get("CPU", 0.0)
         return (
-            f"{plan.workers} train workers × {cpus:g} CPUs = {plan.workers * cpus:g} of this cluster's {total:g} "
+            f"{plan.workers} train worker{'s' if plan.workers > 1 else ''} × {cpus:g} CPUs = {plan.workers * cpus:g} "
+            f"of this cluster's {total:g} "
             f"CPUs, which leaves {max(total - plan.workers * cpus, 0):g} for Ray Data: reading and decoding need "
             f"at least {DATA_CPUS:g} CPU free on a node (more keep the workers fed). "
             f"{_fixes(plan, state)}. {fixed}"

@@ -146,6 +146,7 @@ class Trained:
     first: object  # TrainSummary: 2 DDP workers, 2 epochs (the first a warmup), MLflow credentials in its environment
     second: object  # TrainSummary: 1 worker, 1 epoch, another seed and lr, same dataset
     cfg: object  # the first run's TrainConfig
+    second_cfg: object  # the second run's
     tracking_uri: str
     lines: list[str]  # both drivers' log lines
 
@@ -176,8 +177,9 @@ def trained(ray_cluster, measured_shards, mlflow_server, tmp_path_factory):
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    second = training.train(light(**base, name="second", epochs=1, seed=1, lr=0.003), log=lines.append)
-    yield Trained(first, second, cfg, mlflow_server.url, lines)
+    second_cfg = light(**base, name="second", epochs=1, seed=1, lr=0.003)
+    second = training.train(second_cfg, log=lines.append)
+    yield Trained(first, second, cfg, second_cfg, mlflow_server.url, lines)
     mlflow.set_tracking_uri(None)
 
 

@@ -30,7 +30,6 @@ from mlflow import MlflowClient
 
 from pipeline import checkpoint, config, run, tracking, training
 from pipeline.data.imagenet import ClassInfo
-from pipeline.mlflow_server import MlflowServer
 from pipeline.model import AlexNet
 from pipeline.run import RUN_RECORD, UNSENT_FILE
 from pipeline.spec import CheckpointMeta
@@ -38,33 +37,17 @@ from pipeline.spec import CheckpointMeta
 KEYS = ("train_loss", "train_top1_error", "train_top5_error", "val_top1_error", "val_top5_error", "lr", "images_per_s")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A server of this file's own, which the tests stop and start again on the same port and store."""
-    root = tmp_path_factory.mktemp("stoppable-server")
-    holder = {"server": MlflowServer(root).start(), "root": root}
-    yield holder
-    holder["server"].stop()
-
-
 @pytest.fixture
-def outage(server):
-    """The module's server, running at the start of the test; `stop()` and `start()` it at will."""
-
-    class Outage:
-        url = server["server"].url
-
-        def stop(self) -> None:
-            server["server"].stop()
-
-        def start(self) -> None:
-            server["server"] = MlflowServer(server["root"], port=server["server"].port).start()
-
-    if server["server"].process is None:  # a failed test left it stopped
-        Outage().start()
+def outage(mlflow_server):
+    """The session's server, running at the start of the test; `stop()` and `start()` it at will
+    (the same port and store: what a client sees of a server restarted or briefly unreachable)."""
+    if mlflow_server.process is None:  # a failed test left it stopped
+        mlflow_server.start()
     previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(Outage.url)  # the job's server: train() reads it from MLflow
-    yield Outage()
+    mlflow.set_tracking_uri(mlflow_server.url)  # the job's server: train() reads it from MLflow
+    yield mlflow_server
+    if mlflow_server.process is None:
+        mlflow_server.start()
     mlflow.set_tracking_uri(previous)
 
 

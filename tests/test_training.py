@@ -250,10 +250,17 @@ def test_dropout_differs_between_ranks_and_epochs_and_repeats_with_the_seed():
 
 
 @pytest.mark.slow
-def test_ten_crop_evaluation_matches_a_direct_pytorch_computation(run, measured_shards):
+def test_the_evaluate_job_matches_a_direct_pytorch_ten_crop_computation_and_logs_it_to_the_models_run(
+    ray_cluster, run, measured_shards
+):
     summary, _, uri = run
     model_uri = f"models:/{summary.model_name}/{summary.model_version}"
-    results = evaluation.evaluate(serving.resolve(model_uri, uri), str(measured_shards), ten_crop=True, batch_size=5)
+    mlflow.set_tracking_uri(uri)  # the job's default: the tracking URI in force
+    proc = call_job("jobs/evaluate.py", "--model", model_uri, "--data", measured_shards, "--ten-crop")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| model | top-1 error | top-5 error |" in proc.stdout
+    assert f"| {model_uri}, centre crop |" in proc.stdout and f"| {model_uri}, 10 crops |" in proc.stdout
+    metrics = MlflowClient(uri).get_run(summary.run_id).data.metrics
 
     # Reference: torchvision's ten_crop of each decoded stored square, the checkpoint's network.
     rows = pq.read_table(measured_shards / "val").to_pydict()
@@ -272,24 +279,16 @@ def test_ten_crop_evaluation_matches_a_direct_pytorch_computation(run, measured_
                 correct[name][1] += label in top
     n = len(rows["label"])
     for name, (top1, top5) in correct.items():
+        assert metrics[f"eval_{name}_top1_error"] == pytest.approx(1 - top1 / n, abs=1e-9), name
+        assert metrics[f"eval_{name}_top5_error"] == pytest.approx(1 - top5 / n, abs=1e-9), name
+
+    # The checkpoint evaluates as its registered program does, whatever the batch size.
+    results = evaluation.evaluate(serving.resolve(summary.checkpoint, uri), str(measured_shards), ten_crop=True,
+                                  batch_size=5)  # fmt: skip
+    for name, (top1, top5) in correct.items():
         assert results[name]["images"] == n
         assert results[name]["top1_error"] == pytest.approx(1 - top1 / n, abs=1e-9), name
         assert results[name]["top5_error"] == pytest.approx(1 - top5 / n, abs=1e-9), name
-    from_checkpoint = evaluation.evaluate(serving.resolve(summary.checkpoint, uri), str(measured_shards), ten_crop=True)
-    assert from_checkpoint == results
-
-
-@pytest.mark.slow
-def test_the_evaluate_job_prints_the_table_and_logs_it_to_the_models_run(ray_cluster, run, measured_shards):
-    summary, _, uri = run
-    model_uri = f"models:/{summary.model_name}/{summary.model_version}"
-    mlflow.set_tracking_uri(uri)  # the job's default: the tracking URI in force
-    proc = call_job("jobs/evaluate.py", "--model", model_uri, "--data", measured_shards, "--ten-crop")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| model | top-1 error | top-5 error |" in proc.stdout
-    assert f"| {model_uri}, centre crop |" in proc.stdout and f"| {model_uri}, 10 crops |" in proc.stdout
-    metrics = MlflowClient(uri).get_run(summary.run_id).data.metrics
-    assert {"eval_centre_top1_error", "eval_ten_crop_top1_error", "eval_ten_crop_top5_error"} <= set(metrics)
 
 
 def test_evaluating_an_unknown_model_fails_before_any_cluster_work(tiny_shards, tmp_path):
@@ -303,11 +302,11 @@ def test_evaluating_an_unknown_model_fails_before_any_cluster_work(tiny_shards, 
 
 
 @pytest.mark.slow
-def test_a_run_without_tracking_checkpointing_to_s3_repeats_every_epochs_metrics(run, s3_server):
-    # The first run's config (seed, workers, data) with --no-tracking, against a tracking URI where
-    # nothing listens (it must never ask MLflow), and its checkpoints in the S3 server: the same
-    # metrics every epoch, read back from the checkpoints (all of them kept).
-    summary, cfg, uri = run
+def test_a_run_without_tracking_checkpointing_to_s3_repeats_every_epochs_metrics(trained, s3_server):
+    # The session's second run (seed, data, lr) again with --no-tracking, against a tracking URI
+    # where nothing listens (it must never ask MLflow), and its checkpoints in the S3 server: the
+    # same metrics every epoch, read back from the checkpoints (all of them kept).
+    summary, cfg, uri = trained.second, trained.second_cfg, trained.tracking_uri
     s3_server.create_dir("runs")
     repeat = dataclasses.replace(
         cfg, storage_path="s3://runs/alexnet", name="repeat", tracking=False, keep_checkpoints=cfg.epochs
