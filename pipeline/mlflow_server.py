@@ -3,11 +3,17 @@
 Clients (the driver, rank 0 on whichever node it lands) talk HTTP to the server only; the server
 alone reads and writes the artifact store, so workers need no cloud credentials for MLflow.
 `make mlflow` and the tests start it through `MlflowServer`, and stop it by its own handle.
+
+With `auth`, MLflow's basic-auth app asks every request (but /health) for a user and password:
+users live in root/auth.db; the admin is created on first start from MLFLOW_TRACKING_USERNAME and
+MLFLOW_TRACKING_PASSWORD, the variables every MLflow client logs in with.
 """
 
 from __future__ import annotations
 
+import base64
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -19,9 +25,13 @@ from pathlib import Path
 
 from pipeline.errors import InputError
 
+AUTH_CONFIG = "basic_auth.ini"  # in root: MLflow's auth settings (no credentials in it)
+AUTH_DB = "auth.db"  # in root: the users and their permissions
+SECRET_KEY_FILE = "flask_secret_key"  # in root, owner-only: signs the UI's CSRF tokens, kept across restarts
+
 
 class ServerError(InputError):
-    """The server did not come up; the message carries the end of its log."""
+    """The server did not come up, or refuses its own admin; the message says why."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -36,6 +46,19 @@ def healthy(url: str, timeout: float = 2.0) -> bool:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
+
+
+def request_status(url: str, user: str | None = None, password: str | None = None, timeout: float = 10.0) -> int:
+    """The HTTP status of a GET, with basic-auth credentials when given."""
+    request = urllib.request.Request(url)
+    if user is not None:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def _signal_group(group: int, sig: int) -> None:
@@ -70,6 +93,7 @@ class MlflowServer:
         artifacts_destination: str | None = None,
         allowed_hosts: str | None = None,
         workers: int = 1,
+        auth: bool = False,
     ) -> None:
         self.root = Path(root).expanduser().resolve()
         self.host = host
@@ -77,6 +101,7 @@ class MlflowServer:
         self.artifacts_destination = artifacts_destination or str(self.root / "artifacts")
         self.allowed_hosts = allowed_hosts
         self.workers = workers
+        self.auth = auth
         self.log_path = self.root / "server.log"
         self.process: subprocess.Popen | None = None
 
@@ -100,13 +125,68 @@ class MlflowServer:
         ]  # fmt: skip
         if self.allowed_hosts:
             command += ["--allowed-hosts", self.allowed_hosts]
+        if self.auth:
+            command += ["--app-name", "basic-auth"]
         return command
+
+    def _auth_env(self) -> dict[str, str]:
+        """The basic-auth app's settings: users in root/auth.db, the admin from the clients' variables.
+
+        Read-only for users the admin creates (MLflow's default permission); each user manages what
+        they create. The password never goes into a file: MLflow takes it from its own variable.
+        """
+        user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+        if not user or not password:
+            raise ServerError(
+                "--auth needs the admin's user name and password in MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (the variables every MLflow client logs in with); set both and start again"
+            )
+        config = self.root / AUTH_CONFIG
+        config.write_text(
+            "[mlflow]\n"
+            "default_permission = READ\n"
+            f"database_uri = sqlite:///{self.root / AUTH_DB}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            "grant_default_workspace_access = false\n"
+            "auth_cache_ttl_seconds = 60\n"  # a password hash checked once a minute, not on every request
+        )
+        return {
+            "MLFLOW_AUTH_CONFIG_PATH": str(config),
+            "MLFLOW_AUTH_ADMIN_USERNAME": user,
+            "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY") or self._secret_key(),
+        }
+
+    def _secret_key(self) -> str:
+        """A random key made on first start, readable by this user only (MLflow's CSRF protection)."""
+        path = self.root / SECRET_KEY_FILE
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return path.read_text().strip()
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        return path.read_text().strip()
+
+    def _check_admin(self) -> None:
+        """The admin logs in: an auth.db made earlier keeps the admin and password it was created with."""
+        user, password = os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+        status = request_status(f"{self.url}/api/2.0/mlflow/experiments/search?max_results=1", user, password)
+        if status != 200:
+            self.stop()
+            raise ServerError(
+                f"the server at {self.url} refuses MLFLOW_TRACKING_USERNAME={user} with this password (HTTP "
+                f"{status}): {self.root / AUTH_DB} already holds its users, made when it was first started. Log in "
+                "as its admin, or start with another --dir"
+            )
 
     def start(self, timeout: float = 120.0) -> MlflowServer:
         self.root.mkdir(parents=True, exist_ok=True)
         if not self.artifacts_destination.startswith(("s3://", "gs://", "wasbs://")):
             Path(self.artifacts_destination).mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
+        if self.auth:
+            env.update(self._auth_env())
         # The server's job runner (GenAI scorers, trace archival: not used here) adds ~8 processes.
         env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
         if env.get("AWS_ENDPOINT_URL") and not env.get("MLFLOW_S3_ENDPOINT_URL"):
@@ -123,6 +203,8 @@ class MlflowServer:
                 self.stop()
                 raise ServerError(f"mlflow server on {self.url} did not start; the end of {self.log_path}:\n{tail}")
             time.sleep(0.3)
+        if self.auth:
+            self._check_admin()
         return self
 
     def log_tail(self, lines: int = 20) -> str:

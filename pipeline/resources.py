@@ -207,7 +207,9 @@ def _fixes(plan: Plan, state: ClusterState) -> str:
         if _fits(replace(plan, workers=workers), state):
             options.append(f"--workers {workers}")
             break
-    options.append(f"add a node (`ray start --address {state.address or '<head>:6379'}` on another machine)")
+    options.append(
+        f"add a node (`RAY_AUTH_MODE=token ray start --address {state.address or '<head>:6379'}` on another machine)"
+    )
     return "Use " + ", or ".join(options)
 
 

@@ -73,6 +73,13 @@ def check_server(uri: str) -> None:
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except MlflowException as exc:
+        if "error code 401" in exc.message:  # a server started with --auth
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            who = f"refuses user {user!r}" if user else "none was given"
+            raise TrackingError(
+                f"the MLflow tracking server at {shown} asks for a login and {who}: set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user it knows"
+            ) from exc
         raise TrackingError(f"the MLflow tracking server at {shown} refused a request: {exc.message}") from exc
 
 

@@ -31,7 +31,10 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 ROOT = Path(__file__).resolve().parents[1]
 REGISTERED_MODEL = "alexnet-test"  # what `trained` registers
-SECRET = "hunter2-do-not-log"  # an MLflow password in the first run's environment
+SECRET = "hunter2-do-not-log"  # the MLflow password every job of the session logs in with
+# The session's server asks every request to log in (`jobs/mlflow_server.py --auth`): every client
+# of the session (the jobs, Ray's workers, the registry CLI) logs in as its admin, as a team's would.
+os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = "alice", SECRET
 FC_WIDTH = 64  # fc6/fc7 width of the light AlexNet that plumbing tests train
 
 
@@ -105,10 +108,11 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 (free port): sqlite store and proxied artifacts in a temp dir."""
+    """A real `mlflow server --auth` on 127.0.0.1 (free port): sqlite store, proxied artifacts and users
+    in a temp dir; its admin is the session's MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""
     from pipeline.mlflow_server import MlflowServer
 
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), auth=True).start()
     yield server
     server.stop()
 
@@ -143,7 +147,7 @@ def measured_shards(ray_cluster, tiny_shards, tmp_path_factory):
 
 @dataclasses.dataclass
 class Trained:
-    first: object  # TrainSummary: 2 DDP workers, 2 epochs (the first a warmup), MLflow credentials in its environment
+    first: object  # TrainSummary: 2 DDP workers, 2 epochs (the first a warmup)
     second: object  # TrainSummary: 1 worker, 1 epoch, another seed and lr, same dataset
     cfg: object  # the first run's TrainConfig
     second_cfg: object  # the second run's
@@ -170,13 +174,7 @@ def trained(ray_cluster, measured_shards, mlflow_server, tmp_path_factory):
         model_name=REGISTERED_MODEL, system_metrics_interval=1.0,
     )  # fmt: skip
     cfg = light(**base, name="first", epochs=2, workers=2, cpus_per_worker=1.0, warmup_epochs=1.0)
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_USERNAME")}
-    os.environ.update({"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": SECRET})
-    try:
-        first = training.train(cfg, log=lines.append)
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    first = training.train(cfg, log=lines.append)
     second_cfg = light(**base, name="second", epochs=1, seed=1, lr=0.003)
     second = training.train(second_cfg, log=lines.append)
     yield Trained(first, second, cfg, second_cfg, mlflow_server.url, lines)

@@ -79,6 +79,34 @@ def test_aws_yaml_validates_against_rays_autoscaler_schema():
     # token authentication on every node
     starts = raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
     assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    # every node in the one security group cluster/aws_security_group.py makes (not Ray's, SSH open to all)
+    groups = [spec["node_config"]["SecurityGroupIds"] for spec in types.values()]
+    assert len(groups[0]) == 1 and all(g == groups[0] for g in groups)
+    assert "aws_security_group.py --ssh-cidr" in text
+
+
+def test_the_aws_security_group_opens_ssh_to_the_given_network_only(s3_server):
+    """cluster/aws_security_group.py against moto's EC2 (the session's S3 server serves every AWS API)."""
+    import boto3
+
+    made = run_job("cluster/aws_security_group.py", "--ssh-cidr", "203.0.113.7", "--region", "us-west-2", timeout=60)
+    assert made.returncode == 0, made.stderr[-2000:]
+    group_id = made.stdout.strip()
+    ec2 = boto3.client("ec2", region_name="us-west-2")  # AWS_ENDPOINT_URL: the moto server
+    (group,) = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
+    rules = group["IpPermissions"]
+    opened = [r["CidrIp"] for rule in rules for r in rule.get("IpRanges", [])]
+    assert opened == ["203.0.113.7/32"]
+    (ssh,) = [rule for rule in rules if rule.get("IpRanges")]
+    assert (ssh["IpProtocol"], ssh["FromPort"], ssh["ToPort"]) == ("tcp", 22, 22)
+    assert any(pair["GroupId"] == group_id for rule in rules for pair in rule.get("UserIdGroupPairs", []))
+
+    again = run_job("cluster/aws_security_group.py", "--ssh-cidr", "203.0.113.7/32", "--region", "us-west-2")
+    assert again.returncode == 0 and again.stdout.strip() == group_id  # found, not made twice
+    other = run_job("cluster/aws_security_group.py", "--ssh-cidr", "198.51.100.0/24", "--region", "us-west-2")
+    assert other.returncode == 1 and "already exists with SSH from ['203.0.113.7/32']" in other.stderr
+    world = run_job("cluster/aws_security_group.py", "--ssh-cidr", "0.0.0.0/0", "--region", "us-west-2")
+    assert world.returncode == 2 and "the whole internet" in world.stderr
 
 
 def test_local_yaml_is_what_the_autoscaler_accepts_with_the_same_node_layout():

@@ -22,7 +22,7 @@ from pipeline import checkpoint, config, registration, serving, tracking
 from pipeline.data.shards import open_dataset
 from pipeline.data.stats import PUBLISHED
 from pipeline.data.transforms import eval_batch
-from pipeline.mlflow_server import MlflowServer, free_port
+from pipeline.mlflow_server import MlflowServer, free_port, request_status
 from pipeline.model import AlexNet, ImageClassifier
 from pipeline.registry import Registry, RegistryError
 
@@ -313,3 +313,29 @@ def test_the_papers_full_width_alexnet_registers_and_loads_for_any_batch_size(ti
         for batch in (1, 5):
             x = torch.from_numpy(images[:batch])
             torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_the_session_server_asks_every_request_to_log_in(trained, mlflow_server, monkeypatch):
+    # Both training runs logged, registered and promoted through it with the session's login.
+    url = mlflow_server.url
+    assert MlflowClient(url).get_run(trained.first.run_id).info.status == "FINISHED"
+    api = f"{url}/api/2.0/mlflow/registered-models/get?name={MODEL}"
+    assert request_status(api) == 401
+    assert request_status(api, "alice", "not-the-password") == 401
+    assert request_status(api, "alice", SECRET) == 200
+    assert request_status(f"{url}/health") == 200  # load balancers' checks need no login
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    refused = registry_cli(url, "list")
+    assert refused.returncode == 2 and "MLFLOW_TRACKING_PASSWORD" in refused.stderr, refused.stderr[-2000:]
+    assert "Traceback" not in refused.stderr
+
+
+def test_the_server_job_refuses_an_open_host_without_auth_and_auth_without_a_login(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    opened = run_job("jobs/mlflow_server.py", "--host", "0.0.0.0", "--dir", tmp_path / "open", env=env, timeout=60)
+    assert opened.returncode == 2 and "without --auth anyone who reaches the port" in opened.stderr, opened.stderr
+    assert "--insecure" in opened.stderr and not (tmp_path / "open").exists()
+    nobody = run_job("jobs/mlflow_server.py", "--auth", "--port", "0", "--dir", tmp_path / "auth", env=env, timeout=60)
+    assert nobody.returncode == 2 and "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in nobody.stderr
+    assert "Traceback" not in nobody.stderr + opened.stderr
