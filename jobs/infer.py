@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         if listing.ignored:
             example = source.uri_of(listing.ignored[0])
             print(f"ignoring {len(listing.ignored)} files without an image extension, e.g. {example}")
+        for path, why in listing.unlisted:  # also in the output's _SUCCESS.json
+            print(f"not read: {source.uri_of(path)}: {why}")
         cluster.connect(env=tracking.worker_env(tracking_uri))
         replicas = inference.parse_replicas(args.replicas, ray.cluster_resources(), args.gpus_per_replica)
         print(f"model replicas: {replicas[0]}" + (f" to {replicas[1]}" if replicas[1] > replicas[0] else ""))

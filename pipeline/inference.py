@@ -68,6 +68,7 @@ class InferenceError(InputError):
 class Listing:
     images: list[str]  # paths inside the filesystem, sorted
     ignored: list[str] = field(default_factory=list)  # files without an image extension
+    unlisted: list[tuple[str, str]] = field(default_factory=list)  # (path, why): names not UTF-8, link loops
 
 
 @dataclass
@@ -106,14 +107,11 @@ def list_images(source: Location) -> Listing:
     if info.type == pafs.FileType.NotFound:
         where = "bucket or prefix" if not source.is_local else "directory"
         raise InferenceError(f"input {source.uri} does not exist: check the {where}")
+    unlisted: list[tuple[str, str]] = []
     if info.type == pafs.FileType.File:
         files = [source.path]
     else:
-        try:
-            entries = source.fs.get_file_info(pafs.FileSelector(source.path, recursive=True))
-        except OSError as exc:
-            raise StorageError(f"cannot list {source.uri}: {exc}") from exc
-        files = sorted(e.path for e in entries if e.type == pafs.FileType.File)
+        files, unlisted = source.walk()
     images = [f for f in files if is_image_name(f)]
     ignored = [f for f in files if not is_image_name(f)]
     if not images:
@@ -121,7 +119,7 @@ def list_images(source: Location) -> Listing:
             f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {source.uri}"
             + (f"; {len(ignored)} other files, e.g. {source.uri_of(ignored[0])}" if ignored else ": it is empty")
         )
-    return Listing(images, ignored)
+    return Listing(images, ignored, unlisted)
 
 
 def prepare_output(output: Location, overwrite: bool, source: Location) -> None:
@@ -243,6 +241,7 @@ def infer(
                 "images": summary.images,
                 "errors": summary.errors,
                 "ignored_files": [source.uri_of(p) for p in listing.ignored],
+                "unlisted": [{"path": source.uri_of(p), "reason": why} for p, why in listing.unlisted],
                 "ten_crop": ten_crop_views,
                 "seconds": round(summary.seconds, 1),
             },

@@ -60,12 +60,33 @@ class Location:
         return self.info().type == pafs.FileType.File
 
     def listdir(self) -> list[pafs.FileInfo]:
-        """Entries directly under this directory, sorted by name."""
+        """Entries directly under this directory, sorted by name.
+
+        On local disk a name that is not UTF-8 comes back as an entry of type Unknown whose path
+        shows the bytes as escapes (see `readable_name`): listed, never a crash of the listing.
+        """
+        if self.is_local:
+            return sorted(_local_entries(self.path, self.uri), key=lambda e: e.path)
         try:
             entries = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
         except OSError as exc:
             raise StorageError(f"cannot list {self.uri}: {_reason(exc)}") from exc
         return sorted(entries, key=lambda e: e.path)
+
+    def walk(self) -> tuple[list[str], list[tuple[str, str]]]:
+        """Every file under this directory (paths, sorted), and what could not be listed: (path, why).
+
+        On local disk links to folders are followed once each: a link back up the tree (a loop) or
+        a second link to a folder already listed is reported, not listed again; names that are not
+        UTF-8 are reported with their bytes escaped. S3 keys are UTF-8 and have no links.
+        """
+        if self.is_local:
+            return _local_walk(self.path)
+        try:
+            entries = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True))
+        except OSError as exc:
+            raise StorageError(f"cannot list {self.uri}: {_reason(exc)}") from exc
+        return sorted(e.path for e in entries if e.type == pafs.FileType.File), []
 
     def check_writable(self) -> None:
         """An S3 destination's bucket must exist (it is not created behind the user's back)."""
@@ -175,6 +196,77 @@ def s3_filesystem() -> pafs.S3FileSystem:
             session_token=env("AWS_SESSION_TOKEN"),
         )
     return pafs.S3FileSystem(**{k: v for k, v in options.items() if v})
+
+
+NOT_UTF8 = "its name is not UTF-8 (shown with \\x escapes): rename it to read it"
+
+
+def readable_name(name: str) -> str | None:
+    """None for a UTF-8 name; else the name with its undecodable bytes as \\xNN escapes."""
+    try:
+        name.encode("utf-8")
+        return None
+    except UnicodeEncodeError:  # os.scandir decodes other bytes as lone surrogates
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def not_utf8(entry: pafs.FileInfo) -> bool:
+    """An entry `Location.listdir` made for a local name that is not UTF-8 (its escaped path is not on disk)."""
+    return entry.type == pafs.FileType.Unknown and "\\x" in entry.base_name and not os.path.lexists(entry.path)
+
+
+def _local_entries(path: str, uri: str) -> list[pafs.FileInfo]:
+    try:
+        with os.scandir(path) as it:
+            found = list(it)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise StorageError(f"cannot list {uri}: {exc.strerror or exc}") from exc
+    entries = []
+    for entry in found:
+        shown = readable_name(entry.name)
+        if shown is not None:
+            entries.append(pafs.FileInfo(posixpath.join(path, shown), pafs.FileType.Unknown))
+            continue
+        try:
+            kind = pafs.FileType.Directory if entry.is_dir() else pafs.FileType.File if entry.is_file() else None
+            size = entry.stat().st_size if kind == pafs.FileType.File else None
+        except OSError:  # a dangling link, or gone meanwhile
+            kind, size = None, None
+        entries.append(pafs.FileInfo(entry.path, kind or pafs.FileType.Unknown, size=size))
+    return entries
+
+
+def _local_walk(root: str) -> tuple[list[str], list[tuple[str, str]]]:
+    files: list[str] = []
+    problems: list[tuple[str, str]] = []
+    seen: set[tuple[int, int]] = set()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            stat = os.stat(folder)
+            with os.scandir(folder) as it:
+                found = list(it)
+        except OSError as exc:
+            problems.append((folder, f"cannot be listed: {exc.strerror or exc}"))
+            continue
+        if (stat.st_dev, stat.st_ino) in seen:
+            problems.append((folder, "a link to a folder already listed (a link loop?): not listed again"))
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        folders = []
+        for entry in sorted(found, key=lambda e: e.name):  # depth first in name order: the same walk every time
+            shown = readable_name(entry.name)
+            if shown is not None:
+                problems.append((posixpath.join(folder, shown), NOT_UTF8))
+            elif entry.is_dir():
+                folders.append(entry.path)
+            elif entry.is_file():
+                files.append(entry.path)
+        stack.extend(reversed(folders))
+    return sorted(files), sorted(problems)
 
 
 def _reason(exc: BaseException) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,20 @@ def _check_rows(table, root_uri: str, image_files, model, ref, ten: bool) -> Non
         assert row["top5_names"] == [ref.names[i] for i in top5]
         assert (row["top1_wnid"], row["top1_name"]) == (ref.wnids[top5[0]], ref.names[top5[0]])
         assert row["top1_prob"] == pytest.approx(float(probs[top5[0]]), rel=1e-4)
+
+
+def test_a_listing_reports_names_that_are_not_utf8_and_follows_a_link_loop_once(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "ok.jpg").write_bytes(b"x")
+    with open(os.fsencode(tmp_path / "a") + b"/caf\xe9.jpg", "wb") as f:  # Latin-1 bytes in the name
+        f.write(b"x")
+    (tmp_path / "a" / "loop").symlink_to(tmp_path)  # back up the tree
+    (tmp_path / "again").symlink_to(tmp_path / "a")  # a second way into the same folder
+    listing = inference.list_images(locate(tmp_path))
+    assert listing.images == [str(tmp_path / "a" / "ok.jpg")]
+    reasons = dict(listing.unlisted)
+    assert reasons[f"{tmp_path}/a/caf\\xe9.jpg"].startswith("its name is not UTF-8")
+    assert sum("already listed" in why for why in reasons.values()) == 2, reasons
 
 
 @pytest.mark.slow

@@ -88,11 +88,14 @@ def test_messy_real_world_files_become_rgb_or_are_listed_with_their_reason(ray_c
     stray = {".DS_Store": b"\0\0\0\1Bud1", "notes.txt": b"not an image"}
     for name, data in {**fine, **broken, **stray}.items():
         (folder / name).write_bytes(data)
+    with open(os.fsencode(folder) + b"/caf\xe9.JPEG", "wb") as latin1:  # a name in Latin-1, not UTF-8
+        latin1.write(good)
 
     summary = prepare(str(source), str(tmp_path / "out"), size=64, shard_size=50)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     bad = {b["path"].rsplit("/", 1)[1]: b["reason"] for b in manifest["bad_files"]}
-    assert set(bad) == set(broken) | set(stray)
+    assert set(bad) == set(broken) | set(stray) | {"caf\\xe9.JPEG"}
+    assert bad["caf\\xe9.JPEG"].startswith("its name is not UTF-8")
     assert bad["empty.jpeg"] == "empty file (0 bytes)"
     assert "truncated" in bad["truncated.JPEG"] and bad["notes.txt"].startswith("not an image file name")
     assert summary.images == {"train": 96 + len(fine), "val": 24} and len(summary.bad_files) == len(bad)

@@ -181,6 +181,18 @@ def _broken_manifest(root: Path) -> Path:
     return root
 
 
+def _shard(label, label_type: pa.DataType | None = None, rows: int = 1) -> dict:
+    return {
+        "image": pa.array([b"x"] * rows, pa.binary()), "label": pa.array([label] * rows, label_type or pa.int32()),
+        "wnid": pa.array(["n01440764"] * rows), "key": pa.array(["a.JPEG"] * rows),
+    }  # fmt: skip
+
+
+def _with_stray(root: Path) -> Path:
+    pq.write_table(pa.table(_shard(0)), root / "train" / "notes.parquet")
+    return root
+
+
 def test_bad_data_fails_before_any_cluster_work(tmp_path):
     cases = [
         (tmp_path / "missing", "does not exist"),
@@ -188,10 +200,16 @@ def test_bad_data_fails_before_any_cluster_work(tmp_path):
         (_fake_dataset(tmp_path / "foreign", {"img": [b"x"], "y": [0]}), "lacks columns"),
         (_broken_manifest(_fake_dataset(tmp_path / "broken", {"img": [b"x"]})), "is not what this version of"),
         (_unfinished(_fake_dataset(tmp_path / "unfinished", {"img": [b"x"]})), "run the jobs/prepare.py command"),
+        (_fake_dataset(tmp_path / "typed", _shard("0", pa.string())), "label is string, not int32"),
+        (_fake_dataset(tmp_path / "labels", _shard(3)), r"has labels 3\.\.3, outside 0\.\.0 \(classes.json lists 1\)"),
+        (_fake_dataset(tmp_path / "rows", _shard(0, rows=2)), "has 2 rows, manifest.json recorded 1"),
+        (_with_stray(_fake_dataset(tmp_path / "stray", _shard(0))), r"stray/train/notes.parquet is not in .*manifest"),
     ]
     for path, message in cases:
         with pytest.raises(DataError, match=message):
             training.load_data(config.resolve("sample", data=str(path)))
+    _fake_dataset(tmp_path / "good", _shard(0))
+    assert training.load_data(config.resolve("sample", data=str(tmp_path / "good"))).num_classes == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without GPUs")

@@ -28,7 +28,7 @@ import pyarrow.fs as pafs
 
 from pipeline.data.transforms import IMAGE_EXTENSIONS, is_image_name
 from pipeline.errors import InputError
-from pipeline.storage import Location, locate
+from pipeline.storage import NOT_UTF8, Location, locate, not_utf8
 
 SYNSET_MAPPING = "LOC_synset_mapping.txt"
 KAGGLE_VAL_SOLUTION = "LOC_val_solution.csv"
@@ -254,6 +254,8 @@ def _flat_val_labels(val_dir: Location, metadata: _Metadata):
 def _unusable(entry: pafs.FileInfo) -> str:
     if entry.type == pafs.FileType.Directory:
         return "a folder where images were expected: not read"
+    if not_utf8(entry):
+        return NOT_UTF8
     if entry.type != pafs.FileType.File:
         return "not a regular file"
     if not is_image_name(entry.base_name):

@@ -7,8 +7,10 @@
     OUT/stats.json                      RGB mean, std, covariance and its eigen-decomposition (optional)
 
 OUT is a local folder or an s3:// prefix. ``open_dataset`` checks all of it on the driver, before
-any cluster work, so a wrong path, an unfinished prepare or a foreign Parquet file fails with a
-message instead of a traceback from inside a Ray worker.
+any cluster work, so a wrong path, an unfinished prepare, a foreign or damaged Parquet file (wrong
+columns or types, another row count than the manifest's, labels outside classes.json) or a stray
+one fails with a message instead of a traceback from inside a Ray worker. Every shard's footer is
+read; no image is.
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.data.imagenet import ClassInfo
@@ -137,23 +143,81 @@ def open_dataset(uri: str | Location) -> PreparedDataset:
     if not classes:
         raise DataError(f"{root.uri}/{CLASSES_FILE} lists no classes; re-run jobs/prepare.py on a source with classes")
     for split in SPLITS:
-        _check_split(root, split, counts[split])
+        _check_split(root, split, counts[split], manifest["splits"][split].get("shards", []), len(classes))
     return PreparedDataset(root, classes, manifest)
 
 
-def _check_split(root: Location, split: str, images: int) -> None:
-    files = [e for e in root.join(split).listdir() if e.base_name.endswith(".parquet")]
+def _check_split(root: Location, split: str, images: int, listed: list[dict[str, Any]], num_classes: int) -> None:
+    """Every shard of the split, from its Parquet footer (no image read): the columns and their types,
+    the rows the manifest recorded, labels within classes.json, and no file the manifest does not list."""
+    files = sorted(
+        (e for e in root.join(split).listdir() if e.base_name.endswith(".parquet")), key=lambda e: e.base_name
+    )
     if not files:
         raise DataError(f"{root.uri}/{split} holds no .parquet shards; run jobs/prepare.py --out {root.uri}")
     if images == 0:
         raise DataError(f"{root.uri}: the {split} split has no images (see bad_files in {MANIFEST_FILE})")
-    schema = pq.read_schema(files[0].path, filesystem=root.fs)
-    missing = [f"{f.name} ({f.type})" for f in SCHEMA if f.name not in schema.names]
+    rows = {posixpath.basename(str(shard["file"])): int(shard["rows"]) for shard in listed}
+    strays = [root.uri_of(e.path) for e in files if e.base_name not in rows]
+    if strays:
+        shown = ", ".join(strays[:3]) + (f" and {len(strays) - 3} more" if len(strays) > 3 else "")
+        raise DataError(
+            f"{shown} {'is' if len(strays) == 1 else 'are'} not in {root.uri}/{MANIFEST_FILE}: training reads every "
+            f".parquet file of {root.uri}/{split}; move {'it' if len(strays) == 1 else 'them'} out, or prepare again"
+        )
+    missing = sorted(set(rows) - {e.base_name for e in files})
     if missing:
         raise DataError(
-            f"shard {root.uri_of(files[0].path)} lacks columns {missing} (has {schema.names}); "
-            "shards must come from jobs/prepare.py"
+            f"{root.uri}/{split} lacks {missing[:3]} that {MANIFEST_FILE} lists; run jobs/prepare.py --out "
+            f"{root.uri} again (it rewrites what is missing)"
         )
+    with ThreadPoolExecutor(max_workers=16) as pool:  # one footer read each: S3 answers them in parallel
+        problems = [p for p in pool.map(partial(_check_shard, root, rows, num_classes), files) if p]
+    if problems:
+        more = f" (and {len(problems) - 1} more shard(s))" if len(problems) > 1 else ""
+        raise DataError(f"{problems[0]}{more}; shards must come from jobs/prepare.py: prepare again with --overwrite")
+
+
+def _check_shard(root: Location, rows: dict[str, int], num_classes: int, entry) -> str | None:
+    """What is wrong with one shard file, or None."""
+    shown = root.uri_of(entry.path)
+    try:
+        meta = pq.read_metadata(entry.path, filesystem=root.fs)
+    except (OSError, pa.ArrowException) as exc:
+        return f"shard {shown} is not a readable Parquet file ({exc})"
+    schema = meta.schema.to_arrow_schema()
+    lacking = [f"{f.name} ({f.type})" for f in SCHEMA if f.name not in schema.names]
+    if lacking:
+        return f"shard {shown} lacks columns {lacking} (has {schema.names})"
+    wrong = [
+        f"{f.name} is {schema.field(f.name).type}, not {f.type}" for f in SCHEMA if schema.field(f.name).type != f.type
+    ]
+    if wrong:
+        return f"shard {shown}: {'; '.join(wrong)}"
+    if meta.num_rows != rows[entry.base_name]:
+        return f"shard {shown} has {meta.num_rows} rows, {MANIFEST_FILE} recorded {rows[entry.base_name]}"
+    low, high = _label_range(root, entry.path, meta, schema.get_field_index("label"))
+    if low is not None and (low < 0 or high >= num_classes):
+        return (
+            f"shard {shown} has labels {low}..{high}, outside 0..{num_classes - 1} ({CLASSES_FILE} lists {num_classes})"
+        )
+    return None
+
+
+def _label_range(root: Location, path: str, meta: pq.FileMetaData, column: int) -> tuple[int | None, int | None]:
+    """The smallest and largest label: from the footer's statistics, else from the label column alone."""
+    lows, highs = [], []
+    for group in range(meta.num_row_groups):
+        stats = meta.row_group(group).column(column).statistics
+        if stats is None or not stats.has_min_max:
+            labels = pq.read_table(path, columns=["label"], filesystem=root.fs)["label"]
+            if len(labels) == 0:
+                return None, None
+            bounds = pc.min_max(labels)
+            return bounds["min"].as_py(), bounds["max"].as_py()
+        lows.append(stats.min)
+        highs.append(stats.max)
+    return (min(lows), max(highs)) if lows else (None, None)
 
 
 def read_shards(
