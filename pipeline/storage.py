@@ -247,15 +247,15 @@ def _local_walk(root: str) -> tuple[list[str], list[tuple[str, str]]]:
         folder = stack.pop()
         try:
             stat = os.stat(folder)
+            if (stat.st_dev, stat.st_ino) in seen:
+                problems.append((folder, "a link to a folder already listed (a link loop?): not listed again"))
+                continue
+            seen.add((stat.st_dev, stat.st_ino))
             with os.scandir(folder) as it:
                 found = list(it)
         except OSError as exc:
             problems.append((folder, f"cannot be listed: {exc.strerror or exc}"))
             continue
-        if (stat.st_dev, stat.st_ino) in seen:
-            problems.append((folder, "a link to a folder already listed (a link loop?): not listed again"))
-            continue
-        seen.add((stat.st_dev, stat.st_ino))
         folders = []
         for entry in sorted(found, key=lambda e: e.name):  # depth first in name order: the same walk every time
             shown = readable_name(entry.name)
