@@ -42,9 +42,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def healthy(url: str, timeout: float = 2.0) -> bool:
     try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
+        return request_status(f"{url.rstrip('/')}/health", timeout=timeout) == 200
+    except OSError:  # nothing listens (URLError), or no answer in time
         return False
 
 

@@ -274,19 +274,18 @@ def _free_port() -> int:
 
 
 class LocalCluster:
-    """`ray start --head --block` in a session of its own: a fixed head with `cpus` CPUs, or (the
-    default) cluster/local.yaml's fake multi-node cluster with its autoscaler.
+    """cluster/local.yaml's fake multi-node cluster with its autoscaler: `ray start --head --block`
+    in a session of its own, as cluster/README.md starts it.
 
     Its own temp dir (so it never becomes the machine's "current" cluster that `address="auto"`
     finds) and dashboard port; the worker "nodes" the autoscaler launches are processes in the
     same process group, all stopped through it.
     """
 
-    def __init__(self, workdir: Path, cpus: int = 0, autoscaling: bool = True) -> None:
+    def __init__(self, workdir: Path) -> None:
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rfk", dir="/tmp"))  # short: Ray's socket paths
         self.dashboard = f"http://127.0.0.1:{_free_port()}"
-        self.cpus, self.autoscaling = cpus, autoscaling
-        self.gcs_address = f"127.0.0.1:{GCS_PORT if autoscaling else _free_port()}"
+        self.gcs_address = f"127.0.0.1:{GCS_PORT}"
         venv_bin = str(Path(sys.executable).parent)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_JOB"))}
         # The job CLI sends the token only with RAY_AUTH_MODE=token; `python` in entrypoints is this venv's.
@@ -300,16 +299,19 @@ class LocalCluster:
             if s.connect_ex(("127.0.0.1", int(port))) == 0:
                 pytest.fail(f"port {port} is taken: the fake multi-node cluster needs it for its GCS")
         command = [
-            str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", str(self.cpus),
+            str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "0",
             "--port", port, "--dashboard-port", self.dashboard.rsplit(":", 1)[1],
             # the session's own Ray holds the default agent port (52365): the job agent needs another
             "--dashboard-agent-listen-port", str(_free_port()), "--temp-dir", str(self.temp_dir),
         ]  # fmt: skip
         # A stopped job gets 30 s to abort its run and withdraw its node request (cluster/README.md).
-        env = {**self.env, "RAY_JOB_STOP_WAIT_TIME_S": "30"}
-        if self.autoscaling:
-            command += ["--autoscaling-config", str(CLUSTER / "local.yaml")]
-            env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+        command += ["--autoscaling-config", str(CLUSTER / "local.yaml")]
+        env = {
+            **self.env,
+            "RAY_JOB_STOP_WAIT_TIME_S": "30",
+            "RAY_FAKE_CLUSTER": "1",
+            "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+        }
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=log, start_new_session=True)
         _wait_for(lambda: self._get("/api/version") is not None, "the head's job server", 90, self)
