@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
-from pipeline import cluster, evaluation, serving, tracking
+from pipeline import cluster, config, evaluation, serving, tracking
 from pipeline.data.shards import open_dataset
 from pipeline.errors import InputError
 
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", type=int, default=1, help="model actors at most")
     parser.add_argument("--gpus-per-replica", type=float, default=0, help="GPUs per model actor")
     parser.add_argument("--no-log", action="store_true", help="do not log the results to the model's MLflow run")
+    parser.add_argument("--forward-env", default="", metavar="NAME,...", help=config.FORWARD_ENV_HELP)
     args = parser.parse_args(argv)
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # the table says it
     try:
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             tracking.check_server(tracking_uri)  # a dead server is named now, not after minutes of retries
         ref = serving.resolve(args.model, tracking_uri)  # an alias → its version, once
         dataset = open_dataset(args.data)
-        cluster.connect(env=tracking.worker_env(tracking_uri))  # model actors on every node reach MLflow
+        forward = cluster.env_names(args.forward_env)
+        cluster.connect(env=tracking.worker_env(tracking_uri, forward), joined_note=tracking.credentials_note(forward))
         results = evaluation.evaluate(
             ref,
             dataset,

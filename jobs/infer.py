@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` im
 
 import ray
 
-from pipeline import cluster, inference, serving, tracking
+from pipeline import cluster, config, inference, serving, tracking
 from pipeline.errors import InputError
 from pipeline.storage import locate
 
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus-per-replica", type=float, default=0, help="GPUs per model actor")
     parser.add_argument("--batch-size", type=int, default=64, help="images per model call (x10 views with --ten-crop)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output whole")
+    parser.add_argument("--forward-env", default="", metavar="NAME,...", help=config.FORWARD_ENV_HELP)
     args = parser.parse_args(argv)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:  # everything that can be wrong is found here, before any cluster work
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ignoring {len(listing.ignored)} files without an image extension, e.g. {example}")
         for path, why in listing.unlisted:  # also in the output's _SUCCESS.json
             print(f"not read: {source.uri_of(path)}: {why}")
-        cluster.connect(env=tracking.worker_env(tracking_uri))
+        forward = cluster.env_names(args.forward_env)
+        cluster.connect(env=tracking.worker_env(tracking_uri, forward), joined_note=tracking.credentials_note(forward))
         replicas = inference.parse_replicas(args.replicas, ray.cluster_resources(), args.gpus_per_replica)
         print(f"model replicas: {replicas[0]}" + (f" to {replicas[1]}" if replicas[1] > replicas[0] else ""))
         summary = inference.infer(

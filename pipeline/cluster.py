@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import threading
@@ -13,6 +14,7 @@ import ray
 
 from pipeline.errors import InputError
 
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 ANSWER_TIMEOUT_S = 5.0  # a cluster's GCS that does not accept a connection in this long is taken as gone
 
 
@@ -25,13 +27,16 @@ def connect(
     env: dict[str, str] | None = None,
     local_cpus: Callable[[], int] | None = None,
     local_resources: dict[str, float] | None = None,
+    joined_note: str | None = None,
 ) -> bool:
     """Join the cluster in RAY_ADDRESS or one started with `ray start`; else start a local one.
 
-    `env` reaches every worker, on every node, through the job's runtime env. `local_cpus` sizes a
-    local Ray (and may refuse to start one); Ray's default is this machine's cores. A local Ray
-    also gets `local_resources` (custom resources such as a mock GPU). Returns False when it
-    started a local Ray (sized by `local_cpus`), True when it joined a cluster or Ray was up.
+    `env` reaches every worker, on every node, through the job's runtime env, which Ray keeps in
+    its job table: settings, not secrets (a local Ray inherits this process's environment anyway).
+    `local_cpus` sizes a local Ray (and may refuse to start one); Ray's default is this machine's
+    cores. A local Ray also gets `local_resources` (custom resources such as a mock GPU).
+    `joined_note` is said when it joins a cluster (what its workers do not get from here). Returns
+    False when it started a local Ray, True when it joined a cluster or Ray was up.
     """
     if ray.is_initialized():
         return True
@@ -43,6 +48,8 @@ def connect(
             ray.init(address="auto", runtime_env=runtime_env)
             joined = True
             log(f"connected to the Ray cluster at {ray.get_runtime_context().gcs_address}")
+            if joined_note:
+                log(joined_note)
         except ConnectionError:
             if os.environ.get("RAY_ADDRESS"):
                 raise
@@ -56,6 +63,18 @@ def connect(
         log(f"started a local Ray with {ray.cluster_resources().get('CPU', 0):.0f} logical CPUs")
     stop_on_sigterm()
     return joined
+
+
+def env_names(text: str, flag: str = "--forward-env") -> tuple[str, ...]:
+    """`NAME,NAME,...` → the names; anything that is not an environment variable's name is refused."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    for name in names:
+        if not ENV_NAME.fullmatch(name):
+            raise InputError(
+                f"{flag} {text!r}: {name!r} is not the name of an environment variable; "
+                "write NAME,NAME (e.g. MLFLOW_TRACKING_USERNAME,MLFLOW_TRACKING_PASSWORD)"
+            )
+    return names
 
 
 def check_answers(timeout: float = ANSWER_TIMEOUT_S) -> None:

@@ -30,6 +30,12 @@ def option(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+FORWARD_ENV_HELP = (  # jobs/train.py, evaluate.py and infer.py
+    'credentials a cluster\'s workers get from this shell, "NAME,..." (e.g. MLFLOW_TRACKING_USERNAME,'
+    "MLFLOW_TRACKING_PASSWORD); Ray keeps them in its job table. Default: none, the nodes use their own"
+)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     profile: str = option("imagenet", "which preset the other fields started from")
@@ -78,6 +84,7 @@ class TrainConfig:
     shared_storage: bool = option(
         False, "local --storage-path and --data are on a filesystem every node mounts at the same path (NFS, EFS)"
     )
+    forward_env: str = option("", FORWARD_ENV_HELP)
     name: str = option("", "run name; empty: alexnet-<profile>-<timestamp>")
     resume: str = option(
         "", "continue the stopped run of this name (under --storage-path) with its own config and MLflow run"

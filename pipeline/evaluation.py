@@ -24,7 +24,7 @@ from ray.data import ActorPoolStrategy
 from pipeline.data.shards import PreparedDataset, open_dataset, read_shards
 from pipeline.data.transforms import eval_batch, ten_crop_batch
 from pipeline.errors import InputError
-from pipeline.serving import ModelRef, Predictor
+from pipeline.serving import ModelRef, Predictor, ship
 
 CENTRE_VIEW = 4  # the centre crop's index among ten_crop's views
 VIEW_BATCH = 32  # images per decode task: 10 views of 224 pixels are 1.5 MB per image
@@ -72,7 +72,7 @@ def evaluate(
         .map_batches(views, fn_kwargs={"crop": ref.crop}, batch_size=VIEW_BATCH, batch_format="numpy")
         .map_batches(
             Predictor,
-            fn_constructor_kwargs={"ref": ref, "keep": hits},
+            fn_constructor_kwargs={"ref": ship(ref), "keep": hits},
             compute=ActorPoolStrategy(min_size=1, max_size=replicas),
             batch_size=batch_size,
             num_gpus=gpus_per_replica,

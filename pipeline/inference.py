@@ -1,7 +1,12 @@
 """Batch inference: a registered model over a bucket (or folder) of images, one Parquet row per file.
 
     list the input (driver) → read + decode + test views (CPU tasks) → model actors (each loads the
-    model once; fixed or autoscaling pool) → Parquet in a temporary location → moved into place
+    model once; fixed or autoscaling pool) → Parquet in a staging location → moved into place
+
+The output is whole or untouched: locally the previous output is renamed aside until the new one
+is in place (and renamed back if that fails); on S3, where nothing renames, the output carries
+REPLACING_FILE while its objects are replaced, and the staging copy is kept until the copy is
+complete. Either way a failed replacement names where the whole new predictions are.
 
 On CPUs Ray Data fuses the decode step into the model actors (same resources): each replica reads,
 decodes and scores its own files, with no copies between processes, and the pool's size sets the
@@ -39,11 +44,12 @@ from pipeline.data.transforms import (
     ten_crop,
 )
 from pipeline.errors import InputError
-from pipeline.serving import ModelRef, Predictor
+from pipeline.serving import ModelRef, Predictor, ship
 from pipeline.storage import Location, StorageError, check_apart
 
 DECODE_BATCH = 32  # files per decode task
 SUCCESS_FILE = "_SUCCESS.json"  # written last: the output is complete
+REPLACING_FILE = "_REPLACING.json"  # an S3 output whose objects this job was replacing when it stopped
 SCHEMA = pa.schema(
     [
         ("path", pa.string()),
@@ -135,12 +141,17 @@ def prepare_output(output: Location, overwrite: bool, source: Location) -> None:
 
 
 def _check_ours(output: Location) -> None:
-    """--overwrite deletes only a prediction output (it ends with SUCCESS_FILE), never other files."""
-    if not output.join(SUCCESS_FILE).is_file():
+    """--overwrite deletes only a prediction output (it holds SUCCESS_FILE, or REPLACING_FILE where a
+    replacement stopped half way), never other files."""
+    if not (output.join(SUCCESS_FILE).is_file() or output.join(REPLACING_FILE).is_file()):
         raise InferenceError(
             f"--overwrite replaces only predictions jobs/infer.py wrote (they hold {SUCCESS_FILE}); {output.uri} "
             "holds other files: choose another --output, or move them away yourself"
         )
+
+
+class OutputNotReplaced(InferenceError):
+    """The predictions are whole in their staging location, which is kept; the message says where."""
 
 
 def views_batch(batch: dict[str, np.ndarray], fs: pafs.FileSystem, size: int, crop: int, ten: bool) -> dict:
@@ -215,7 +226,7 @@ def infer(
         )
         .map_batches(
             Predictor,
-            fn_constructor_kwargs={"ref": ref, "keep": partial(top_five, ref=ref, uri_prefix=prefix)},
+            fn_constructor_kwargs={"ref": ship(ref), "keep": partial(top_five, ref=ref, uri_prefix=prefix)},
             compute=ActorPoolStrategy(min_size=replicas[0], max_size=replicas[1]),
             batch_size=batch_size,
             num_gpus=gpus_per_replica,
@@ -228,28 +239,31 @@ def infer(
         if rows != len(listing.images):
             raise InferenceError(f"wrote {rows} rows for {len(listing.images)} images; the output was not moved")
         summary = InferenceSummary(len(listing.images), errors, len(listing.ignored), 0.0, output.uri)
-        _move_into_place(staging, output, overwrite)
-    finally:
+        summary.seconds = time.time() - started
+        staging.join(SUCCESS_FILE).write_text(_success_record(ref, source, listing, summary, ten_crop_views))
+    except BaseException:
         _delete(staging)
-    summary.seconds = time.time() - started
-    output.join(SUCCESS_FILE).write_text(
-        json.dumps(
-            {
-                "model_uri": ref.uri,
-                "model_version": ref.version,
-                "input": source.uri,
-                "images": summary.images,
-                "errors": summary.errors,
-                "ignored_files": [source.uri_of(p) for p in listing.ignored],
-                "unlisted": [{"path": source.uri_of(p), "reason": why} for p, why in listing.unlisted],
-                "ten_crop": ten_crop_views,
-                "seconds": round(summary.seconds, 1),
-            },
-            indent=1,
-        )
-        + "\n"
-    )
+        raise
+    _move_into_place(staging, output, overwrite)  # on a failure staging is kept whole, and the error names it
+    _delete(staging)
     return summary
+
+
+def _success_record(
+    ref: ModelRef, source: Location, listing: Listing, summary: InferenceSummary, ten_crop_views: bool
+) -> str:
+    record = {
+        "model_uri": ref.uri,
+        "model_version": ref.version,
+        "input": source.uri,
+        "images": summary.images,
+        "errors": summary.errors,
+        "ignored_files": [source.uri_of(p) for p in listing.ignored],
+        "unlisted": [{"path": source.uri_of(p), "reason": why} for p, why in listing.unlisted],
+        "ten_crop": ten_crop_views,
+        "seconds": round(summary.seconds, 1),
+    }
+    return json.dumps(record, indent=1) + "\n"
 
 
 def read_predictions(output: Location) -> pa.Table:
@@ -287,18 +301,71 @@ def _count(location: Location) -> tuple[int, int]:
 
 
 def _move_into_place(staging: Location, output: Location, overwrite: bool) -> None:
-    """Replace `output` with `staging`: a rename on local disk; object copies in S3 after the old output is gone."""
-    if _exists(output):
+    """Put the finished predictions in `staging` (SUCCESS_FILE included) at `output`, whole.
+
+    On any failure OutputNotReplaced says where the new predictions are (staging, kept) and what
+    is at `output`: locally the previous output, untouched; on S3 a partial output marked with
+    REPLACING_FILE, which a later --overwrite replaces.
+    """
+    replacing = _exists(output)
+    if replacing:
         if not overwrite:
-            raise InferenceError(f"output {output.uri} appeared while the job ran; nothing was replaced")
+            raise OutputNotReplaced(
+                f"output {output.uri} appeared while the job ran; nothing was replaced. The predictions are "
+                f"whole at {staging.uri}: move them yourself, or rerun with another --output"
+            )
         _check_ours(output)
-        _delete(output)
-    if output.is_local:
-        output.fs.create_dir(posixpath.dirname(output.path.rstrip("/")), recursive=True)
-        output.fs.move(staging.path, output.path)
-        return
-    for entry in _files(staging):
-        output.fs.copy_file(entry.path, output.path + entry.path[len(staging.path) :])
+    try:
+        if output.is_local:
+            _rename_into_place(staging, output, replacing)
+        else:
+            _copy_into_place(staging, output, replacing)
+    except (OSError, StorageError) as exc:
+        if output.is_local:
+            left = f"{output.uri} is as it was" if replacing else f"nothing was written at {output.uri}"
+        else:
+            left = f"{output.uri} is partial (marked {REPLACING_FILE}: --overwrite replaces it)"
+        raise OutputNotReplaced(
+            f"could not put the predictions at {output.uri} ({_first_line(exc)}): {left}. The new predictions "
+            f"are whole at {staging.uri}: move them there yourself, or rerun with --overwrite"
+        ) from exc
+
+
+def _rename_into_place(staging: Location, output: Location, replacing: bool) -> None:
+    """Local disk: the previous output renamed aside, the new one renamed in, then the old one deleted."""
+    fs = output.fs
+    fs.create_dir(posixpath.dirname(output.path.rstrip("/")), recursive=True)
+    aside = output.at(f"{output.path.rstrip('/')}.old-{uuid.uuid4().hex[:8]}")
+    if replacing:
+        fs.move(output.path, aside.path)
+    try:
+        fs.move(staging.path, output.path)
+    except OSError:
+        if replacing:
+            fs.move(aside.path, output.path)
+        raise
+    if replacing:
+        _delete(aside)
+
+
+def _copy_into_place(staging: Location, output: Location, replacing: bool) -> None:
+    """S3: the output marked REPLACING_FILE, the old objects deleted (their SUCCESS_FILE first), the new
+    ones copied (theirs last), the mark removed. Readers never see a SUCCESS_FILE over mixed objects."""
+    marker = output.join(REPLACING_FILE)
+    marker.write_text(json.dumps({"staging": staging.uri}) + "\n")
+    if replacing:
+        old = [e.path for e in _files(output) if e.path != marker.path]
+        for path in sorted(old, key=lambda p: not p.endswith(SUCCESS_FILE)):
+            output.fs.delete_file(path)
+    new = sorted((e.path for e in _files(staging)), key=lambda p: p.endswith(SUCCESS_FILE))
+    for path in new:
+        output.fs.copy_file(path, output.path + path[len(staging.path) :])
+    output.fs.delete_file(marker.path)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _delete(location: Location) -> None:

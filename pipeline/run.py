@@ -45,8 +45,9 @@ def resumed_config(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[TrainC
         )
     values = json.loads(record.read_text())
     log(f"resuming run {cfg.resume} (MLflow run {values['run_id']}) with its own config")
-    # Its own config, except where it is now: the --storage-path given (the run may have moved).
-    own = {**values["config"], "resume": cfg.resume, "storage_path": cfg.storage_path}
+    # Its own config, except where it is now: the --storage-path given (the run may have moved) and
+    # the credentials this shell sends (--forward-env).
+    own = {**values["config"], "resume": cfg.resume, "storage_path": cfg.storage_path, "forward_env": cfg.forward_env}
     return TrainConfig.from_dict(own), values
 
 

@@ -23,6 +23,23 @@ ATTEMPT_IDS_KEPT = 500  # the newest attempts' ids in the run's attempt_ids tag 
 UNREACHABLE = (MlflowException, OSError)
 
 
+def _why_unsent(uri: str, exc: BaseException) -> str:
+    """What this worker says when it cannot log: the server is away, or refuses this node's login."""
+    text = str(getattr(exc, "message", exc))
+    if "error code 401" in text or "error code 403" in text:
+        code = 401 if "error code 401" in text else 403
+        return (
+            f"MLflow at {redact(uri)} refuses this node's login (HTTP {code}): a cluster's workers log in with "
+            "their node's MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials); set "
+            "them there, or start the job with --forward-env MLFLOW_TRACKING_USERNAME,MLFLOW_TRACKING_PASSWORD. "
+            "Training goes on, metrics are kept and the driver sends them at the end"
+        )
+    return (
+        f"MLflow at {redact(uri)} is unreachable ({type(exc).__name__}); training goes on, "
+        "metrics are kept and sent when it is back"
+    )
+
+
 def redact(uri: str) -> str:
     """The URI without user:password@ (what logs, run records and summaries show)."""
     parts = urllib.parse.urlsplit(uri)
@@ -87,10 +104,7 @@ class RunLogger:
                 item["late"] = True
             if self.unreachable_since is None:
                 self.unreachable_since = time.time()
-                self.say(
-                    f"MLflow at {redact(self.uri)} is unreachable ({type(exc).__name__}); training goes on, "
-                    "metrics are kept and sent when it is back"
-                )
+                self.say(_why_unsent(self.uri, exc))
             return len(self.queue)
         if self.unreachable_since is not None:
             self.say(f"MLflow is back after {time.time() - self.unreachable_since:.0f}s; delayed metrics sent")

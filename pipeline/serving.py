@@ -3,6 +3,9 @@
     resolve(spec)   driver, once    → ModelRef: a registered version (an alias is resolved here to its
                                       version, so every actor of a job loads the same one) or a
                                       checkpoint directory, with what serving needs to know of it
+    ship(ref)       driver, once    → the version's files downloaded here and put in Ray's object
+                                      store: actors need no MLflow login, and the server sends the
+                                      model once per job, not once per actor
     Predictor(ref)  model actor     → softmax probabilities (n, views, classes) of each batch of test
                                       views, handed to a function that says what to keep of them
 
@@ -26,6 +29,7 @@ from typing import Any
 import mlflow.artifacts
 import mlflow.pytorch
 import numpy as np
+import ray
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -57,7 +61,8 @@ class ModelRef:
     name: str | None = None  # the registered model's name
     version: str | None = None  # the registered version the URI resolved to
     image_size: int = 0  # the short side images were resized to before cropping (the stored squares' side)
-    artifacts: str | None = None  # where that version's files are: what model actors download
+    artifacts: str | None = None  # where that version's files are in MLflow
+    files: Any = None  # after ship(): an object ref to {relative path: bytes} of those files
 
     @property
     def version_uri(self) -> str:
@@ -173,13 +178,28 @@ def _default_size(crop: int) -> int:
     return round(crop * 256 / 224)
 
 
+def ship(ref: ModelRef) -> ModelRef:
+    """`ref` with its registered version's files in Ray's object store (a checkpoint is read where it is)."""
+    if not ref.version:
+        return ref
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(_download(ref.artifacts, ref.tracking_uri, tmp))
+        files = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return dataclasses.replace(ref, files=ray.put(files))
+
+
 def load(ref: ModelRef) -> torch.nn.Module:
     """uint8 NHWC crops → logits: the registered program, or a checkpoint wrapped as it would be registered."""
     if ref.version:
         # Into a directory of our own, deleted after loading: MLflow's default is a fresh temporary
         # directory it never deletes (the model's size in /tmp, per actor, per job).
         with tempfile.TemporaryDirectory() as tmp, _no_pickle():
-            return mlflow.pytorch.load_model(_download(ref.artifacts, ref.tracking_uri, tmp))
+            if ref.files is None:
+                return mlflow.pytorch.load_model(_download(ref.artifacts, ref.tracking_uri, tmp))
+            for rel, data in ray.get(ref.files).items():
+                (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
+                (Path(tmp) / rel).write_bytes(data)
+            return mlflow.pytorch.load_model(tmp)
     net, _ = checkpoint.load_model(ref.uri)
     mean, std = ref.normalization
     return ImageClassifier(net, mean, std).eval()

@@ -3,7 +3,8 @@
 S3 and S3-compatible stores are configured the usual AWS way: ``AWS_ENDPOINT_URL`` (MinIO, Ceph,
 moto, ...), ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` or an
 instance profile, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``. A ``Location`` pickles with its
-filesystem, so Ray tasks on other nodes reach the same store with the driver's settings.
+filesystem's endpoint and region, never with credentials: every process that uses it finds its
+own (see ``s3_filesystem``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class Location:
 
     @property
     def is_local(self) -> bool:
-        return isinstance(self.fs, pafs.LocalFileSystem)
+        return self.fs.type_name == "local"
 
     def join(self, *parts: str) -> Location:
         rel = posixpath.join(*parts)
@@ -178,23 +179,18 @@ def locate(uri: str | os.PathLike) -> Location:
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
-    """S3 as the driver's AWS variables describe it, spelled out so that it pickles whole.
+    """S3 where the driver's AWS variables say it is (endpoint, region), with no credentials in it.
 
-    Ray tasks on other nodes (or in worker processes started before the variables were set)
-    unpickle this and reach the same endpoint with the same credentials. Without keys in the
-    environment each node uses its own credential chain (instance profile, ~/.aws).
+    Pickled to Ray tasks on other nodes it carries the endpoint and region only: each process finds
+    its credentials where it runs, by the AWS chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
+    AWS_SESSION_TOKEN, AWS_PROFILE and ~/.aws, web identity (IRSA), the instance profile), which
+    also renews expiring session credentials. Keys are never frozen into a pickled filesystem.
     """
     env = os.environ.get
     options = {
         "endpoint_override": env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL"),
         "region": env("AWS_REGION") or env("AWS_DEFAULT_REGION"),
     }
-    if env("AWS_ACCESS_KEY_ID") and env("AWS_SECRET_ACCESS_KEY"):
-        options.update(
-            access_key=env("AWS_ACCESS_KEY_ID"),
-            secret_key=env("AWS_SECRET_ACCESS_KEY"),
-            session_token=env("AWS_SESSION_TOKEN"),
-        )
     return pafs.S3FileSystem(**{k: v for k, v in options.items() if v})
 
 

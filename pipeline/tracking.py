@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,20 @@ from pipeline.errors import InputError
 from pipeline.mlflow_server import healthy
 from pipeline.run_logger import RunLogger, redact
 
-# What reaches the train workers through the runtime env (they may run on other nodes): where
-# MLflow is, how to authenticate to it, and how to reach S3. Values never go into params or tags.
-FORWARDED_ENV = (
-    "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_CLIENT_CERT_PATH",
-    "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+# Where MLflow and S3 are, never who the job is: sent to every worker, on every node, through the
+# job's runtime env.
+SETTINGS_ENV = (
+    "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
+    "MLFLOW_TRACKING_CLIENT_CERT_PATH", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION", "AWS_DEFAULT_REGION",
+)  # fmt: skip
+# Who the job is. Ray keeps a job's runtime env in its job table, readable by whoever holds the
+# cluster's token, so these reach the workers only when the user names them (--forward-env). A
+# local Ray the job starts inherits them from the job's own process; a cluster's nodes use their
+# own (an instance profile or IRSA for S3; ~/.mlflow/credentials or a Kubernetes Secret for MLflow).
+CREDENTIALS_ENV = (
+    "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
 )  # fmt: skip
 
 
@@ -83,16 +91,34 @@ def check_server(uri: str) -> None:
         raise TrackingError(f"the MLflow tracking server at {shown} refused a request: {exc.message}") from exc
 
 
-def worker_env(tracking_uri: str) -> dict[str, str]:
-    """Variables the train workers need, minus those a `ray job submit` runtime env already sets.
-
-    (Ray refuses a driver runtime env that repeats a key of the job's.)
-    """
-    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    env["MLFLOW_TRACKING_URI"] = tracking_uri
+def worker_env(tracking_uri: str | None, forward: Sequence[str] = ()) -> dict[str, str]:
+    """What the job's workers get through its runtime env: the settings (SETTINGS_ENV, the tracking
+    URI without a password in it) and the variables named in `forward`, minus those a `ray job
+    submit` runtime env already sets (Ray refuses a driver runtime env that repeats a key of the job's)."""
+    unset = [name for name in forward if name not in os.environ]
+    if unset:
+        raise InputError(f"--forward-env names {', '.join(unset)}, which this environment does not set")
+    env = {k: os.environ[k] for k in SETTINGS_ENV if os.environ.get(k)}
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    if "MLFLOW_TRACKING_URI" in env and "MLFLOW_TRACKING_URI" not in forward:
+        env["MLFLOW_TRACKING_URI"] = redact(env["MLFLOW_TRACKING_URI"])  # http://user:password@… is a credential
+    env.update({name: os.environ[name] for name in forward})
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
     taken = set((job.get("runtime_env") or {}).get("env_vars") or {})
     return {k: v for k, v in env.items() if k not in taken}
+
+
+def credentials_note(forward: Sequence[str] = ()) -> str | None:
+    """What a job that joined a cluster says about the credentials it holds and did not send."""
+    held = [name for name in CREDENTIALS_ENV if os.environ.get(name) and name not in forward]
+    if not held:
+        return None
+    return (
+        f"credentials not sent to the cluster's workers: {', '.join(held)} (Ray would keep them in its job "
+        "table); the workers use their nodes' own (an instance profile or IRSA for S3, ~/.mlflow/credentials "
+        f"or a Secret for MLflow), or send these with --forward-env {','.join(held)}"
+    )
 
 
 def git_commit() -> str:

@@ -55,7 +55,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
     data = load_data(cfg)  # fails fast, before Ray starts
     name = cfg.resume or run.new_name(cfg)
     uri = run.tracking_uri(cfg, record)  # an unreachable server fails here, before the cluster does anything
-    if connect_ray(cfg, log, tracking.worker_env(uri) if uri else None):  # else a local Ray sized for the plan
+    forward = cluster.env_names(cfg.forward_env)
+    if connect_ray(cfg, log, tracking.worker_env(uri, forward), tracking.credentials_note(forward)):
         check_resources(cfg, log)  # a plan that would wait forever is refused before anything starts
     data = data or _check_crop(cfg, open_dataset(str(sample_shards(cfg.sample_dir, log))))
     check_reachable(cfg, data.uri, ray.nodes(), ray.get_runtime_context().get_node_id())
@@ -114,7 +115,9 @@ def _register_best(spec: RunSpec, data: PreparedDataset, best: Location, summary
             )
 
 
-def connect_ray(cfg: TrainConfig, log: Callable[[str], None] = print, env: dict[str, str] | None = None) -> bool:
+def connect_ray(
+    cfg: TrainConfig, log: Callable[[str], None] = print, env: dict[str, str] | None = None, note: str | None = None
+) -> bool:
     """Join the cluster (RAY_ADDRESS or `ray start`) or start a local Ray sized for this config.
 
     A local Ray gets enough logical CPUs for the train workers plus `data_cpus` for Ray Data,
@@ -127,7 +130,7 @@ def connect_ray(cfg: TrainConfig, log: Callable[[str], None] = print, env: dict[
 
     # A local Ray also gets the custom resources the train workers ask for (e.g. mock_gpu).
     local_resources = {name: amount * cfg.workers for name, amount in cfg.resources_per_worker.items() if name != "CPU"}
-    return cluster.connect(log, env, local_cpus, local_resources)
+    return cluster.connect(log, env, local_cpus, local_resources, note)
 
 
 def check_reachable(cfg: TrainConfig, data_uri: str, nodes: list[dict[str, Any]], driver_node: str) -> None:

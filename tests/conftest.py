@@ -36,6 +36,24 @@ SECRET = "hunter2-do-not-log"  # the MLflow password every job of the session lo
 # of the session (the jobs, Ray's workers, the registry CLI) logs in as its admin, as a team's would.
 os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = "alice", SECRET
 FC_WIDTH = 64  # fc6/fc7 width of the light AlexNet that plumbing tests train
+# The S3 server (moto, `s3_server`) and its credentials, set before any Ray starts: every Ray process
+# finds them in its own environment, as a cluster's nodes find theirs, and no job sends them.
+S3_KEY_ID, S3_SECRET = "AKIATESTSESSION", "s3-secret-do-not-send"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+S3_ENV = {
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}",
+    "AWS_ACCESS_KEY_ID": S3_KEY_ID,
+    "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+    "AWS_REGION": "us-east-1",
+}
+os.environ.update(S3_ENV)
 
 
 def light(**overrides):
@@ -185,38 +203,19 @@ def trained(ray_cluster, measured_shards, mlflow_server, tmp_path_factory):
 def s3_server():
     """A real S3-compatible HTTP server (moto) on 127.0.0.1, reached the way users reach theirs.
 
-    Sets the AWS variables for the session (endpoint, dummy credentials, region) and yields a
-    pyarrow S3FileSystem on it; stopped by its own handle at the end.
+    It listens where S3_ENV's AWS_ENDPOINT_URL says (a free port taken when the session began), and
+    yields a pyarrow S3FileSystem on it; stopped by its own handle at the end.
     """
     import logging
+    from urllib.parse import urlsplit
 
     import pyarrow.fs as pafs
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=urlsplit(S3_ENV["AWS_ENDPOINT_URL"]).port, verbose=False)
     server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        yield pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], allow_bucket_creation=True)
+        yield pafs.S3FileSystem(endpoint_override=S3_ENV["AWS_ENDPOINT_URL"], allow_bucket_creation=True)
     finally:
         server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

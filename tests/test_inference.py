@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
-from conftest import REGISTERED_MODEL, call_job, job_env, run_job
+from conftest import REGISTERED_MODEL, S3_ENV, S3_KEY_ID, S3_SECRET, SECRET, call_job, job_env, run_job
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -159,6 +164,16 @@ def test_the_job_reads_and_writes_s3_and_replaces_an_output_only_with_overwrite(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{len(image_files) - 2} images, {len(BROKEN)} with errors" in proc.stdout
     assert "ignoring 2 files without an image extension" in proc.stdout
+    # The job joined the session's cluster: its workers read S3 and MLflow with their own credentials,
+    # and Ray's job table (what the dashboard shows) holds where the services are, never who the job is.
+    assert "credentials not sent to the cluster's workers: MLFLOW_TRACKING_USERNAME" in proc.stdout
+    from ray.util.state import list_jobs
+
+    (job,) = [j for j in list_jobs(detail=True) if "s3://preds/run1/" in (j.entrypoint or "")]
+    assert job.runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == S3_ENV["AWS_ENDPOINT_URL"]
+    assert job.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == trained.tracking_uri
+    shown = json.dumps(dataclasses.asdict(job) if dataclasses.is_dataclass(job) else dict(job), default=str)
+    assert SECRET not in shown and S3_SECRET not in shown and S3_KEY_ID not in shown
     output = locate("s3://preds/run1")
     _check_rows(inference.read_predictions(output), "s3://photos/incoming", image_files, loaded, ref, False)
 
@@ -187,6 +202,24 @@ def test_an_alias_is_resolved_once_to_the_version_every_model_actor_loads(traine
         ref.wnids,
         ref.image_size,
     )
+
+
+@pytest.mark.slow
+def test_model_actors_load_the_files_the_driver_shipped_and_never_log_in_to_mlflow(ray_cluster, model):
+    ref, loaded = model
+    shipped = serving.ship(ref)
+    views = np.random.default_rng(0).integers(0, 255, (2, 1, ref.crop, ref.crop, 3), dtype=np.uint8)
+
+    # A worker whose node's MLflow login is wrong: it would get HTTP 401 from the server if it asked.
+    @ray.remote(runtime_env={"env_vars": {"MLFLOW_TRACKING_PASSWORD": "not-the-password"}})
+    def score(model_ref, batch):
+        return serving.Predictor(model_ref, lambda probs, _: probs.numpy())({"image": batch})
+
+    with torch.no_grad():
+        expected = torch.softmax(loaded(torch.from_numpy(views[:, 0])).float(), dim=1).numpy()
+    np.testing.assert_allclose(ray.get(score.remote(shipped, views))[:, 0], expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ray.exceptions.RayTaskError, match="401"):  # what it would do without ship()
+        ray.get(score.remote(ref, views))
 
 
 @pytest.mark.slow
@@ -250,6 +283,85 @@ def test_overwrite_replaces_only_predictions_and_never_touches_the_input(model, 
     assert refused.returncode == 2 and "replaces only predictions jobs/infer.py wrote" in refused.stderr
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
     assert {p: p.stat().st_size for p in image_dir.rglob("*")} == before, "the input tree is intact"
+
+
+class _Refusing:
+    """A real filesystem whose `operation` fails on its `at`-th call, as a store that stops answering."""
+
+    def __init__(self, fs: pafs.FileSystem, operation: str, at: int) -> None:
+        self.fs, self.operation, self.at, self.calls = fs, operation, at, 0
+
+    def __getattr__(self, name: str):
+        real = getattr(self.fs, name)
+        if name != self.operation:
+            return real
+
+        def refusing(*args, **kwargs):
+            self.calls += 1
+            if self.calls == self.at:
+                raise OSError(f"the store refused this {name} (call {self.calls})")
+            return real(*args, **kwargs)
+
+        return refusing
+
+
+def _finished(location, tag: str) -> None:
+    """A finished prediction output as `infer` leaves one: Parquet parts, then SUCCESS_FILE."""
+    location.fs.create_dir(location.path, recursive=True)
+    for part in range(3):
+        table = pa.table({"path": [f"{tag}/{part}/{i}.jpg" for i in range(4)], "error": [None, None, None, "bad"]})
+        with location.fs.open_output_stream(f"{location.path}/{tag}-part-{part}.parquet") as f:
+            pq.write_table(table, f)
+    location.join(inference.SUCCESS_FILE).write_text(f'{{"run": "{tag}"}}\n')
+
+
+def _contents(location) -> dict[str, bytes]:
+    """Every file under `location`: path relative to it → bytes."""
+    found = location.fs.get_file_info(pafs.FileSelector(location.path, recursive=True, allow_not_found=True))
+    return {
+        e.path[len(location.path) + 1 :]: location.at(e.path).read_bytes()
+        for e in found
+        if e.type == pafs.FileType.File
+    }
+
+
+@pytest.mark.parametrize(("operation", "at"), [("delete_file", 3), ("copy_file", 2), ("copy_file", 4)])
+def test_a_failed_s3_replacement_keeps_the_new_predictions_whole_where_the_error_says(s3_server, operation, at):
+    bucket = f"swap-{operation.replace('_', '-')}-{at}"
+    s3_server.create_dir(bucket)
+    output, staging = locate(f"s3://{bucket}/preds"), locate(f"s3://{bucket}/preds.tmp-0123abcd")
+    _finished(output, "old")
+    _finished(staging, "new")
+    new = _contents(staging)
+    refusing = dataclasses.replace(output, fs=_Refusing(output.fs, operation, at))
+    with pytest.raises(inference.OutputNotReplaced) as failed:
+        inference._move_into_place(staging, refusing, overwrite=True)
+    message = str(failed.value)
+    assert f"the store refused this {operation}" in message
+    assert f"whole at {staging.uri}" in message and f"marked {inference.REPLACING_FILE}" in message
+    assert _contents(staging) == new, "the new predictions survive, whole"
+    left = _contents(output)
+    assert inference.REPLACING_FILE in left and inference.SUCCESS_FILE not in left, "never a complete-looking mixture"
+
+    # The partial output is this job's: --overwrite replaces it, and the result is the new predictions alone.
+    inference.prepare_output(output, True, locate(f"s3://{bucket}/photos"))
+    inference._move_into_place(staging, output, overwrite=True)
+    assert _contents(output) == new
+
+
+def test_a_failed_local_replacement_leaves_the_previous_output_as_it_was(tmp_path):
+    output, staging = locate(tmp_path / "preds"), locate(tmp_path / "preds.tmp-0123abcd")
+    _finished(output, "old")
+    _finished(staging, "new")
+    old, new = _contents(output), _contents(staging)
+    refusing = dataclasses.replace(output, fs=_Refusing(output.fs, "move", 2))  # the old one aside, then the new one in
+    with pytest.raises(inference.OutputNotReplaced, match=f"{output.uri} is as it was. The new predictions are whole"):
+        inference._move_into_place(staging, refusing, overwrite=True)
+    assert _contents(output) == old and _contents(staging) == new
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preds", "preds.tmp-0123abcd"]
+
+    inference._move_into_place(staging, output, overwrite=True)
+    assert _contents(output) == new and sorted(p.name for p in tmp_path.iterdir()) == ["preds"]
 
 
 class _Payload(torch.nn.Module):

@@ -14,17 +14,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import REGISTERED_MODEL as MODEL
-from conftest import SECRET, call_job, job_env, run_job
+from conftest import S3_ENV, S3_SECRET, SECRET, call_job, job_env, run_job
 from mlflow import MlflowClient
 from PIL import Image
 
-from pipeline import checkpoint, config, registration, serving, tracking
+from pipeline import checkpoint, cluster, config, registration, serving, tracking
 from pipeline.data.shards import open_dataset
 from pipeline.data.stats import PUBLISHED
 from pipeline.data.transforms import eval_batch
+from pipeline.errors import InputError
 from pipeline.mlflow_server import MlflowServer, free_port, request_status
 from pipeline.model import AlexNet, ImageClassifier
 from pipeline.registry import Registry, RegistryError
+from pipeline.run_logger import RunLogger
 
 
 def registry_cli(uri: str, *args: str) -> subprocess.CompletedProcess:
@@ -265,13 +267,29 @@ def _settle_at(uri: str, name: str, versions: dict, error: float, start: threadi
     decisions[error] = registry.settle(name, versions[error], "if-better").alias
 
 
-def test_worker_env_carries_tracking_settings_but_not_what_the_job_already_sets(monkeypatch):
+def test_workers_get_where_mlflow_and_s3_are_and_credentials_only_where_named(monkeypatch):
+    # The session's shell holds MLflow and AWS credentials (conftest), as a user's does.
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "t0ken")
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": {"AWS_REGION": "x"}}}))
-    env = tracking.worker_env("http://10.0.0.5:5000")
-    assert env["MLFLOW_TRACKING_URI"] == "http://10.0.0.5:5000" and env["MLFLOW_TRACKING_TOKEN"] == "t0ken"
+    env = tracking.worker_env("https://bob:pw@10.0.0.5:5000")
+    assert env["MLFLOW_TRACKING_URI"] == "https://10.0.0.5:5000"  # a password in the URI is a credential too
+    assert env["AWS_ENDPOINT_URL"] == S3_ENV["AWS_ENDPOINT_URL"]
+    assert not set(env) & set(tracking.CREDENTIALS_ENV), env
+    assert SECRET not in json.dumps(env) and S3_SECRET not in json.dumps(env)
     assert "AWS_REGION" not in env  # Ray refuses a driver runtime env repeating a key of the job's
+    note = tracking.credentials_note()
+    assert "MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY" in note
+    assert SECRET not in note and "--forward-env" in note
+
+    named = cluster.env_names(" MLFLOW_TRACKING_USERNAME,MLFLOW_TRACKING_PASSWORD ,")
+    env = tracking.worker_env("https://10.0.0.5:5000", named)
+    assert (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]) == ("alice", SECRET)
+    assert "AWS_SECRET_ACCESS_KEY" not in env and "MLFLOW_TRACKING_PASSWORD" not in tracking.credentials_note(named)
+    with pytest.raises(InputError, match="names NOT_SET_HERE, which this environment does not set"):
+        tracking.worker_env(None, ("NOT_SET_HERE",))
+    with pytest.raises(InputError, match="'B=1' is not the name of an environment variable"):
+        cluster.env_names("A,B=1")
     assert tracking.redact("https://bob:pw@mlflow.example.com:443/x") == "https://mlflow.example.com:443/x"
 
 
@@ -325,6 +343,24 @@ def test_the_session_server_asks_every_request_to_log_in(trained, mlflow_server,
     assert request_status(api, "alice", "not-the-password") == 401
     assert request_status(api, "alice", SECRET) == 200
     assert request_status(f"{url}/health") == 200  # load balancers' checks need no login
+
+    # A train worker whose node logs in with a password the server does not know: it says so and what
+    # to do, keeps the epoch, and sends it once the login works.
+    client = MlflowClient(url)
+    run_id = client.create_run(client.create_experiment("refused-login")).info.run_id
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # what RunLogger sets in a train worker
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
+    said: list[str] = []
+    logger = RunLogger(run_id, url, said.append)
+    logger.log_epoch(1, {"val_top1_error": 0.5})
+    assert len(said) == 1 and "refuses this node's login (HTTP 401)" in said[0], said
+    assert "--forward-env MLFLOW_TRACKING_USERNAME,MLFLOW_TRACKING_PASSWORD" in said[0]
+    assert [item["step"] for item in logger.pending()] == [1]
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
+    assert logger.flush() == 0
+    assert [m.step for m in client.get_metric_history(run_id, "val_top1_error")] == [1]
+
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
     refused = registry_cli(url, "list")
     assert refused.returncode == 2 and "MLFLOW_TRACKING_PASSWORD" in refused.stderr, refused.stderr[-2000:]

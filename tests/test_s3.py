@@ -3,17 +3,21 @@
 Training with its checkpoints in S3: tests/test_training.py."""
 
 import json
+import pickle
 
 import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+import ray
+from conftest import S3_KEY_ID, S3_SECRET
 
 from pipeline import ingest
 from pipeline.data import shards
 from pipeline.data.stats import compute_stats
 from pipeline.errors import InputError
 from pipeline.prepare import prepare
+from pipeline.storage import locate
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +84,19 @@ def test_prepare_again_on_finished_s3_output_writes_nothing(s3_prepared, s3_serv
 def test_missing_buckets_fail_with_a_message_before_any_cluster_work(s3_server, source, out, message):
     with pytest.raises(InputError, match=message):
         prepare(source, out)
+
+
+def test_an_s3_location_travels_without_credentials_and_finds_them_where_it_runs(ray_cluster, s3_server):
+    s3_server.create_dir("travels")
+    with s3_server.open_output_stream("travels/notes/hello.txt") as f:
+        f.write(b"hello")
+    notes = locate("s3://travels/notes")
+    sent = pickle.dumps(notes)  # what a Ray task gets: the endpoint and region, never the keys
+    assert S3_SECRET.encode() not in sent and S3_KEY_ID.encode() not in sent
+    assert b"127.0.0.1" in sent
+
+    @ray.remote
+    def read(location):  # another process, on whatever node: its own credentials, by the AWS chain
+        return location.join("hello.txt").read_text()
+
+    assert ray.get(read.remote(notes)) == "hello"
