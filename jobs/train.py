@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             open_dataset(cfg.data)  # (train() checks the data again, fully)
         # Imported once the flags and the data are good: --help and a bad flag answer at once too.
         from pipeline.metrics import format_duration
-        from pipeline.training import train
+        from pipeline.training import per_epoch, train
 
         summary = train(cfg)
     except InputError as exc:  # bad input: a message, not a traceback
@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"  MLflow outage     {summary.delayed_epochs} epoch(s) of metrics were sent late; none lost")
     if summary.restarts:
         lines.append(f"  restarts          {summary.restarts} (resumed from checkpoints)")
+    if len(set(summary.world_sizes)) > 1 or cfg.elastic:
+        batches = set(summary.global_batches)
+        batch = f"{batches.pop()} throughout" if len(batches) == 1 else per_epoch(summary.global_batches)
+        lines.append(f"  train workers     {per_epoch(summary.world_sizes)}; global batch {batch}")
     print("\n".join(lines))
     return 0
 

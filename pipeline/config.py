@@ -63,7 +63,16 @@ class TrainConfig:
     dropout: float = option(0.5, "dropout before fc6 and fc7")
     fc_width: int = option(4096, "width of fc6 and fc7 (the paper: 4096); narrower for experiments and tests")
     clip_grad_norm: float = option(0.0, "clip the global gradient norm to this; 0: off (the paper does not clip)")
-    workers: int = option(1, "Ray Train workers (DDP ranks)")
+    workers: int = option(
+        1,
+        "Ray Train workers (DDP ranks): N, or MIN:MAX to train elastically (starts once MIN can be placed, "
+        "shrinks when workers or nodes are lost, grows back to MAX; the global batch stays batch_size × MAX)",
+    )
+    min_workers: int = option(0, "the fewest workers an elastic run trains with (--workers MIN:MAX); 0: fixed")
+    resize_interval: float = option(
+        60.0,
+        "seconds between an elastic run's looks for room for more workers (growing restarts them from the latest checkpoint)",
+    )
     gpu: bool = option(False, "one GPU per worker")
     compile: bool = option(False, "torch.compile the model (worth it on GPUs; slow to start on CPUs)")
     cpus_per_worker: float = option(1.0, "CPUs each train worker reserves; the rest of the cluster decodes")
@@ -91,6 +100,10 @@ class TrainConfig:
     )
     keep_checkpoints: int = option(2, "best checkpoints kept (by val top-1 error), besides the latest")
     checkpoint_every_steps: int = option(0, "also checkpoint every N training steps, mid-epoch; 0: at epoch ends only")
+    preemption_check_steps: int = option(
+        20,
+        "steps between asks whether a node of the run announced its preemption (spot): then a checkpoint at once; 0: never",
+    )
     max_failures: int = option(
         3, "worker-group restarts from the latest checkpoint before the run stops (0: stop at the first; -1: no limit)"
     )
@@ -113,10 +126,16 @@ class TrainConfig:
             (self.lr_drops >= 0, f"lr_drops must be >= 0, got {self.lr_drops}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0 (0: no warmup), got {self.warmup_epochs}"),
             (self.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0 (0: at epoch ends only)"),
+            (self.preemption_check_steps >= 0, "preemption_check_steps must be >= 0 (0: never)"),
+            (self.resize_interval >= 0, f"resize_interval must be >= 0, got {self.resize_interval}"),
             (self.crop >= 63, f"crop must be at least 63 pixels (AlexNet's smallest input), got {self.crop}"),
             (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
             (self.workers >= 1, f"workers must be at least 1, got {self.workers}"),
+            (
+                0 <= self.min_workers <= self.workers,
+                f"--workers MIN:MAX needs 1 <= MIN <= MAX, got {self.min_workers}:{self.workers}",
+            ),
             (self.lr > 0 and self.lr_batch > 0, "lr and lr_batch must be positive"),
             (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
             (self.fc_width >= 1, f"fc_width must be at least 1, got {self.fc_width}"),
@@ -145,13 +164,45 @@ class TrainConfig:
         return {"CPU": self.cpus_per_worker, **parse_resources(self.worker_resources)}
 
     @property
+    def elastic(self) -> bool:
+        return 0 < self.min_workers < self.workers
+
+    @property
+    def worker_count(self) -> int | tuple[int, int]:
+        """ScalingConfig's num_workers: N, or (MIN, MAX) for an elastic run."""
+        return (self.min_workers, self.workers) if self.elastic else self.workers
+
+    @property
+    def workers_shown(self) -> str:
+        """ "4 worker(s)", or "1..4 workers (elastic)"."""
+        return f"{self.min_workers}..{self.workers} workers (elastic)" if self.elastic else f"{self.workers} worker(s)"
+
+    @property
     def global_batch(self) -> int:
+        """The configured global batch: batch_size on each of the (most) workers."""
         return self.batch_size * self.workers
 
     @property
     def scaled_lr(self) -> float:
         """The paper's lr scaled linearly with the global batch (Goyal et al.)."""
-        return self.lr * self.global_batch / self.lr_batch
+        return self.lr_at(self.workers)
+
+    def accumulation(self, world: int) -> int:
+        """Micro-batches per optimizer step on `world` workers: the global batch stays batch_size ×
+        workers, or the nearest that `world` allows (between two equally near, the larger)."""
+        if not 1 <= world <= self.workers:
+            raise ValueError(f"world size {world} is outside 1..{self.workers}")
+        low = self.workers // world
+        return min((low, low + 1), key=lambda k: (abs(world * k - self.workers), -k))
+
+    def global_batch_at(self, world: int) -> int:
+        """The global batch an optimizer step takes on `world` workers (with accumulation)."""
+        return self.batch_size * world * self.accumulation(world)
+
+    def lr_at(self, world: int) -> float:
+        """The lr that goes with `global_batch_at(world)`: the same as the configured one whenever the
+        global batch is exact, scaled linearly with it where it is only the nearest."""
+        return self.lr * self.global_batch_at(world) / self.lr_batch
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -232,12 +283,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--profile", default="sample", choices=PROFILE_NAMES, help="preset to start from (default: sample)"
     )
     for f in fields(TrainConfig):
-        if f.name == "profile":
+        if f.name in ("profile", "min_workers"):  # min_workers: --workers MIN:MAX
             continue
         flag = "--" + f.name.replace("_", "-")
         defaults = ", ".join(f"{p}: {_profile_value(p, f.name)!r}" for p in PROFILE_NAMES)
         help_text = f"{f.metadata['help'].replace('%', '%%')} [{defaults}]"
-        if f.type == "bool":
+        if f.name == "workers":
+            parser.add_argument(flag, dest=f.name, type=worker_range, default=None, metavar="N|MIN:MAX", help=help_text)
+        elif f.type == "bool":
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
@@ -245,8 +298,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def from_args(args: argparse.Namespace) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)} - {"profile"}
-    return resolve(args.profile, **{name: getattr(args, name) for name in names})
+    names = {f.name for f in fields(TrainConfig)} - {"profile", "min_workers", "workers"}
+    values = {name: getattr(args, name) for name in names}
+    if args.workers is not None:
+        values["min_workers"], values["workers"] = args.workers
+    return resolve(args.profile, **values)
+
+
+def worker_range(text: str) -> tuple[int, int]:
+    """--workers: "N" → (0, N), fixed; "MIN:MAX" → (MIN, MAX), elastic."""
+    low, sep, high = text.partition(":")
+    try:
+        values = (int(low), int(high)) if sep else (0, int(low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not N or MIN:MAX (e.g. 8, or 2:8)") from None
+    if values[1] < 1 or (sep and not 1 <= values[0] <= values[1]):
+        raise argparse.ArgumentTypeError(f"{text!r}: need N >= 1, or 1 <= MIN <= MAX")
+    return values
 
 
 def _profile_value(profile: str, name: str) -> Any:

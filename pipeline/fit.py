@@ -57,7 +57,10 @@ def _fit(spec: RunSpec, data: PreparedDataset) -> tuple[Outcome, Location]:
     trainer = TorchTrainer(
         partial(train_loop_per_worker, spec),
         scaling_config=ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker=cfg.resources_per_worker
+            num_workers=cfg.worker_count,
+            use_gpu=cfg.gpu,
+            resources_per_worker=cfg.resources_per_worker,
+            elastic_resize_monitor_interval_s=cfg.resize_interval,
         ),
         run_config=RunConfig(
             name=spec.run_dir.name(),
@@ -68,7 +71,8 @@ def _fit(spec: RunSpec, data: PreparedDataset) -> tuple[Outcome, Location]:
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute=SCORE, checkpoint_score_order="min"
             ),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # A node's preemption (a drain, a spot reclaim) is not a failure: unlimited, apart from --max-failures.
+            failure_config=FailureConfig(max_failures=cfg.max_failures, max_preemption_failures=-1),
             logging_config=LoggingConfig(log_level="WARNING"),  # no line per report; epoch lines say it
         ),
         datasets={

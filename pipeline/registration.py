@@ -158,7 +158,7 @@ def _describe_version(
         f"val top-1 error {best['val_top1_error']:.4f}, top-5 error {best['val_top5_error']:.4f} (centre crop, "
         f"best epoch {best['epoch']} of {cfg.epochs}); dataset {data.uri} ({data.num_classes} classes, "
         f"{data.count('train'):,} train / {data.count('val'):,} val images, manifest {data.dataset_hash[:12]}); "
-        f"profile {cfg.profile}, global batch {cfg.global_batch}, {cfg.workers} worker(s)",
+        f"profile {cfg.profile}, global batch {cfg.global_batch}, {cfg.workers_shown}",
     )
     tags = {
         **provenance(cfg, data),

@@ -45,7 +45,9 @@ class Plan:
         per_worker = dict(cfg.resources_per_worker)
         if cfg.gpu:
             per_worker["GPU"] = 1.0
-        return cls(cfg.workers, {name: amount for name, amount in per_worker.items() if amount > 0})
+        # An elastic run starts once its fewest workers are placed: that is what must fit.
+        workers = cfg.min_workers if cfg.elastic else cfg.workers
+        return cls(workers, {name: amount for name, amount in per_worker.items() if amount > 0})
 
     def describe(self) -> str:
         return f"{self.workers} train worker{'s' if self.workers > 1 else ''} × {_bundle(self.per_worker)}"

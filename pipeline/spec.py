@@ -48,10 +48,13 @@ class Progress:
     val_errors: tuple[float, ...] = ()  # val top-1 error per finished epoch: the lr schedule's input
     best: dict[str, float] | None = None  # epoch, val_top1_error, val_top5_error of the best epoch so far
     partial_sums: tuple[float, ...] | None = None  # a mid-epoch checkpoint's sums over every rank so far
+    step_batch: int = 0  # the global batch of those step_in_epoch steps (the world size may change after)
+    world_sizes: tuple[int, ...] = ()  # train workers per finished epoch (the last they had, if it changed)
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["val_errors"] = list(self.val_errors)
+        values["world_sizes"] = list(self.world_sizes)
         if self.partial_sums is None:
             del values["partial_sums"]
         else:
@@ -68,6 +71,8 @@ class Progress:
             val_errors=tuple(values.get("val_errors", ())),
             best=values.get("best"),
             partial_sums=tuple(partial) if partial is not None else None,
+            step_batch=values.get("step_batch", 0),
+            world_sizes=tuple(values.get("world_sizes", ())),
         )
 
 
@@ -134,3 +139,4 @@ class Outcome:
     restarts: int | None  # None: not known (no tracking, or MLflow unreachable)
     unsent_metrics: list[dict[str, Any]]  # the server was away at the end: the driver sends these
     delayed_epochs: int  # epochs whose metrics reached MLflow late
+    world_sizes: tuple[int, ...] = ()  # train workers per epoch

@@ -154,7 +154,7 @@ def start_run(tracking_uri: str, cfg: TrainConfig, data: PreparedDataset, run_na
         "mlflow.runName": run_name,
         "mlflow.note.content": (
             f"AlexNet, profile {cfg.profile}: {cfg.epochs} epochs on {data.uri} ({data.num_classes} classes, "
-            f"{data.count('train'):,} training images), global batch {cfg.global_batch}, {cfg.workers} worker(s)"
+            f"{data.count('train'):,} training images), global batch {cfg.global_batch}, {cfg.workers_shown}"
         ),
         **provenance(cfg, data),
     }

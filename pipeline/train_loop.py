@@ -5,6 +5,10 @@ Per epoch: set the lr from the schedule, train over the worker's split of the tr
 validation stream, all-reduce the sums, then report metrics and a checkpoint to Ray Train and
 (rank 0 only) to MLflow. Nothing syncs the host with the device inside the step loop.
 
+The global batch does not depend on how many workers run: an elastic run (--workers MIN:MAX)
+with fewer than MAX accumulates gradients over `cfg.accumulation(world)` micro-batches per step
+(DDP all-reduces on the last only), so the lr, warmup and schedule stay the configured ones.
+
 Restarts: Ray Train hands a restarted worker group (or a `--resume`d job) the latest checkpoint.
 Its meta holds the epoch, the step within the epoch, the partial sums of a mid-epoch checkpoint
 and the validation history, so the schedule, the epoch's metrics and the MLflow steps continue
@@ -13,6 +17,7 @@ where they stopped; epochs already in the MLflow run are never logged twice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -61,13 +66,21 @@ def train_loop_per_worker(spec: RunSpec) -> Outcome:
     )  # fmt: skip
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     beat = Heartbeat(spec.watchdog, every=min(HEARTBEAT_EVERY_S, cfg.stall_warning / 4))
-    steps_per_epoch = spec.train_images // world // cfg.batch_size  # equal splits, full batches
+    accumulate, global_batch = cfg.accumulation(world), cfg.global_batch_at(world)
+    steps_per_epoch = spec.train_images // global_batch  # equal splits, full batches
+    if progress.step_in_epoch and progress.step_batch and progress.step_batch != global_batch:
+        # A mid-epoch checkpoint from another world size whose global batch differed: the same images done.
+        progress = replace(progress, step_in_epoch=progress.step_in_epoch * progress.step_batch // global_batch)
+    if cfg.elastic:
+        say(f"{world} train worker(s) of {cfg.min_workers}..{cfg.workers}: global batch {global_batch} "
+            f"({world} × {cfg.batch_size} × {accumulate} micro-batch(es) per step), lr {cfg.lr_at(world):.3g}",
+            flush=True)  # fmt: skip
 
     def save_mid_epoch(epoch: int, step_in_epoch: int, partial: torch.Tensor) -> None:
         """A checkpoint inside `epoch`: the epochs before it are done, `step_in_epoch` steps of it."""
         sums = tuple(_all_reduce(partial.clone()).tolist())  # every rank's share of the epoch so far
         state = replace(progress, step_in_epoch=step_in_epoch, global_step=progress.global_step + step_in_epoch,
-                        partial_sums=sums)  # fmt: skip
+                        partial_sums=sums, step_batch=global_batch)  # fmt: skip
         metrics = {
             "epoch": epoch - 1,
             "step_in_epoch": step_in_epoch,
@@ -75,21 +88,23 @@ def train_loop_per_worker(spec: RunSpec) -> Outcome:
         }  # kept as latest only
         report(spec, rank, model, optimizer, metrics, state, None, logger.pending())
 
+    preempted = PreemptionNotice(cfg.preemption_check_steps, say)
     epoch_seconds: list[float] = []
     for epoch in range(progress.epoch + 1, cfg.epochs + 1):
         torch.manual_seed(rank_seed(cfg.seed, rank, epoch))  # dropout: other masks on every rank and epoch
-        lr = _set_lr(optimizer, cfg, epoch, progress)
+        lr = _set_lr(optimizer, cfg, epoch, progress, world)
         warm = _warmup(optimizer, cfg.warmup_epochs, lr, epoch, steps_per_epoch)
         started = time.perf_counter()
         partial = progress.partial_sums if rank == 0 else None  # counted once, on rank 0
         train = run_train_epoch(
             model, optimizer, augment, train_shard, cfg, device, epoch, steps_per_epoch, progress.step_in_epoch,
-            partial, save_mid_epoch, warm, beat,
+            partial, save_mid_epoch, warm, beat, accumulate, preempted,
         )  # fmt: skip
         val = evaluate(model, augment, val_shard, cfg, device, beat)
         epoch_seconds.append(time.perf_counter() - started)
         lr = optimizer.param_groups[0]["lr"]  # the epoch's last step's (warmup ramps it within the epoch)
-        metrics = _epoch_metrics(epoch, lr, train, val, epoch_seconds[-1])
+        metrics = {**_epoch_metrics(epoch, lr, train, val, epoch_seconds[-1]), "world_size": world,
+                   "global_batch": global_batch}  # fmt: skip
         progress = _after_epoch(progress, metrics, steps_per_epoch)
         report(spec, rank, model, optimizer, metrics, progress, metrics, logger.pending())
         logger.log_epoch(epoch, metrics)
@@ -97,7 +112,7 @@ def train_loop_per_worker(spec: RunSpec) -> Outcome:
         say(_epoch_line(cfg.epochs, metrics, eta), flush=True)
     logger.flush()
     logger.close()
-    return Outcome(logger.restarts, logger.pending(), logger.delayed)
+    return Outcome(logger.restarts, logger.pending(), logger.delayed, progress.world_sizes)
 
 
 def rank_seed(seed: int, rank: int, epoch: int) -> int:
@@ -148,9 +163,9 @@ def _build(spec: RunSpec, device: torch.device, logger, say) -> tuple[torch.nn.M
     return model, optimizer, progress
 
 
-def _set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int, progress: Progress) -> float:
+def _set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int, progress: Progress, world: int) -> float:
     lr = schedules.learning_rate(
-        cfg.schedule, cfg.scaled_lr, epoch, progress.val_errors, patience=cfg.plateau_patience,
+        cfg.schedule, cfg.lr_at(world), epoch, progress.val_errors, patience=cfg.plateau_patience,
         max_drops=cfg.lr_drops, step_epochs=cfg.step_epochs, warmup_epochs=cfg.warmup_epochs,
     )  # fmt: skip
     for group in optimizer.param_groups:
@@ -199,6 +214,7 @@ def _after_epoch(progress: Progress, metrics: dict[str, float], steps_per_epoch:
         global_step=progress.global_step + steps_per_epoch,
         val_errors=(*progress.val_errors, metrics["val_top1_error"]),
         best=best,
+        world_sizes=(*progress.world_sizes, int(metrics["world_size"])),
     )
 
 
@@ -230,33 +246,45 @@ def run_train_epoch(
     save,
     warm=None,
     beat=None,
+    accumulate=1,
+    preempted=None,
 ) -> dict[str, float]:
-    """One epoch (or its rest, from step `resume_at`), checkpointing every cfg.checkpoint_every_steps;
-    `warm(step)`, when given, sets each step's lr (warmup); `beat()` is told of every batch."""
+    """One epoch (or its rest, from step `resume_at`), checkpointing every cfg.checkpoint_every_steps
+    and when `preempted(step)` says a node announced its preemption; `warm(step)`, when given, sets
+    each step's lr (warmup); `beat()` is told of every batch. A step takes `accumulate` batches
+    (micro-batches) on each worker."""
     model.train()
+    optimizer.zero_grad(set_to_none=True)  # nothing left over from a step an earlier epoch did not finish
     sums = torch.zeros(6, device=device, dtype=torch.float64)  # loss·n, top-1 correct, n, wait s, busy s, top-5
     if partial:
         sums[: len(partial)] += torch.tensor(partial, dtype=torch.float64, device=device)
     started, wait = time.perf_counter(), 0.0
     batches = ingest.torch_batches(shard, cfg.batch_size, pin_memory=device.type == "cuda", drop_last=True)
-    step = resume_at
+    step, micro = resume_at, 0
     for batch, waited in _timed(batches):
         if step >= steps_per_epoch:  # a resumed epoch ends where an uninterrupted one would
             break
         wait += waited
         if beat:
             beat()
-        if warm:
+        if warm and micro == 0:
             warm(step)
         labels = batch["label"].to(device, non_blocking=True)
-        loss, logits = train_step(model, optimizer, augment, batch["image"], labels, cfg.clip_grad_norm)
+        loss, logits = train_step(
+            model, optimizer, augment, batch["image"], labels, cfg.clip_grad_norm, micro=micro, accumulate=accumulate
+        )
         top1, top5 = topk_correct(logits.detach(), labels)
         sums[0] += loss.detach() * len(labels)  # device-side sums: no host sync per step
         sums[1] += top1
         sums[2] += len(labels)
         sums[5] += top5
+        micro = (micro + 1) % accumulate
+        if micro:
+            continue
         step += 1
-        if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step < steps_per_epoch:
+        notice = preempted(step) if preempted else False  # every rank asks at the same steps: a barrier
+        due = notice or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0)
+        if due and step < steps_per_epoch:  # at the epoch's end its own checkpoint follows at once
             sums[3] += wait
             sums[4] += time.perf_counter() - started
             save(epoch, step, sums)
@@ -277,19 +305,61 @@ def run_train_epoch(
     }
 
 
-def train_step(model, optimizer, augment, images: torch.Tensor, labels: torch.Tensor, clip_grad_norm: float = 0.0):
-    """One SGD step on a uint8 NHWC batch: to the device, augment and normalise there, forward
-    (bf16 autocast on CUDA), backward, optional clipping, update. Returns (loss, logits)."""
+class PreemptionNotice:
+    """Every `every` steps, asks Ray Train whether a node of this run announced its preemption (a
+    spot reclaim, a drain); True once per announcement, so that the caller checkpoints at once.
+
+    Every rank must call it at the same steps: Ray Train agrees on the answer across ranks. When
+    the node goes, Ray Train restarts from that checkpoint without counting it in --max-failures.
+    """
+
+    def __init__(self, every: int, say) -> None:
+        self.every, self.say = every, say
+        self.seen: set[tuple[str, ...]] = set()
+
+    def __call__(self, step: int) -> bool:
+        if not self.every or step % self.every:
+            return False
+        info = ray.train.get_preemption_info()
+        if info is None or tuple(info.preempted_node_ids) in self.seen:
+            return False
+        self.seen.add(tuple(info.preempted_node_ids))
+        left = f"{info.deadline_ms / 1000 - time.time():.0f} s left" if info.deadline_ms else "no deadline given"
+        nodes = ", ".join(info.preempted_node_ids)
+        self.say(f"node {nodes} announced its preemption (ranks {info.preempted_ranks}, {left}): checkpoint now",
+                 flush=True)  # fmt: skip
+        return True
+
+
+def train_step(
+    model,
+    optimizer,
+    augment,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    clip_grad_norm: float = 0.0,
+    micro: int = 0,
+    accumulate: int = 1,
+):
+    """Micro-batch `micro` of an SGD step of `accumulate` on a uint8 NHWC batch: to the device,
+    augment and normalise there, forward (bf16 autocast on CUDA), backward (its share of the step's
+    gradient); on the last micro-batch DDP all-reduces, then optional clipping and the update.
+    Returns (loss, logits) of this micro-batch."""
     device = labels.device
     images = augment(images.to(device, non_blocking=True), train=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    last = micro == accumulate - 1
+    in_step = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+    with in_step:  # DDP skips its all-reduce until the step's last micro-batch
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+        (loss / accumulate if accumulate > 1 else loss).backward()
+    if not last:
+        return loss, logits
     if clip_grad_norm:  # DDP has averaged the gradients: every rank clips alike
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     return loss, logits
 
 

@@ -47,6 +47,8 @@ class TrainSummary:
     promotion: str = ""  # why
     delayed_epochs: int = 0  # epochs whose metrics reached MLflow late (the server was unreachable)
     restarts: int | None = None
+    world_sizes: tuple[int, ...] = ()  # train workers per epoch
+    global_batches: tuple[int, ...] = ()  # the global batch per epoch
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
@@ -69,6 +71,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
         outcome, best = fit(spec, data, log)
         cluster.reenter_working_dir(cwd)
         summary.restarts = outcome.restarts
+        summary.world_sizes = outcome.world_sizes
+        summary.global_batches = tuple(cfg.global_batch_at(world) for world in outcome.world_sizes)
         summary.delayed_epochs = outcome.delayed_epochs + current.send_at_end(outcome.unsent_metrics, log)
         _register_best(spec, data, best, summary)
         status = "FINISHED"
@@ -194,3 +198,14 @@ def _check_crop(cfg: TrainConfig, data: PreparedDataset) -> PreparedDataset:
             f"pass --crop {min(data.image_size, 224)} or prepare shards with --size >= {cfg.crop}"
         )
     return data
+
+
+def per_epoch(values: tuple[int, ...]) -> str:
+    """A value per epoch, run-length: (2, 2, 1, 2, 2) → "2 (epochs 1-2), 1 (epoch 3), 2 (epochs 4-5)"."""
+    runs: list[tuple[int, int, int]] = []  # (value, first epoch, last epoch)
+    for epoch, value in enumerate(values, 1):
+        if runs and runs[-1][0] == value:
+            runs[-1] = (value, runs[-1][1], epoch)
+        else:
+            runs.append((value, epoch, epoch))
+    return ", ".join(f"{v} (epoch {a})" if a == b else f"{v} (epochs {a}-{b})" for v, a, b in runs)

@@ -53,6 +53,12 @@ def test_aws_yaml_validates_against_rays_autoscaler_schema():
 
     raw = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
     validate_config(prepare_config(copy.deepcopy(raw)))  # what `ray up` does before it launches anything
+    types = raw["available_node_types"]
+    # Spot GPUs beside on-demand ones, the same machine: an elastic run (--workers MIN:MAX) uses both.
+    assert types["gpu_spot"]["node_config"]["InstanceMarketOptions"] == {"MarketType": "spot"}
+    assert "InstanceMarketOptions" not in types["gpu"]["node_config"]
+    spot = {k: v for k, v in types["gpu_spot"]["node_config"].items() if k != "InstanceMarketOptions"}
+    assert spot == types["gpu"]["node_config"] and types["gpu_spot"]["resources"] == types["gpu"]["resources"]
 
     types = raw["available_node_types"]
     head = types[raw["head_node_type"]]
@@ -147,11 +153,17 @@ def test_kuberay_manifests_are_a_raycluster_with_autoscaling_and_a_rayjob_on_it(
     assert head["rayStartParams"]["num-cpus"] == "0"
     assert head["template"]["spec"]["containers"][0]["image"]
     groups = {group["groupName"]: group for group in spec["workerGroupSpecs"]}
-    assert set(groups) == {"cpu", "gpu"}
+    assert set(groups) == {"cpu", "gpu", "gpu-spot"}
     for group in groups.values():
         assert group["minReplicas"] == 0 and group["maxReplicas"] > 0 and group["template"]["spec"]["containers"]
-    gpu_limits = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert gpu_limits["nvidia.com/gpu"] == 1
+    for name in ("gpu", "gpu-spot"):
+        assert groups[name]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "spot" in json.dumps(groups["gpu-spot"]["template"]["spec"]["nodeSelector"]).lower()
+    # The job's --workers MIN:MAX: at least the on-demand GPUs, at most every GPU the groups may have.
+    low, high = map(int, re.search(r"--workers (\d+):(\d+)", job["spec"]["entrypoint"]).groups())
+    assert (
+        low <= groups["gpu"]["maxReplicas"] and high == groups["gpu"]["maxReplicas"] + groups["gpu-spot"]["maxReplicas"]
+    )
     assert "nvidia.com/gpu" not in groups["cpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     images = {c["image"] for g in [head, *groups.values()] for c in g["template"]["spec"]["containers"]}
     assert len(images) == 1, "every pod runs the same image"
@@ -273,6 +285,75 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class FakeMetadataService:
+    """EC2's instance metadata service (IMDSv2) as spot_notice.py reads it, on 127.0.0.1: a session
+    token, then `spot/instance-action` (404 until `announce` schedules the reclaim)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        service = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_PUT(self):
+                if self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
+                    return self._reply(200, b"a-session-token")
+                return self._reply(400, b"")
+
+            def do_GET(self):
+                if self.headers.get("X-aws-ec2-metadata-token") != "a-session-token":
+                    return self._reply(401, b"")
+                if self.path == "/latest/meta-data/spot/instance-action" and service.action:
+                    return self._reply(200, json.dumps(service.action).encode())
+                return self._reply(404, b"")
+
+            def _reply(self, code: int, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.action: dict | None = None
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def announce(self, action: str, seconds: int) -> float:
+        """EC2 schedules this instance's `action` in `seconds`; returns that moment (time.time())."""
+        when = time.time() + seconds
+        self.action = {"action": action, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))}
+        return when
+
+    def __enter__(self) -> FakeMetadataService:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_spot_notice_reads_ec2s_interruption_notice_and_the_seconds_left():
+    sys.path.insert(0, str(CLUSTER))
+    try:
+        import spot_notice
+    finally:
+        sys.path.remove(str(CLUSTER))
+    with FakeMetadataService() as imds:
+        assert spot_notice.spot_notice(imds.url) is None  # nothing scheduled: 404
+        imds.announce("terminate", seconds=120)
+        assert spot_notice.spot_notice(imds.url)["action"] == "terminate"
+    import datetime
+
+    now = datetime.datetime(2026, 11, 30, 12, 0, 0, tzinfo=datetime.UTC)
+    assert spot_notice.seconds_left("2026-11-30T12:02:00Z", now) == 120
+    assert spot_notice.seconds_left("2026-11-30T11:59:00Z", now) == 0
+
+
 class LocalCluster:
     """cluster/local.yaml's fake multi-node cluster with its autoscaler: `ray start --head --block`
     in a session of its own, as cluster/README.md starts it.
@@ -308,6 +389,12 @@ class LocalCluster:
         command += ["--autoscaling-config", str(CLUSTER / "local.yaml")]
         env = {
             **self.env,
+            # Ray Train watches for node drains (preemption notices) here, every second; a node
+            # that dies is known to be gone within about a second (the default takes ~15 s).
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1",
+            "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1",
+            "RAY_health_check_period_ms": "500",
+            "RAY_health_check_failure_threshold": "2",
             "RAY_JOB_STOP_WAIT_TIME_S": "30",
             "RAY_FAKE_CLUSTER": "1",
             "AUTOSCALER_UPDATE_INTERVAL_S": "1",
@@ -319,6 +406,20 @@ class LocalCluster:
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
+            # Job drivers run in sessions of their own: a job still running (a failed test) is stopped
+            # through the job server before the head goes, or its driver would outlive the cluster.
+            running = [
+                j["submission_id"] for j in self._get("/api/jobs/") or [] if j.get("status") in ("PENDING", "RUNNING")
+            ]
+            for job_id in running:
+                self._get(f"/api/jobs/{job_id}/stop", method="POST")
+            deadline = time.monotonic() + 40
+            while (
+                running
+                and time.monotonic() < deadline
+                and any(self.job_status(j) in ("PENDING", "RUNNING") for j in running)
+            ):
+                time.sleep(1)
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(5)
@@ -334,9 +435,10 @@ class LocalCluster:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def _get(self, path: str):
+    def _get(self, path: str, method: str = "GET"):
         token = (Path.home() / ".ray" / "auth_token").read_text().strip()
-        request = urllib.request.Request(self.dashboard + path, headers={"Authorization": f"Bearer {token}"})
+        headers = {"Authorization": f"Bearer {token}"}
+        request = urllib.request.Request(self.dashboard + path, headers=headers, method=method)
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 return json.loads(response.read())
@@ -355,6 +457,35 @@ class LocalCluster:
                 kind = "gpu" if node["resources_total"].get("mock_gpu") else "cpu"
                 counts[kind] = counts.get(kind, 0) + 1
         return counts
+
+    def job_logs(self, job_id: str) -> str:
+        return (self._get(f"/api/jobs/{job_id}/logs") or {}).get("logs", "")
+
+    def train_worker_nodes(self) -> list[str]:
+        """The ids of the nodes that hold a live Ray Train worker, sorted."""
+        reply = self._get("/api/v0/actors?limit=1000&detail=1") or {"data": {"result": {"result": []}}}
+        return sorted(
+            {
+                a["node_id"]
+                for a in reply["data"]["result"]["result"]
+                if a["state"] == "ALIVE" and a["class_name"] == "RayTrainWorker"
+            }
+        )
+
+    def kill_node(self, node_id: str) -> None:
+        """What a reclaimed spot instance does: every process of that fake node (raylet, workers) dies."""
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RAY_OVERRIDE_NODE_ID_FOR_TESTING={node_id}".encode() in environ:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def job_status(self, job_id: str) -> str:
         return (self._get(f"/api/jobs/{job_id}") or {}).get("status", "UNKNOWN")
@@ -380,12 +511,18 @@ def _epochs_printed(log: str) -> set[int]:
     return {int(n) for n in re.findall(r"epoch +(\d+)/\d+ +lr", log)}
 
 
-def _wait_for(predicate, what: str, timeout: float, cluster: LocalCluster | None = None) -> None:
+def _wait_for(predicate, what: str, timeout: float, cluster: LocalCluster | None = None, job: str = "") -> None:
+    """Until `predicate()`; on a timeout the failure says what it waited for (and `job`'s log so far)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if cluster is not None and not cluster.alive():
             pytest.fail(f"the fake cluster's head exited:\n{cluster.log_path.read_text()[-3000:]}")
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
+        if time.monotonic() > deadline:
+            lines = cluster.job_logs(job).splitlines() if cluster is not None and job else []
+            log = "\n".join(line for line in lines if "row/s]" not in line and "Dataset" not in line)[-8000:]
+            pytest.fail(
+                f"timed out after {timeout:.0f}s waiting for {what}" + (f"; {job}'s log:\n{log}" if job else "")
+            )
         time.sleep(1)
 
 
@@ -452,7 +589,7 @@ def fake_cluster(tmp_path_factory):  # a second Ray cluster: only slow tests use
 
 
 @pytest.mark.slow
-def test_a_submitted_job_scales_the_cluster_up_trains_registers_and_the_nodes_go_away(
+def test_a_submitted_elastic_job_scales_up_survives_a_spot_preemption_registers_and_the_nodes_go_away(
     fake_cluster, tiny_shards, mlflow_server, tmp_path
 ):
     cluster = fake_cluster
@@ -462,51 +599,95 @@ def test_a_submitted_job_scales_the_cluster_up_trains_registers_and_the_nodes_go
     compute_stats(str(data))
     storage = tmp_path / "runs"
     runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server.url}})
+    # 1 to 2 train workers (one per mock-GPU node), batch 4 each: a global batch of 8 whatever the
+    # world size, 12 steps per epoch. Ray 2.60 may count the reclaimed node's death as a failure
+    # (its workers are seen failing before the node's death is recorded as a preemption): one allowed.
     train = [
-        "python", "jobs/train.py", "--data", str(data), "--epochs", "1", "--batch-size", "4", "--fc-width", str(FC_WIDTH),
-        "--cpus-per-worker", "1", "--worker-resources", "mock_gpu=1", "--data-cpu-limit", "2",
-        "--normalize", "mean-image", "--stall-warning", "10",
-        "--storage-path", str(storage), "--experiment", "cluster", "--model-name", "alexnet-cluster",
+        "python", "jobs/train.py", "--data", str(data), "--epochs", "6", "--batch-size", "4", "--fc-width", str(FC_WIDTH),
+        "--workers", "1:2", "--cpus-per-worker", "1", "--worker-resources", "mock_gpu=1", "--data-cpu-limit", "2",
+        "--normalize", "mean-image", "--stall-warning", "10", "--resize-interval", "5", "--preemption-check-steps", "1",
+        "--max-failures", "1", "--storage-path", str(storage), "--experiment", "cluster", "--model-name", "alexnet-cluster",
     ]  # fmt: skip
     submit = ["job", "submit", "--address", cluster.dashboard, "--working-dir", ".", "--runtime-env-json", runtime_env]
 
     # 0. The head trains nothing, so local paths are refused in seconds, before any node is bought;
     # this cluster's "nodes" share this machine's disk, which --shared-storage says.
     refused = cluster.ray(*submit, "--submission-id", "refused", "--", *train, "--name", "refused")
-    assert cluster.job_status("refused") == "FAILED", refused.stdout[-3000:]
+    assert cluster.job_status("refused") == "FAILED", refused.stdout[-3000:] + refused.stderr[-3000:]
     assert "is a local path" in refused.stdout and "pass --shared-storage" in refused.stdout, refused.stdout[-3000:]
     assert cluster.worker_nodes() == {}
     train.append("--shared-storage")
 
-    # 1. Submitted: the head has no CPUs, so nothing runs until the autoscaler launches nodes: a
-    # mock-GPU node for the train worker, then a CPU node for the Ray Data tasks it has no room for.
+    # 1. Submitted: the head has no CPUs, so nothing runs until the autoscaler launches nodes: mock-GPU
+    # nodes for the train workers (it starts with the first, grows to two), a CPU node for Ray Data.
     first = cluster.ray(*submit, "--submission-id", "train-1", "--no-wait", "--", *train, "--name", "on-cluster")
     assert first.returncode == 0, first.stderr
     seen: dict[str, int] = {}
 
-    def finished() -> bool:
+    def ended_or_logged(text: str | None = None) -> bool:  # also counts the nodes seen of each type
         for kind, count in (cluster.worker_nodes() or {}).items():
             seen[kind] = max(seen.get(kind, 0), count)
-        return cluster.job_status("train-1") in ("SUCCEEDED", "FAILED", "STOPPED")
+        if cluster.job_status("train-1") in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return True
+        return text is not None and text in cluster.job_logs("train-1")
 
-    _wait_for(finished, "the job to finish", 420, cluster)
-    logs = cluster.ray("job", "logs", "--address", cluster.dashboard, "train-1").stdout
+    def training_on_two() -> bool:  # an epoch finished by two workers: the steps are flowing
+        logs = cluster.job_logs("train-1")
+        two = logs.find("2 train worker(s) of 1..2")
+        return ended_or_logged() or (two >= 0 and re.search(r"epoch +\d+/6 +lr", logs[two:]) is not None)
+
+    _wait_for(training_on_two, "an epoch on two train workers", 300, cluster, "train-1")
+    assert cluster.job_status("train-1") == "RUNNING", cluster.job_logs("train-1")[-4000:]
+
+    # 2. A spot reclaim: EC2's metadata service (a stand-in on 127.0.0.1) announces it for the node of a
+    # train worker, 10 s ahead; cluster/spot_notice.py, as aws.yaml runs it on spot nodes, drains the
+    # node (reason preemption); the run checkpoints at once; then the node dies.
+    node = cluster.train_worker_nodes()[-1]
+    with FakeMetadataService() as imds:
+        notice = subprocess.Popen(
+            [sys.executable, str(CLUSTER / "spot_notice.py"), "--metadata-url", imds.url, "--address",
+             cluster.gcs_address, "--node-id", node, "--interval", "1"],
+            env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            deadline = imds.announce("terminate", seconds=10)
+            out, _ = notice.communicate(timeout=60)
+        finally:
+            notice.kill()
+    assert notice.returncode == 0 and "EC2 will terminate this node in" in out, out
+    _wait_for(lambda: ended_or_logged("announced its preemption"), "the preemption checkpoint", 10, cluster, "train-1")
+    assert time.time() < deadline and cluster.job_status("train-1") == "RUNNING", cluster.job_logs("train-1")[-4000:]
+    time.sleep(max(0.0, deadline - time.time()) + 1)  # Ray Train stops the workers at the deadline ...
+    cluster.kill_node(node)  # ... and the instance goes
+
+    _wait_for(ended_or_logged, "the job to finish", 600, cluster, "train-1")
+    logs = cluster.job_logs("train-1")
     (tmp_path / "train-1.log").write_text(logs)
-    assert cluster.job_status("train-1") == "SUCCEEDED", logs[-3000:]
-    assert seen.get("gpu", 0) >= 1 and seen.get("cpu", 0) >= 1, seen
-    assert _epochs_printed(logs) == {1}, logs[-3000:]
+    assert cluster.job_status("train-1") == "SUCCEEDED", logs[-4000:]
+    assert seen.get("gpu", 0) >= 2 and seen.get("cpu", 0) >= 1, seen
+    assert _epochs_printed(logs) == {1, 2, 3, 4, 5, 6}, logs[-4000:]
     # While the nodes started, the watchdog said every 10 s (--stall-warning) what the run had and
     # waited for (which, depends on the moment: tests/test_resources.py checks each report), then that
     # batches arrived.
     assert "watchdog: no training batch yet" in logs and "in use (reserved): CPU" in logs, logs[-3000:]
     assert "training batches are arriving again" in logs, logs[-3000:]
+    assert "1 train worker(s) of 1..2: global batch 8 (1 × 4 × 2 micro-batch(es) per step)" in logs, logs[-4000:]
+    assert "resumed from epoch" in logs, logs[-4000:]  # the checkpoint taken on the notice, or a later one
+    assert re.search(r"train workers     .*; global batch 8 throughout", logs), logs[-3000:]
 
-    # 2. One MLflow run, finished, registered: the job's server came from the runtime env, not a param.
+    # 3. One MLflow run, finished, registered: every epoch once, at the same global batch, on two
+    # workers before the preemption and one after it; the job's server came from the runtime env.
     client = MlflowClient(mlflow_server.url)
     (run,) = client.search_runs([client.get_experiment_by_name("cluster").experiment_id])
     assert run.info.status == "FINISHED" and "MLFLOW_TRACKING_URI" not in json.dumps(run.data.params)
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1_error")] == [1]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1_error")] == [1, 2, 3, 4, 5, 6]
+    assert {m.value for m in client.get_metric_history(run.info.run_id, "global_batch")} == {8}
+    worlds = [
+        int(m.value) for m in sorted(client.get_metric_history(run.info.run_id, "world_size"), key=lambda m: m.step)
+    ]
+    assert 2 in worlds and 1 in worlds[worlds.index(2) :], worlds
+    assert int(run.data.tags["restarts"]) >= 1
     assert client.get_model_version_by_alias("alexnet-cluster", "champion").run_id == run.info.run_id
 
-    # 3. Idle: the autoscaler removes every worker node after the idle timeout (0.1 min).
+    # 4. Idle: the autoscaler removes every worker node after the idle timeout (0.1 min).
     _wait_for(lambda: cluster.worker_nodes() == {}, "the idle worker nodes to be removed", 120, cluster)

@@ -60,6 +60,7 @@ def test_flags_are_generated_from_fields_and_override_the_profile():
         ({"crop": 32}, "at least 63"),
         ({"init": "he"}, "init must be one of"),
         ({"workers": 0}, "workers"),
+        ({"workers": 2, "min_workers": 3}, "--workers MIN:MAX needs 1 <= MIN <= MAX, got 3:2"),
         ({"schedule": "cosine"}, "schedule must be one of \\('plateau', 'step', 'constant'\\)"),
         ({"normalize": "zca"}, "normalize must be one of \\('mean-std', 'mean-image'\\)"),
         ({"lr_drops": -1}, "lr_drops must be >= 0"),
@@ -97,7 +98,39 @@ def test_every_flag_says_what_it_is_for():
     assert (
         helps["fc_width"].startswith("width of fc6 and fc7 (the paper: 4096)") and "imagenet: 4096" in helps["fc_width"]
     )
-    assert len(helps) == len(dataclasses.fields(TrainConfig))
+    assert len(helps) == len(dataclasses.fields(TrainConfig)) - 1  # min_workers: --workers MIN:MAX
+    assert "MIN:MAX" in helps["workers"]
+
+
+def test_workers_min_max_trains_elastically_and_n_stays_fixed():
+    cfg = _parse("--profile", "imagenet", "--workers", "2:8")
+    assert (cfg.min_workers, cfg.workers, cfg.elastic, cfg.worker_count) == (2, 8, True, (2, 8))
+    assert cfg.global_batch == 1024 and cfg.workers_shown == "2..8 workers (elastic)"
+    fixed = _parse("--workers", "4")
+    assert (fixed.min_workers, fixed.workers, fixed.elastic, fixed.worker_count) == (0, 4, False, 4)
+    assert _parse("--workers", "3:3").worker_count == 3  # MIN = MAX: fixed
+    for bad in ("0:4", "4:2", "two", "1:", "0"):
+        with pytest.raises(SystemExit):
+            _parse("--workers", bad)
+
+
+def test_every_world_size_keeps_the_global_batch_or_takes_the_nearest_with_its_lr():
+    cfg = config.resolve("imagenet", workers=8, min_workers=1)  # batch 128 per worker, global 1024, lr 0.08
+    expected = {8: (1, 1024), 4: (2, 1024), 2: (4, 1024), 1: (8, 1024), 3: (3, 1152), 5: (2, 1280), 6: (1, 768),
+                7: (1, 896)}  # fmt: skip
+    for world, (micro_batches, batch) in expected.items():
+        assert (cfg.accumulation(world), cfg.global_batch_at(world)) == (micro_batches, batch), world
+        assert cfg.lr_at(world) == pytest.approx(0.01 * batch / 128), world
+    for most in range(1, 17):
+        cfg = config.resolve("sample", workers=most, min_workers=1, batch_size=32)
+        for world in range(1, most + 1):
+            k = cfg.accumulation(world)
+            assert abs(world * k - most) == min(abs(world * j - most) for j in range(1, most + 2)), (most, world)
+            if most % world == 0:  # whenever it can be exact, it is, and so is the lr
+                assert (cfg.global_batch_at(world), cfg.lr_at(world)) == (cfg.global_batch, cfg.scaled_lr)
+    assert config.resolve("sample", workers=3, min_workers=1).accumulation(2) == 2  # 4 or 2 for 3: the larger
+    with pytest.raises(ValueError, match="world size 9 is outside 1..8"):
+        config.resolve("imagenet", workers=8).accumulation(9)
 
 
 def test_train_workers_ask_for_custom_resources_such_as_a_mock_gpu():

@@ -169,7 +169,8 @@ def test_the_job_reads_and_writes_s3_and_replaces_an_output_only_with_overwrite(
     assert "credentials not sent to the cluster's workers: MLFLOW_TRACKING_USERNAME" in proc.stdout
     from ray.util.state import list_jobs
 
-    (job,) = [j for j in list_jobs(detail=True) if "s3://preds/run1/" in (j.entrypoint or "")]
+    jobs = list_jobs(address=ray_cluster.get_runtime_context().gcs_address, detail=True)
+    (job,) = [j for j in jobs if "s3://preds/run1/" in (j.entrypoint or "")]
     assert job.runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == S3_ENV["AWS_ENDPOINT_URL"]
     assert job.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == trained.tracking_uri
     shown = json.dumps(dataclasses.asdict(job) if dataclasses.is_dataclass(job) else dict(job), default=str)

@@ -250,6 +250,29 @@ def test_a_training_step_is_a_function_of_the_seed():
     assert loss_c != loss_a and not torch.equal(weights_a["features.0.weight"], weights_c["features.0.weight"])
 
 
+def test_accumulated_micro_batches_make_the_same_step_as_one_batch_of_their_size():
+    """What an elastic run with fewer workers does: k micro-batches, one update, the update of their union."""
+    images = torch.randint(0, 256, (8, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    cfg = light(dropout=0.0)
+
+    def step_in(chunks: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = AlexNet.from_config(4, cfg.to_dict()).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        augment = DeviceAugment(torch.device("cpu"), alpha_std=0.0, seed=0)
+        for micro, (x, y) in enumerate(zip(images.chunk(chunks), labels.chunk(chunks), strict=True)):
+            before = model.features[0].weight.detach().clone()
+            train_step(model, optimizer, augment, x, y, clip_grad_norm=5.0, micro=micro, accumulate=chunks)
+            updated = not torch.equal(before, model.features[0].weight)
+            assert updated == (micro == chunks - 1), "the weights move once, after the last micro-batch"
+        return model.state_dict()
+
+    whole, accumulated = step_in(1), step_in(4)
+    for name, value in whole.items():
+        torch.testing.assert_close(accumulated[name], value, rtol=1e-4, atol=1e-6)
+
+
 def test_dropout_differs_between_ranks_and_epochs_and_repeats_with_the_seed():
     """Every rank starts from the same weights (the seed alone), then draws its own dropout masks."""
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
