@@ -37,8 +37,9 @@ Bundle = dict[str, float]
 
 @dataclass(frozen=True)
 class Plan:
-    workers: int
+    workers: int  # what must be placed to start: the fixed count, or an elastic run's fewest
     per_worker: Bundle  # what each train worker reserves: CPU, GPU, custom resources
+    most: int = 0  # an elastic run's most workers (0: a fixed count)
 
     @classmethod
     def of(cls, cfg: TrainConfig) -> Plan:
@@ -46,11 +47,12 @@ class Plan:
         if cfg.gpu:
             per_worker["GPU"] = 1.0
         # An elastic run starts once its fewest workers are placed: that is what must fit.
-        workers = cfg.min_workers if cfg.elastic else cfg.workers
-        return cls(workers, {name: amount for name, amount in per_worker.items() if amount > 0})
+        workers, most = (cfg.min_workers, cfg.workers) if cfg.elastic else (cfg.workers, 0)
+        return cls(workers, {name: amount for name, amount in per_worker.items() if amount > 0}, most)
 
     def describe(self) -> str:
-        return f"{self.workers} train worker{'s' if self.workers > 1 else ''} × {_bundle(self.per_worker)}"
+        count = f"{self.workers} to {self.most}" if self.most else str(self.workers)
+        return f"{count} train worker{'s' if self.most or self.workers > 1 else ''} × {_bundle(self.per_worker)}"
 
 
 @dataclass(frozen=True)

@@ -125,3 +125,14 @@ def _wait_until(predicate, timeout: float = 30) -> None:
         if time.monotonic() > deadline:
             pytest.fail("timed out")
         time.sleep(0.1)
+
+
+def test_an_elastic_plan_must_place_its_fewest_workers_and_says_its_range():
+    cfg = resolve("sample", workers=4, min_workers=1, cpus_per_worker=1.0, worker_resources="mock_gpu=1")
+    plan = Plan.of(cfg)
+    assert (plan.workers, plan.most) == (1, 4)
+    assert plan.describe() == "1 to 4 train workers × {CPU: 1, mock_gpu: 1}"
+    # A fixed cluster with room for one such worker and Ray Data beside it: an elastic run starts there.
+    assert refusal(plan, fixed({"CPU": 2.0, "mock_gpu": 1.0})) is None
+    assert refusal(Plan.of(resolve("sample", workers=4, cpus_per_worker=1.0, worker_resources="mock_gpu=1")),
+                   fixed({"CPU": 2.0, "mock_gpu": 1.0})) is not None  # fmt: skip
