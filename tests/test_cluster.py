@@ -600,8 +600,8 @@ def test_a_submitted_elastic_job_scales_up_survives_a_spot_preemption_registers_
     storage = tmp_path / "runs"
     runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server.url}})
     # 1 to 2 train workers (one per mock-GPU node), batch 4 each: a global batch of 8 whatever the
-    # world size, 12 steps per epoch. Ray 2.60 may count the reclaimed node's death as a failure
-    # (its workers are seen failing before the node's death is recorded as a preemption): one allowed.
+    # world size, 12 steps per epoch. A node that dies before its announced deadline is a failure to
+    # Ray 2.60 (its workers stop answering before the death is recorded as a preemption): one allowed.
     train = [
         "python", "jobs/train.py", "--data", str(data), "--epochs", "6", "--batch-size", "4", "--fc-width", str(FC_WIDTH),
         "--workers", "1:2", "--cpus-per-worker", "1", "--worker-resources", "mock_gpu=1", "--data-cpu-limit", "2",
@@ -640,7 +640,7 @@ def test_a_submitted_elastic_job_scales_up_survives_a_spot_preemption_registers_
     assert cluster.job_status("train-1") == "RUNNING", cluster.job_logs("train-1")[-4000:]
 
     # 2. A spot reclaim: EC2's metadata service (a stand-in on 127.0.0.1) announces it for the node of a
-    # train worker, 10 s ahead; cluster/spot_notice.py, as aws.yaml runs it on spot nodes, drains the
+    # train worker, 30 s ahead; cluster/spot_notice.py, as aws.yaml runs it on spot nodes, drains the
     # node (reason preemption); the run checkpoints at once; then the node dies.
     node = cluster.train_worker_nodes()[-1]
     with FakeMetadataService() as imds:
@@ -650,22 +650,23 @@ def test_a_submitted_elastic_job_scales_up_survives_a_spot_preemption_registers_
             env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         try:
-            deadline = imds.announce("terminate", seconds=10)
+            deadline = imds.announce("terminate", seconds=30)
             out, _ = notice.communicate(timeout=60)
         finally:
             notice.kill()
     assert notice.returncode == 0 and "EC2 will terminate this node in" in out, out
-    _wait_for(lambda: ended_or_logged("announced its preemption"), "the preemption checkpoint", 10, cluster, "train-1")
+    # The workers see the notice at their next step (not while they wait for data or validate).
+    _wait_for(lambda: ended_or_logged("announced its preemption"), "the preemption checkpoint", 30, cluster, "train-1")
     assert time.time() < deadline and cluster.job_status("train-1") == "RUNNING", cluster.job_logs("train-1")[-4000:]
-    time.sleep(max(0.0, deadline - time.time()) + 1)  # Ray Train stops the workers at the deadline ...
-    cluster.kill_node(node)  # ... and the instance goes
+    time.sleep(3)  # the checkpoint reaches --storage-path ...
+    cluster.kill_node(node)  # ... and the instance goes (before its deadline: the test need not wait for it)
 
     _wait_for(ended_or_logged, "the job to finish", 600, cluster, "train-1")
     logs = cluster.job_logs("train-1")
     (tmp_path / "train-1.log").write_text(logs)
     assert cluster.job_status("train-1") == "SUCCEEDED", logs[-4000:]
     assert seen.get("gpu", 0) >= 2 and seen.get("cpu", 0) >= 1, seen
-    assert _epochs_printed(logs) == {1, 2, 3, 4, 5, 6}, logs[-4000:]
+    assert _epochs_printed(logs) == set(range(1, 7)), logs[-4000:]
     # While the nodes started, the watchdog said every 10 s (--stall-warning) what the run had and
     # waited for (which, depends on the moment: tests/test_resources.py checks each report), then that
     # batches arrived.
@@ -680,7 +681,7 @@ def test_a_submitted_elastic_job_scales_up_survives_a_spot_preemption_registers_
     client = MlflowClient(mlflow_server.url)
     (run,) = client.search_runs([client.get_experiment_by_name("cluster").experiment_id])
     assert run.info.status == "FINISHED" and "MLFLOW_TRACKING_URI" not in json.dumps(run.data.params)
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1_error")] == [1, 2, 3, 4, 5, 6]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1_error")] == list(range(1, 7))
     assert {m.value for m in client.get_metric_history(run.info.run_id, "global_batch")} == {8}
     worlds = [
         int(m.value) for m in sorted(client.get_metric_history(run.info.run_id, "world_size"), key=lambda m: m.step)
