@@ -23,11 +23,16 @@ ATTEMPT_IDS_KEPT = 500  # the newest attempts' ids in the run's attempt_ids tag 
 UNREACHABLE = (MlflowException, OSError)
 
 
+def login_refused(exc: BaseException) -> int | None:
+    """401 or 403 when MLflow's client failed because the server refused the login; else None."""
+    text = str(getattr(exc, "message", exc))
+    return next((code for code in (401, 403) if f"error code {code}" in text), None)
+
+
 def _why_unsent(uri: str, exc: BaseException) -> str:
     """What this worker says when it cannot log: the server is away, or refuses this node's login."""
-    text = str(getattr(exc, "message", exc))
-    if "error code 401" in text or "error code 403" in text:
-        code = 401 if "error code 401" in text else 403
+    code = login_refused(exc)
+    if code:
         return (
             f"MLflow at {redact(uri)} refuses this node's login (HTTP {code}): a cluster's workers log in with "
             "their node's MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials); set "

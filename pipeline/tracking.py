@@ -29,7 +29,7 @@ from pipeline.data.shards import STATS_FILE, PreparedDataset
 from pipeline.data.stats import ColourStats
 from pipeline.errors import InputError
 from pipeline.mlflow_server import healthy
-from pipeline.run_logger import RunLogger, redact
+from pipeline.run_logger import RunLogger, login_refused, redact
 
 # Where MLflow and S3 are, never who the job is: sent to every worker, on every node, through the
 # job's runtime env.
@@ -81,7 +81,7 @@ def check_server(uri: str) -> None:
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except MlflowException as exc:
-        if "error code 401" in exc.message:  # a server started with --auth
+        if login_refused(exc) == 401:  # a server started with --auth
             user = os.environ.get("MLFLOW_TRACKING_USERNAME")
             who = f"refuses user {user!r}" if user else "none was given"
             raise TrackingError(
