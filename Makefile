@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: train test test-fast lint mlflow install install-dev clean-sample
+.PHONY: train test test-fast lint mlflow gpu-check install install-dev clean-sample
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ test: $(DEV_STAMP)
 # Every test that needs no trained AlexNet and no Ray cluster of its own: the loop while working.
 test-fast: $(DEV_STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Every CUDA path checked and measured on this machine's GPU, in minutes (benchmarks/gpu_check.py);
+# without a GPU it says so. It needs torch, torchvision, numpy, pillow and pyarrow, not Ray or MLflow:
+# the venv's Python where there is one, else the machine's own (a bare PyTorch image, offline).
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) benchmarks/gpu_check.py $(ARGS)
 
 # Lint and formatting, checked (`ruff check --fix .` and `ruff format .` fix most of it).
 lint: $(DEV_STAMP)

@@ -1,7 +1,7 @@
 """Is the training pipeline as fast as the hardware? Three ways to feed the same shards, same cores.
 
-    python benchmarks/ingest.py                          # 4,000 images, 224-px crops, all cores, 4 epochs
-    python benchmarks/ingest.py --images 6000 --cpus 2 --epochs 4 --json /tmp/ingest.json
+    python benchmarks/ingest.py                          # 8,000 images, 224-px crops, all cores, 3 × 4 epochs
+    python benchmarks/ingest.py --images 8000 --cpus 2 --epochs 4 --repeats 5 --data /tmp/ingest --json /tmp/ingest.json
 
 Shards of 256×256 JPEGs prepared by the project's own prepare job from natural-looking photos
 (the sample's generator at ImageNet's photo size, ~375 px, with sensor noise), then, on --cpus cores:
@@ -14,9 +14,12 @@ Shards of 256×256 JPEGs prepared by the project's own prepare job from natural-
   torch_dataloader  a torch DataLoader over the same shards (rows in memory, shuffled), torchvision's
                     RandomCrop + RandomHorizontalFlip + PILToTensor, num_workers = --cpus,
                     persistent workers, the same batch size
-Several epochs each; the first is reported apart (start-up, warm-up), steady state is the mean
-of the others. `--json PATH` writes floor, ray_data and torch_dataloader (steady images/s) and
-their *_first_epoch figures.
+Each repetition runs all three, one after the other, in an order that rotates between repetitions
+(a slow minute of the machine then hits each of them); each run has --epochs epochs: the first is
+reported apart (start-up, warm-up), its steady state is the mean of the others. The table gives
+the median over the repetitions and the spread (lowest-highest); the ratios are taken within each
+repetition. `--json PATH` writes the medians (floor, ray_data, torch_dataloader and their
+*_first_epoch) and every repetition's figures.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ def make_shards(out: Path, images: int, shard_size: int, cpus: int) -> Path:
 # --- (b) the project's Ray Data pipeline into a Ray Train worker --------------------------------
 
 
-def _consume(config: dict) -> list[tuple[int, float]]:
+def _consume(config: dict) -> list[tuple[int, float, float]]:
+    """Per epoch: images, seconds, and seconds until its first batch arrived (the epoch's start-up)."""
     import ray.train
 
     from pipeline import ingest
@@ -68,12 +72,13 @@ def _consume(config: dict) -> list[tuple[int, float]]:
     shard = ray.train.get_dataset_shard("train")
     epochs = []
     for _ in range(config["epochs"]):
-        started, seen = time.perf_counter(), 0
+        started, seen, first = time.perf_counter(), 0, None
         for batch in ingest.torch_batches(shard, config["batch_size"], drop_last=True):
+            first = first or time.perf_counter() - started
             images = batch["image"]
             seen += int(images.shape[0])
             images[0, 0, 0, 0].item()  # touch it
-        epochs.append((seen, time.perf_counter() - started))
+        epochs.append((seen, time.perf_counter() - started, first or 0.0))
     return epochs
 
 
@@ -103,7 +108,9 @@ def ray_data(shards: Path, crop: int, cpus: int, epochs: int, batch_size: int) -
             result = trainer.fit()
     finally:
         ray.shutdown()
-    return [seen / seconds for seen, seconds in result.return_value]
+    starts = "  ".join(f"{first:5.2f}" for _, _, first in result.return_value)
+    print(f"      ray_data: seconds to each epoch's first batch  {starts}", flush=True)
+    return [seen / seconds for seen, seconds, _ in result.return_value]
 
 
 # --- (c) torch DataLoader ----------------------------------------------------------------------
@@ -151,46 +158,77 @@ def torch_dataloader(images: list[bytes], crop: int, cpus: int, epochs: int, bat
     return rates
 
 
+PIPELINES = ("floor", "ray_data", "torch_dataloader")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=4000, help="photos generated (about 91%% become train)")
+    parser.add_argument("--images", type=int, default=8000, help="photos generated (about 91%% become train)")
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="cores for each of the three (default: all)")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=4, help="per run; the first is reported apart")
+    parser.add_argument("--repeats", type=int, default=3, help="repetitions of the three runs, interleaved")
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--shard-size", type=int, default=256, help="images per shard (one Ray Data task each)")
     parser.add_argument("--data", help="keep the generated shards here and reuse them (default: a temp dir)")
-    parser.add_argument("--only", choices=("floor", "ray_data", "torch_dataloader"), action="append")
+    parser.add_argument("--only", choices=PIPELINES, action="append")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    if args.epochs < 2 or args.repeats < 1:
+        parser.error("--epochs must be at least 2 (the first is start-up) and --repeats at least 1")
 
+    names = [name for name in PIPELINES if name in (args.only or PIPELINES)]
+    first: dict[str, list[float]] = {name: [] for name in names}  # per repetition
+    steady: dict[str, list[float]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         shards = make_shards(Path(args.data or tmp), args.images, args.shard_size, args.cpus)
         images = load_images(shards)
         print(f"{len(images)} training images, {sum(map(len, images)) / len(images) / 1024:.0f} KiB average, "
-              f"{args.cpus} cores, {args.crop}-px crops, batch {args.batch_size}, {args.epochs} epochs", flush=True)  # fmt: skip
+              f"{args.cpus} cores, {args.crop}-px crops, batch {args.batch_size}, {args.epochs} epochs per run, "
+              f"{args.repeats} repetitions", flush=True)  # fmt: skip
         runs = {
             "floor": lambda: decode_floor(images, args.crop, args.cpus, args.epochs),
             "ray_data": lambda: ray_data(shards, args.crop, args.cpus, args.epochs, args.batch_size),
             "torch_dataloader": lambda: torch_dataloader(images, args.crop, args.cpus, args.epochs, args.batch_size),
         }
-        results: dict[str, float] = {}
-        for name in args.only or list(runs):
-            rates = runs[name]()
-            results[name] = float(np.mean(rates[1:])) if len(rates) > 1 else rates[0]
-            results[f"{name}_first_epoch"] = rates[0]
-            print(f"  {name:<17} " + "  ".join(f"{r:7.0f}" for r in rates) + " images/s per epoch", flush=True)
+        for repetition in range(args.repeats):
+            order = names[repetition % len(names) :] + names[: repetition % len(names)]
+            for name in order:
+                rates = runs[name]()
+                first[name].append(rates[0])
+                steady[name].append(float(np.mean(rates[1:])))
+                print(f"  {repetition + 1}/{args.repeats} {name:<17} " + "  ".join(f"{r:7.0f}" for r in rates)
+                      + " images/s per epoch", flush=True)  # fmt: skip
 
     print("\n| pipeline | first epoch, images/s | steady state, images/s | vs floor | vs DataLoader |")
     print("| --- | --- | --- | --- | --- |")
-    for name in ("floor", "ray_data", "torch_dataloader"):
-        if name in results:
-            vs_floor = f"{results[name] / results['floor']:.2f}×" if "floor" in results else "-"
-            vs_dl = f"{results[name] / results['torch_dataloader']:.2f}×" if "torch_dataloader" in results else "-"
-            print(f"| {name} | {results[name + '_first_epoch']:.0f} | {results[name]:.0f} | {vs_floor} | {vs_dl} |")
+    for name in names:
+        print(f"| {name} | {_median_spread(first[name])} | {_median_spread(steady[name])} | "
+              f"{_ratio(steady, name, 'floor')} | {_ratio(steady, name, 'torch_dataloader')} |")  # fmt: skip
+    if "ray_data" in steady and "torch_dataloader" in steady:
+        ahead = sum(r >= d for r, d in zip(steady["ray_data"], steady["torch_dataloader"], strict=True))
+        print(f"\nray_data at or above the DataLoader in {ahead} of {args.repeats} repetitions")
     if args.json:
+        results: dict = {name: float(np.median(steady[name])) for name in names}
+        results.update({f"{name}_first_epoch": float(np.median(first[name])) for name in names})
+        results["repetitions"] = {"steady": steady, "first_epoch": first}
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return 0
+
+
+def _median_spread(values: list[float], digits: int = 0, unit: str = "") -> str:
+    """ "2,500 (2,410-2,560)": the median and the lowest and highest of the repetitions."""
+    fmt = f",.{digits}f"
+    low, high = min(values), max(values)
+    spread = f" ({low:{fmt}}{unit}-{high:{fmt}}{unit})" if len(values) > 1 else ""
+    return f"{float(np.median(values)):{fmt}}{unit}{spread}"
+
+
+def _ratio(steady: dict[str, list[float]], name: str, base: str) -> str:
+    if base not in steady:
+        return "-"
+    ratios = [a / b for a, b in zip(steady[name], steady[base], strict=True)]
+    return _median_spread(ratios, digits=2, unit="×")
 
 
 if __name__ == "__main__":

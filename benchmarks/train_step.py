@@ -4,7 +4,7 @@
     python benchmarks/train_step.py --crop 224 --data /data/imagenet-shards   # on a GPU node: bf16, channels_last
     python benchmarks/train_step.py --json /tmp/train_step.json
 
-  synthetic   the project's training step (pipeline.train_loop.train_step: uint8 NHWC batch to
+  synthetic   the project's training step (pipeline.step.train_step: uint8 NHWC batch to
               the device, PCA lighting and normalisation there, forward, backward, fused SGD;
               bf16 autocast and channels_last on CUDA) on random uint8 batches already in memory:
               what the model costs alone
@@ -38,7 +38,7 @@ from benchmarks.common import decode_floor, load_images
 from pipeline import config
 from pipeline.data.device import DeviceAugment
 from pipeline.model import AlexNet
-from pipeline.train_loop import train_step
+from pipeline.step import train_step
 
 
 def synthetic(crop: int, batch_size: int, steps: int, device: torch.device, threads: int) -> float:

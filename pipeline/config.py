@@ -19,6 +19,7 @@ from pipeline.schedules import SCHEDULES
 INITS = ("torchvision", "paper")  # AlexNet's initialisations (pipeline.model)
 NORMALIZATIONS = ("mean-std", "mean-image")
 PROMOTE_POLICIES = ("if-better", "always", "never")
+DECODE_ON = ("data", "train")  # pipeline.ingest
 
 
 class ConfigError(InputError):
@@ -75,6 +76,11 @@ class TrainConfig:
     )
     gpu: bool = option(False, "one GPU per worker")
     compile: bool = option(False, "torch.compile the model (worth it on GPUs; slow to start on CPUs)")
+    decode_on: str = option(
+        "data",
+        '"data": Ray Data\'s CPU tasks decode, crop and flip; "train": they ship the JPEG bytes and each train '
+        "worker decodes on its device (nvJPEG on a GPU), so the CPU nodes need no cores for decoding",
+    )
     cpus_per_worker: float = option(1.0, "CPUs each train worker reserves; the rest of the cluster decodes")
     worker_resources: str = option(
         "", 'more Ray resources per train worker, "name=amount,..." (mock_gpu=1 without GPUs)'
@@ -118,6 +124,7 @@ class TrainConfig:
         checks = [
             (self.profile in PROFILE_NAMES, f"unknown profile {self.profile!r}; choose one of {PROFILE_NAMES}"),
             (self.init in INITS, f"init must be one of {INITS}, got {self.init!r}"),
+            (self.decode_on in DECODE_ON, f"decode_on must be one of {DECODE_ON}, got {self.decode_on!r}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
             (self.promote in PROMOTE_POLICIES, f"promote must be one of {PROMOTE_POLICIES}, got {self.promote!r}"),
             (self.system_metrics_interval > 0, "system_metrics_interval must be positive"),

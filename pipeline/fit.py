@@ -76,8 +76,8 @@ def _fit(spec: RunSpec, data: PreparedDataset) -> tuple[Outcome, Location]:
             logging_config=LoggingConfig(log_level="WARNING"),  # no line per report; epoch lines say it
         ),
         datasets={
-            "train": ingest.train_dataset(data.split_dir("train"), cfg.crop, cfg.seed),
-            "val": ingest.eval_dataset(data.split_dir("val"), cfg.crop),
+            "train": ingest.train_dataset(data.split_dir("train"), cfg.crop, cfg.seed, cfg.decode_on),
+            "val": ingest.eval_dataset(data.split_dir("val"), cfg.crop, cfg.decode_on),
         },
         dataset_config=ingest.IngestConfig(cpu_limit=cfg.data_cpu_limit),
     )

@@ -39,6 +39,7 @@ from pipeline import checkpoint
 from pipeline.data.stats import normalization
 from pipeline.errors import InputError
 from pipeline.model import ImageClassifier
+from pipeline.step import predict
 
 PT2_FILE = "model.pt2"  # what mlflow.pytorch writes for serialization_format="pt2"
 NO_PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
@@ -218,14 +219,5 @@ class Predictor:
         self.model = self.model.to(self.device)
         self.keep = keep
 
-    @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
-        views = torch.from_numpy(_writable(batch["image"])).to(self.device)
-        n, v = views.shape[:2]
-        logits = self.model(views.reshape(n * v, *views.shape[2:]))
-        return self.keep(torch.softmax(logits.float(), dim=1).reshape(n, v, -1), batch)
-
-
-def _writable(array: np.ndarray) -> np.ndarray:
-    """Arrays from the object store are read-only views; torch wants memory it may write."""
-    return array if array.flags.writeable else array.copy()
+        return self.keep(predict(self.model, batch["image"], self.device), batch)

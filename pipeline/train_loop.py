@@ -17,7 +17,6 @@ where they stopped; epochs already in the MLflow run are never logged twice.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -40,6 +39,7 @@ from pipeline.metrics import format_duration, topk_correct
 from pipeline.model import AlexNet
 from pipeline.run_logger import NullLogger, RunLogger
 from pipeline.spec import CheckpointMeta, Outcome, Progress, RunSpec
+from pipeline.step import eval_logits, train_step
 from pipeline.watchdog import HEARTBEAT_EVERY_S, Heartbeat
 
 # Ray 2.60 logs every ray.train.report at INFO through a logger named after its own file
@@ -64,6 +64,7 @@ def train_loop_per_worker(spec: RunSpec) -> Outcome:
         device, cfg.lighting_std, seed=cfg.seed * 1000 + rank, mean=mean, std=std,
         eigval=colour.eigenvalues, eigvec=colour.eigenvectors,
     )  # fmt: skip
+    feed = ingest.Feed(cfg.decode_on, cfg.crop, cfg.seed, device)
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     beat = Heartbeat(spec.watchdog, every=min(HEARTBEAT_EVERY_S, cfg.stall_warning / 4))
     accumulate, global_batch = cfg.accumulation(world), cfg.global_batch_at(world)
@@ -97,10 +98,10 @@ def train_loop_per_worker(spec: RunSpec) -> Outcome:
         started = time.perf_counter()
         partial = progress.partial_sums if rank == 0 else None  # counted once, on rank 0
         train = run_train_epoch(
-            model, optimizer, augment, train_shard, cfg, device, epoch, steps_per_epoch, progress.step_in_epoch,
-            partial, save_mid_epoch, warm, beat, accumulate, preempted,
+            model, optimizer, augment, feed, train_shard, cfg, device, epoch, steps_per_epoch,
+            progress.step_in_epoch, partial, save_mid_epoch, warm, beat, accumulate, preempted,
         )  # fmt: skip
-        val = evaluate(model, augment, val_shard, cfg, device, beat)
+        val = evaluate(model, augment, feed, val_shard, cfg, device, beat)
         epoch_seconds.append(time.perf_counter() - started)
         lr = optimizer.param_groups[0]["lr"]  # the epoch's last step's (warmup ramps it within the epoch)
         metrics = {**_epoch_metrics(epoch, lr, train, val, epoch_seconds[-1]), "world_size": world,
@@ -236,6 +237,7 @@ def run_train_epoch(
     model,
     optimizer,
     augment,
+    feed,
     shard,
     cfg: TrainConfig,
     device,
@@ -259,9 +261,8 @@ def run_train_epoch(
     if partial:
         sums[: len(partial)] += torch.tensor(partial, dtype=torch.float64, device=device)
     started, wait = time.perf_counter(), 0.0
-    batches = ingest.torch_batches(shard, cfg.batch_size, pin_memory=device.type == "cuda", drop_last=True)
     step, micro = resume_at, 0
-    for batch, waited in _timed(batches):
+    for batch, waited in _timed(feed.batches(shard, cfg.batch_size, drop_last=True)):
         if step >= steps_per_epoch:  # a resumed epoch ends where an uninterrupted one would
             break
         wait += waited
@@ -269,9 +270,9 @@ def run_train_epoch(
             beat()
         if warm and micro == 0:
             warm(step)
-        labels = batch["label"].to(device, non_blocking=True)
+        images, labels = feed.tensors(batch, epoch)
         loss, logits = train_step(
-            model, optimizer, augment, batch["image"], labels, cfg.clip_grad_norm, micro=micro, accumulate=accumulate
+            model, optimizer, augment, images, labels, cfg.clip_grad_norm, micro=micro, accumulate=accumulate
         )
         top1, top5 = topk_correct(logits.detach(), labels)
         sums[0] += loss.detach() * len(labels)  # device-side sums: no host sync per step
@@ -331,49 +332,15 @@ class PreemptionNotice:
         return True
 
 
-def train_step(
-    model,
-    optimizer,
-    augment,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    clip_grad_norm: float = 0.0,
-    micro: int = 0,
-    accumulate: int = 1,
-):
-    """Micro-batch `micro` of an SGD step of `accumulate` on a uint8 NHWC batch: to the device,
-    augment and normalise there, forward (bf16 autocast on CUDA), backward (its share of the step's
-    gradient); on the last micro-batch DDP all-reduces, then optional clipping and the update.
-    Returns (loss, logits) of this micro-batch."""
-    device = labels.device
-    images = augment(images.to(device, non_blocking=True), train=True)
-    last = micro == accumulate - 1
-    in_step = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-    with in_step:  # DDP skips its all-reduce until the step's last micro-batch
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels)
-        (loss / accumulate if accumulate > 1 else loss).backward()
-    if not last:
-        return loss, logits
-    if clip_grad_norm:  # DDP has averaged the gradients: every rank clips alike
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss, logits
-
-
 @torch.no_grad()
-def evaluate(model, augment, shard, cfg: TrainConfig, device, beat=None) -> dict[str, float]:
+def evaluate(model, augment, feed, shard, cfg: TrainConfig, device, beat=None) -> dict[str, float]:
     model.eval()
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss·n, top-1, top-5, n
-    for batch in ingest.torch_batches(shard, cfg.batch_size, pin_memory=device.type == "cuda"):
+    for batch in feed.batches(shard, cfg.batch_size):
         if beat:
             beat()
-        images = augment(batch["image"].to(device, non_blocking=True), train=False)
-        labels = batch["label"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(images)
+        images, labels = feed.tensors(batch)
+        logits = eval_logits(model, augment, images)
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
         top1, top5 = topk_correct(logits, labels)
         sums[0] += loss

@@ -59,6 +59,7 @@ def test_flags_are_generated_from_fields_and_override_the_profile():
     [
         ({"crop": 32}, "at least 63"),
         ({"init": "he"}, "init must be one of"),
+        ({"decode_on": "gpu"}, "decode_on must be one of \\('data', 'train'\\), got 'gpu'"),
         ({"workers": 0}, "workers"),
         ({"workers": 2, "min_workers": 3}, "--workers MIN:MAX needs 1 <= MIN <= MAX, got 3:2"),
         ({"schedule": "cosine"}, "schedule must be one of \\('plateau', 'step', 'constant'\\)"),
@@ -83,7 +84,11 @@ def test_run_names_are_plain_names():
 
 
 def test_the_train_job_rejects_unknown_flags_and_bad_values_without_starting_ray():
-    for argv, message in ((["--bogus", "1"], "unrecognized arguments: --bogus"), (["--crop", "10"], "at least 63")):
+    for argv, message in (
+        (["--bogus", "1"], "unrecognized arguments: --bogus"),
+        (["--crop", "10"], "at least 63"),
+        (["--decode-on", "cpu"], "decode_on must be one of ('data', 'train')"),
+    ):
         proc = run_job("jobs/train.py", *argv)
         assert proc.returncode == 2
         assert message in proc.stderr

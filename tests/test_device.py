@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from torchvision.transforms import functional as TF
 
@@ -8,6 +9,7 @@ from pipeline.data.device import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DeviceAugment,
+    decode_crops,
     lighting_shift,
     to_float,
 )
@@ -62,3 +64,56 @@ def test_lighting_off_when_alpha_std_is_zero():
     images = _images()
     augment = DeviceAugment(torch.device("cpu"), alpha_std=0.0)
     torch.testing.assert_close(augment(images, train=True), augment(images, train=False))
+
+
+def _jpegs(sizes, seed=0):
+    import io
+
+    from PIL import Image
+
+    rng, out = np.random.default_rng(seed), []
+    for w, h in sizes:
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def test_decoding_on_the_device_draws_the_data_paths_crops_and_flips_from_the_same_generator():
+    """One generator, one batch: the worker's crops are the data path's random_crop_flip(decode()), bit for bit."""
+    from pipeline.data.transforms import decode, random_crop_flip
+
+    jpegs = _jpegs([(72, 72)] * 6 + [(80, 96), (96, 72)])  # stored squares, and two of other shapes
+    got = decode_crops(jpegs, 64, torch.device("cpu"), np.random.default_rng([5, 1]))
+    rng = np.random.default_rng([5, 1])
+    expected = np.stack([random_crop_flip(decode(data), 64, rng) for data in jpegs])
+    assert got.shape == (8, 64, 64, 3) and got.dtype == torch.uint8 and got.is_contiguous()
+    np.testing.assert_array_equal(got.numpy(), expected)
+    draws, flips = np.random.default_rng([5, 1]), []
+    for w, h in [(72, 72)] * 6 + [(80, 96), (96, 72)]:
+        draws.integers(0, h - 63), draws.integers(0, w - 63)
+        flips.append(draws.random() < 0.5)
+    assert any(flips) and not all(flips)  # both kinds are in the batch
+
+
+def test_decoding_on_the_device_takes_the_centre_crop_without_a_generator_and_reads_what_its_decoder_refuses():
+    from PIL import Image
+
+    from pipeline.data.transforms import center_crop, decode
+
+    jpegs = _jpegs([(72, 72), (90, 70)])
+    png = io_bytes(Image.fromarray(np.full((70, 70, 3), 200, dtype=np.uint8)), "PNG")  # not a JPEG: PIL reads it
+    got = decode_crops([*jpegs, png], 64, torch.device("cpu"))
+    for image, data in zip(got.numpy(), [*jpegs, png], strict=True):
+        np.testing.assert_array_equal(image, center_crop(decode(data), 64))
+    with pytest.raises(ValueError, match="prepare shards at --size >= 80"):
+        decode_crops(jpegs, 80, torch.device("cpu"))
+
+
+def io_bytes(image, fmt):
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()

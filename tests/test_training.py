@@ -28,7 +28,8 @@ from pipeline.data.transforms import eval_batch
 from pipeline.mlflow_server import free_port
 from pipeline.model import AlexNet, ImageClassifier
 from pipeline.run import new_name
-from pipeline.train_loop import rank_seed, train_step
+from pipeline.step import train_step
+from pipeline.train_loop import rank_seed
 
 METRICS = [
     "train_loss", "train_top1_error", "val_top1_error", "val_top5_error", "images_per_s", "data_wait_fraction",

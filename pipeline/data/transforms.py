@@ -6,6 +6,8 @@
   training augmentation); uint8 NHWC out.
 - ``eval_batch``: decode stored squares, centre crop; uint8 NHWC out.
 - ``ten_crop_batch``: decode stored squares into the paper's ten test views (evaluation).
+- ``shuffle_rows`` / ``stored_bytes``: the training and validation batches of ``--decode-on
+  train``, the JPEG bytes undecoded (the train worker decodes them: pipeline.data.device).
 
 Batches are Ray Data numpy batches: ``{"image": object array of JPEG bytes, "label": int32}``.
 """
@@ -148,7 +150,7 @@ def train_batch(batch: dict[str, np.ndarray], crop: int, seed: int | None = None
     a shuffle buffer's copies. With a `seed`, the randomness is a function of the seed, the epoch
     (the dataset's execution) and the block's contents: the same every run, new every epoch.
     """
-    rng = np.random.default_rng(None if seed is None else [seed, _execution_index(), _fingerprint(batch)])
+    rng = _block_rng(batch, seed)
     order = rng.permutation(len(batch["label"]))
     # Each crop goes straight into the batch while its decoded image is still in cache: stacking
     # a list of crops afterwards keeps every decoded image alive and was ~27% slower per core.
@@ -156,6 +158,18 @@ def train_batch(batch: dict[str, np.ndarray], crop: int, seed: int | None = None
     for row, i in enumerate(order):
         images[row] = random_crop_flip(decode(batch["image"][i]), crop, rng)
     return {"image": images, "label": batch["label"][order].astype(np.int64)}
+
+
+def shuffle_rows(batch: dict[str, np.ndarray], seed: int | None = None) -> dict[str, np.ndarray]:
+    """``train_batch`` without the decode (``--decode-on train``): the block's rows shuffled alike,
+    the stored JPEG bytes shipped as they are; the train worker decodes, crops and flips."""
+    order = _block_rng(batch, seed).permutation(len(batch["label"]))
+    return {"image": batch["image"][order], "label": batch["label"][order].astype(np.int64)}
+
+
+def stored_bytes(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``eval_batch`` without the decode (``--decode-on train``): the stored JPEG bytes and labels."""
+    return {"image": batch["image"], "label": batch["label"].astype(np.int64)}
 
 
 def eval_batch(batch: dict[str, np.ndarray], crop: int) -> dict[str, np.ndarray]:
@@ -169,6 +183,16 @@ def ten_crop_batch(batch: dict[str, np.ndarray], crop: int) -> dict[str, np.ndar
     """Decode stored squares into their ten test views: image (n, 10, crop, crop, 3) uint8."""
     images = np.stack([ten_crop(decode(data), crop) for data in batch["image"]])
     return {"image": images, "label": batch["label"].astype(np.int64)}
+
+
+def batch_rng(batch: dict[str, np.ndarray], seed: int | None, execution: int) -> np.random.Generator:
+    """The random crops' and flips' generator for a block or batch: a function of the seed, the
+    epoch (`execution`, from 0) and what the batch holds; fresh randomness without a seed."""
+    return np.random.default_rng(None if seed is None else [seed, execution, _fingerprint(batch)])
+
+
+def _block_rng(batch: dict[str, np.ndarray], seed: int | None) -> np.random.Generator:
+    return batch_rng(batch, seed, _execution_index() if seed is not None else 0)
 
 
 def _fingerprint(batch: dict[str, np.ndarray]) -> int:
