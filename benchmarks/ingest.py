@@ -16,10 +16,14 @@ Shards of 256×256 JPEGs prepared by the project's own prepare job from natural-
                     persistent workers, the same batch size
 Each repetition runs all three, one after the other, in an order that rotates between repetitions
 (a slow minute of the machine then hits each of them); each run has --epochs epochs: the first is
-reported apart (start-up, warm-up), its steady state is the mean of the others. The table gives
-the median over the repetitions and the spread (lowest-highest); the ratios are taken within each
+reported apart (start-up, warm-up), its steady state is the mean of the others. Of those, also:
+the seconds until each epoch's first batch (epoch start: Ray Data starts a new streaming execution
+per epoch, the DataLoader's persistent workers have batches ready) and the streaming rate, between
+the first and the third quarter of each epoch's batches, which is what an epoch of ImageNet's
+length sees. The table gives the median
+over the repetitions and the spread (lowest-highest); the ratios are taken within each
 repetition. `--json PATH` writes the medians (floor, ray_data, torch_dataloader and their
-*_first_epoch) and every repetition's figures.
+*_first_epoch and *_streaming) and every repetition's figures.
 """
 
 from __future__ import annotations
@@ -37,6 +41,20 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import decode_floor, load_images, make_source
+
+# Per epoch: images delivered, seconds, seconds until its first batch, images/s between its first
+# and third quarter of batches (mid-epoch: neither the start nor the last uneven round).
+Epoch = tuple[int, float, float, float]
+
+
+def _epoch(started: float, arrivals: list[float], batch_size: int) -> Epoch:
+    """An epoch from the times its batches arrived (perf_counter), each of `batch_size` images."""
+    seconds = time.perf_counter() - started
+    if not arrivals:
+        return (0, seconds, 0.0, 0.0)
+    q1, q3 = len(arrivals) // 4, 3 * len(arrivals) // 4
+    mid = (q3 - q1) * batch_size / (arrivals[q3] - arrivals[q1]) if q3 > q1 else len(arrivals) * batch_size / seconds
+    return (len(arrivals) * batch_size, seconds, arrivals[0] - started, mid)
 
 
 def make_shards(out: Path, images: int, shard_size: int, cpus: int) -> Path:
@@ -63,8 +81,7 @@ def make_shards(out: Path, images: int, shard_size: int, cpus: int) -> Path:
 # --- (b) the project's Ray Data pipeline into a Ray Train worker --------------------------------
 
 
-def _consume(config: dict) -> list[tuple[int, float, float]]:
-    """Per epoch: images, seconds, and seconds until its first batch arrived (the epoch's start-up)."""
+def _consume(config: dict) -> list[Epoch]:
     import ray.train
 
     from pipeline import ingest
@@ -72,17 +89,15 @@ def _consume(config: dict) -> list[tuple[int, float, float]]:
     shard = ray.train.get_dataset_shard("train")
     epochs = []
     for _ in range(config["epochs"]):
-        started, seen, first = time.perf_counter(), 0, None
+        started, arrivals = time.perf_counter(), []
         for batch in ingest.torch_batches(shard, config["batch_size"], drop_last=True):
-            first = first or time.perf_counter() - started
-            images = batch["image"]
-            seen += int(images.shape[0])
-            images[0, 0, 0, 0].item()  # touch it
-        epochs.append((seen, time.perf_counter() - started, first or 0.0))
+            batch["image"][0, 0, 0, 0].item()  # touch it
+            arrivals.append(time.perf_counter())
+        epochs.append(_epoch(started, arrivals, config["batch_size"]))
     return epochs
 
 
-def ray_data(shards: Path, crop: int, cpus: int, epochs: int, batch_size: int) -> list[float]:
+def ray_data(shards: Path, crop: int, cpus: int, epochs: int, batch_size: int) -> list[Epoch]:
     import ray
     from ray.data import DataContext
     from ray.train import RunConfig, ScalingConfig
@@ -108,9 +123,7 @@ def ray_data(shards: Path, crop: int, cpus: int, epochs: int, batch_size: int) -
             result = trainer.fit()
     finally:
         ray.shutdown()
-    starts = "  ".join(f"{first:5.2f}" for _, _, first in result.return_value)
-    print(f"      ray_data: seconds to each epoch's first batch  {starts}", flush=True)
-    return [seen / seconds for seen, seconds, _ in result.return_value]
+    return result.return_value
 
 
 # --- (c) torch DataLoader ----------------------------------------------------------------------
@@ -139,7 +152,7 @@ class _ShardRows:
             return self.transform(image.convert("RGB")), 0
 
 
-def torch_dataloader(images: list[bytes], crop: int, cpus: int, epochs: int, batch_size: int) -> list[float]:
+def torch_dataloader(images: list[bytes], crop: int, cpus: int, epochs: int, batch_size: int) -> list[Epoch]:
     import torch
     from torch.utils.data import DataLoader
 
@@ -148,14 +161,14 @@ def torch_dataloader(images: list[bytes], crop: int, cpus: int, epochs: int, bat
         _ShardRows(images, crop), batch_size=batch_size, shuffle=True, num_workers=cpus, persistent_workers=True,
         drop_last=True,
     )  # fmt: skip
-    rates = []
+    out = []
     for _ in range(epochs):
-        started, seen = time.perf_counter(), 0
+        started, arrivals = time.perf_counter(), []
         for batch, _labels in loader:
-            seen += int(batch.shape[0])
             batch[0, 0, 0, 0].item()
-        rates.append(seen / (time.perf_counter() - started))
-    return rates
+            arrivals.append(time.perf_counter())
+        out.append(_epoch(started, arrivals, batch_size))
+    return out
 
 
 PIPELINES = ("floor", "ray_data", "torch_dataloader")
@@ -178,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--epochs must be at least 2 (the first is start-up) and --repeats at least 1")
 
     names = [name for name in PIPELINES if name in (args.only or PIPELINES)]
-    first: dict[str, list[float]] = {name: [] for name in names}  # per repetition
-    steady: dict[str, list[float]] = {name: [] for name in names}
+    measured: dict[str, list[dict[str, float]]] = {name: [] for name in names}  # one dict per repetition
     with tempfile.TemporaryDirectory() as tmp:
         shards = make_shards(Path(args.data or tmp), args.images, args.shard_size, args.cpus)
         images = load_images(shards)
@@ -187,33 +199,58 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.cpus} cores, {args.crop}-px crops, batch {args.batch_size}, {args.epochs} epochs per run, "
               f"{args.repeats} repetitions", flush=True)  # fmt: skip
         runs = {
-            "floor": lambda: decode_floor(images, args.crop, args.cpus, args.epochs),
+            # The floor has no batches and no start: one "epoch" is its images/s over one second.
+            "floor": lambda: [(r, 1.0, 0.0, r) for r in decode_floor(images, args.crop, args.cpus, args.epochs)],
             "ray_data": lambda: ray_data(shards, args.crop, args.cpus, args.epochs, args.batch_size),
             "torch_dataloader": lambda: torch_dataloader(images, args.crop, args.cpus, args.epochs, args.batch_size),
         }
         for repetition in range(args.repeats):
             order = names[repetition % len(names) :] + names[: repetition % len(names)]
             for name in order:
-                rates = runs[name]()
-                first[name].append(rates[0])
-                steady[name].append(float(np.mean(rates[1:])))
-                print(f"  {repetition + 1}/{args.repeats} {name:<17} " + "  ".join(f"{r:7.0f}" for r in rates)
-                      + " images/s per epoch", flush=True)  # fmt: skip
+                epochs = runs[name]()
+                measured[name].append(_summary(epochs))
+                line = "  ".join(f"{seen / seconds:7.0f}" for seen, seconds, _, _ in epochs)
+                print(f"  {repetition + 1}/{args.repeats} {name:<17} {line} images/s per epoch", flush=True)
+                if name != "floor":
+                    starts = "  ".join(f"{first:7.2f}" for _, _, first, _ in epochs)
+                    print(f"      {'':<17} {starts} s to the epoch's first batch", flush=True)
 
-    print("\n| pipeline | first epoch, images/s | steady state, images/s | vs floor | vs DataLoader |")
-    print("| --- | --- | --- | --- | --- |")
+    def values(name: str, key: str) -> list[float]:
+        return [m[key] for m in measured[name]]
+
+    print("\n| pipeline | first epoch, images/s | steady state, images/s | streaming, images/s | epoch start, s | "
+          "steady vs floor | steady vs DataLoader | streaming vs DataLoader |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in names:
-        print(f"| {name} | {_median_spread(first[name])} | {_median_spread(steady[name])} | "
-              f"{_ratio(steady, name, 'floor')} | {_ratio(steady, name, 'torch_dataloader')} |")  # fmt: skip
-    if "ray_data" in steady and "torch_dataloader" in steady:
-        ahead = sum(r >= d for r, d in zip(steady["ray_data"], steady["torch_dataloader"], strict=True))
-        print(f"\nray_data at or above the DataLoader in {ahead} of {args.repeats} repetitions")
+        ratios = [_ratio(measured, name, base, key) for base, key in
+                  (("floor", "steady"), ("torch_dataloader", "steady"), ("torch_dataloader", "streaming"))]  # fmt: skip
+        start = _median_spread(values(name, "start"), digits=2) if name != "floor" else "-"
+        print(f"| {name} | {_median_spread(values(name, 'first'))} | {_median_spread(values(name, 'steady'))} | "
+              f"{_median_spread(values(name, 'streaming'))} | {start} | " + " | ".join(ratios) + " |")  # fmt: skip
+    if "ray_data" in measured and "torch_dataloader" in measured:
+        ahead = sum(
+            r >= d for r, d in zip(values("ray_data", "steady"), values("torch_dataloader", "steady"), strict=True)
+        )
+        print(f"\nray_data's steady state at or above the DataLoader's in {ahead} of {args.repeats} repetitions")
     if args.json:
-        results: dict = {name: float(np.median(steady[name])) for name in names}
-        results.update({f"{name}_first_epoch": float(np.median(first[name])) for name in names})
-        results["repetitions"] = {"steady": steady, "first_epoch": first}
+        results: dict = {name: float(np.median(values(name, "steady"))) for name in names}
+        results.update({f"{name}_first_epoch": float(np.median(values(name, "first"))) for name in names})
+        results.update({f"{name}_streaming": float(np.median(values(name, "streaming"))) for name in names})
+        results["repetitions"] = measured
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return 0
+
+
+def _summary(epochs: list[Epoch]) -> dict[str, float]:
+    """One run: its first epoch's rate; over the others, the mean rate (steady), the mid-epoch rate
+    (streaming: what long epochs see) and the seconds to each one's first batch."""
+    rest = epochs[1:]
+    return {
+        "first": epochs[0][0] / epochs[0][1],
+        "steady": float(np.mean([seen / seconds for seen, seconds, _, _ in rest])),
+        "streaming": float(np.mean([mid for _, _, _, mid in rest])),
+        "start": float(np.mean([first for _, _, first, _ in rest])),
+    }
 
 
 def _median_spread(values: list[float], digits: int = 0, unit: str = "") -> str:
@@ -224,10 +261,11 @@ def _median_spread(values: list[float], digits: int = 0, unit: str = "") -> str:
     return f"{float(np.median(values)):{fmt}}{unit}{spread}"
 
 
-def _ratio(steady: dict[str, list[float]], name: str, base: str) -> str:
-    if base not in steady:
+def _ratio(measured: dict[str, list[dict[str, float]]], name: str, base: str, key: str) -> str:
+    """The ratio within each repetition, as median (lowest-highest)."""
+    if base not in measured:
         return "-"
-    ratios = [a / b for a, b in zip(steady[name], steady[base], strict=True)]
+    ratios = [a[key] / b[key] for a, b in zip(measured[name], measured[base], strict=True)]
     return _median_spread(ratios, digits=2, unit="×")
 
 

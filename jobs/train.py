@@ -4,6 +4,7 @@ r"""Train AlexNet with Ray Data streaming augmentation and Ray Train DDP, tracke
     python jobs/train.py --data /data/imagenet-shards --profile imagenet --workers 8 --gpu
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \
         -- python jobs/train.py --data s3://bucket/imagenet-shards --storage-path s3://bucket/runs --workers 4 --gpu
+    python jobs/train.py ... --gpu --decode-on train    # Ray Data ships JPEG bytes; each GPU decodes (nvJPEG)
 
 Without RAY_ADDRESS or a running `ray start` cluster it starts a local Ray. MLflow goes to
 MLFLOW_TRACKING_URI (a team server: `make mlflow`), else ./mlflow.db; --no-tracking turns it off.

@@ -3,7 +3,9 @@
 Per epoch: set the lr from the schedule, train over the worker's split of the training stream
 (checkpointing every `checkpoint_every_steps` steps if asked), evaluate on its split of the
 validation stream, all-reduce the sums, then report metrics and a checkpoint to Ray Train and
-(rank 0 only) to MLflow. Nothing syncs the host with the device inside the step loop.
+(rank 0 only) to MLflow. Nothing syncs the host with the device inside the step loop. Batches
+come through `ingest.Feed`: Ray Data's uint8 crops, or with --decode-on train the stored JPEG
+bytes, which the worker decodes, crops and flips on its own device before the step.
 
 The global batch does not depend on how many workers run: an elastic run (--workers MIN:MAX)
 with fewer than MAX accumulates gradients over `cfg.accumulation(world)` micro-batches per step

@@ -10,8 +10,10 @@ import pytest
 import torch
 from conftest import ROOT
 
-# `import ray` and `import mlflow` fail in these interpreters, as on a machine without them.
-BARE = 'import sys; sys.modules["ray"] = sys.modules["mlflow"] = None\n'
+# What a stock PyTorch image lacks fails to import in these interpreters, as on that machine: Ray,
+# MLflow and what they bring (the image has torch, torchvision, numpy, pillow and pyarrow).
+MISSING = ("ray", "mlflow", "scipy", "boto3", "psutil", "fsspec", "s3fs", "moto", "requests")
+BARE = f"import sys; sys.modules.update(dict.fromkeys({MISSING!r}))\n"
 AS_MAKE_RUNS_IT = (
     BARE + 'import runpy; sys.argv[0] = "benchmarks/gpu_check.py"; runpy.run_path(sys.argv[0], run_name="__main__")'
 )
