@@ -12,7 +12,7 @@
 
 Each shard is one read task fused with its transform (``batch_size=None``: the transform takes the
 block the read produced). With the decode on the data side, raw JPEG bytes never travel through
-the object store, only the crops; with it on the train side, only the bytes (a quarter of the
+the object store, only the crops; with it on the train side, only the bytes (about a seventh of the
 crops' size at 224 px) travel, and the CPU nodes do no decoding at all.
 
 Float conversion, colour augmentation and normalisation happen on the train worker's device
