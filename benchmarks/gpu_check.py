@@ -68,8 +68,8 @@ class Check:
     def __init__(self) -> None:
         self.rows: list[dict] = []
 
-    def add(self, part: str, variant: str, rate: float | None, ok: bool, detail: str) -> None:
-        self.rows.append({"part": part, "variant": variant, "images_per_s": rate, "ok": ok, "check": detail})
+    def add(self, part: str, variant: str, rate: float | None, ok: bool, detail: str, **extra: float) -> None:
+        self.rows.append({"part": part, "variant": variant, "images_per_s": rate, "ok": ok, "check": detail, **extra})
         shown = f"{rate:,.0f} images/s" if rate is not None else "-"
         print(f"  {part:<10} {variant:<32} {shown:>18}  {'ok  ' if ok else 'FAIL'}  {detail}", flush=True)
 
@@ -224,8 +224,9 @@ def check_cpu_decode(args, jpegs: list[bytes], results: Check) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     rates = decode_floor(jpegs, args.crop, cores, epochs=3)
     rate = float(np.median(rates[1:]))
-    results.add("cpu_decode", f"{cores} cores, data path", rate, rate > 0, f"{rate / cores:,.0f} images/s per core")
-    results.rows[-1]["per_core"] = rate / cores
+    per_core = rate / cores
+    results.add("cpu_decode", f"{cores} cores, data path", rate, rate > 0, f"{per_core:,.0f} images/s per core",
+                per_core=per_core)  # fmt: skip
 
 
 def check_predict(args, device: torch.device, results: Check) -> None:
