@@ -21,24 +21,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
-from pipeline import cluster, config, evaluation, serving, tracking
-from pipeline.data.shards import open_dataset
+from pipeline.config import FORWARD_ENV_HELP, non_negative, positive_int
 from pipeline.errors import InputError
+from pipeline.redaction import redact, scrubbed_output
 
 
 def main(argv: list[str] | None = None) -> int:
+    scrubbed_output()  # before Ray, MLflow and torch make their loggers: no secret reaches the job's logs
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--model", required=True, help="models:/NAME/VERSION, models:/NAME@ALIAS or a checkpoint directory"
     )
     parser.add_argument("--data", required=True, help="prepared shards (jobs/prepare.py --out): local or s3://")
     parser.add_argument("--ten-crop", action="store_true", help="also the paper's 10-crop protocol")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per model call (x10 views with --ten-crop)")
-    parser.add_argument("--replicas", type=int, default=1, help="model actors at most")
-    parser.add_argument("--gpus-per-replica", type=float, default=0, help="GPUs per model actor")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=64, help="images per model call (x10 views with --ten-crop)"
+    )
+    parser.add_argument("--replicas", type=positive_int, default=1, help="model actors at most")
+    parser.add_argument("--gpus-per-replica", type=non_negative, default=0, help="GPUs per model actor")
     parser.add_argument("--no-log", action="store_true", help="do not log the results to the model's MLflow run")
-    parser.add_argument("--forward-env", default="", metavar="NAME,...", help=config.FORWARD_ENV_HELP)
+    parser.add_argument("--forward-env", default="", metavar="NAME,...", help=FORWARD_ENV_HELP)
     args = parser.parse_args(argv)
+    # Once the flags are good: --help and a mistyped flag answer at once.
+    from pipeline import cluster, evaluation, serving, tracking
+    from pipeline.data.shards import open_dataset
+
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # the table says it
     try:
         tracking_uri = tracking.resolve_tracking_uri()
@@ -46,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             tracking.check_server(tracking_uri)  # a dead server is named now, not after minutes of retries
         ref = serving.resolve(args.model, tracking_uri)  # an alias → its version, once
         dataset = open_dataset(args.data)
+        evaluation.check(ref, dataset)  # the model fits the dataset: checked before any cluster work
         forward = cluster.env_names(args.forward_env)
         cluster.connect(env=tracking.worker_env(tracking_uri, forward), joined_note=tracking.credentials_note(forward))
         results = evaluation.evaluate(
@@ -62,9 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     version = f" (version {ref.version})" if ref.version else ""
     print(f"\n{dataset.count('val'):,} validation images of {dataset.uri}; model {ref.uri}{version}\n")
     print(evaluation.table(args.model, results))
+    broken = max(r["nonfinite"] for r in results.values())
+    if broken:
+        print(f"\nwarning: the model gave probabilities that are not finite for {broken:,} images (counted as "
+              "errors): it is broken (trained until it diverged?)")  # fmt: skip
     if not args.no_log and ref.run_id:
         evaluation.log_to_run(ref, dataset, results)
-        print(f"\nlogged to MLflow run {ref.run_id} at {tracking.redact(tracking_uri)}")
+        print(f"\nlogged to MLflow run {ref.run_id} at {redact(tracking_uri)}")
     return 0
 
 

@@ -25,14 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
-import ray
-
-from pipeline import cluster, config, inference, serving, tracking
+from pipeline.config import FORWARD_ENV_HELP, non_negative, positive, positive_int
 from pipeline.errors import InputError
-from pipeline.storage import locate
+from pipeline.redaction import scrubbed_output
 
 
 def main(argv: list[str] | None = None) -> int:
+    scrubbed_output()  # before Ray, MLflow and torch make their loggers: no secret reaches the job's logs
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint dir")
     parser.add_argument("--input", required=True, help="a folder or s3:// prefix of images (searched recursively)")
@@ -43,11 +42,20 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="model actors: N, MIN:MAX to autoscale, or auto (1 up to the cluster's CPUs/GPUs)",
     )
-    parser.add_argument("--gpus-per-replica", type=float, default=0, help="GPUs per model actor")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per model call (x10 views with --ten-crop)")
+    parser.add_argument("--gpus-per-replica", type=non_negative, default=0, help="GPUs per model actor")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=64, help="images per model call (x10 views with --ten-crop)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output whole")
-    parser.add_argument("--forward-env", default="", metavar="NAME,...", help=config.FORWARD_ENV_HELP)
+    parser.add_argument("--max-file-mb", type=positive, default=64.0,
+                        help="a file larger than this gets an error row, unread (default: 64)")  # fmt: skip
+    parser.add_argument("--forward-env", default="", metavar="NAME,...", help=FORWARD_ENV_HELP)
     args = parser.parse_args(argv)
+    import ray  # once the flags are good: --help and a mistyped flag answer at once
+
+    from pipeline import cluster, inference, serving, tracking
+    from pipeline.storage import locate
+
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:  # everything that can be wrong is found here, before any cluster work
         inference.parse_replicas(args.replicas)  # a bad value fails here, before any cluster work
@@ -83,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             args.gpus_per_replica,
             args.batch_size,
             args.overwrite,
+            int(args.max_file_mb * 2**20),
         )
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)

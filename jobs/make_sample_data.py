@@ -17,9 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` im
 
 from pipeline.data.sample import SYNSETS, make_sample
 from pipeline.errors import InputError
+from pipeline.redaction import scrubbed_output
 
 
 def main(argv: list[str] | None = None) -> int:
+    scrubbed_output()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--classes", type=int, default=len(SYNSETS), help=f"number of classes, 2..{len(SYNSETS)}")

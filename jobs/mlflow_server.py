@@ -32,9 +32,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
 from pipeline.mlflow_server import AUTH_DB, MlflowServer, ServerError, healthy
+from pipeline.redaction import scrubbed_output
 
 
 def main(argv: list[str] | None = None) -> int:
+    scrubbed_output()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", default="mlflow-server", help="holds mlflow.db, the log and local artifacts")
     parser.add_argument("--port", type=int, default=5000, help="port to listen on (0: any free port)")
@@ -72,10 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server too, not only Ctrl-C
     try:
-        server.start()
+        server.start()  # stopped again if Ctrl-C or SIGTERM comes while it starts
     except ServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     users = f"  users      {server.root / AUTH_DB} (admin: $MLFLOW_TRACKING_USERNAME)\n" if args.auth else ""
     credentials = "  and MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD of a user it knows\n" if args.auth else ""
     print(

@@ -27,16 +27,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
-from ray.data import DataContext
+from typing import TYPE_CHECKING
 
-from pipeline import cluster
+from pipeline.config import positive
+from pipeline.data.shards import DEFAULT_SHARD_SIZE
 from pipeline.errors import InputError
-from pipeline.prepare import DEFAULT_SHARD_SIZE, PrepareSummary, prepare
+from pipeline.redaction import scrubbed_output
+
+if TYPE_CHECKING:
+    from pipeline.prepare import PrepareSummary
 
 SHOWN_BAD_FILES = 20  # the rest are in manifest.json
 
 
 def main(argv: list[str] | None = None) -> int:
+    scrubbed_output()  # before Ray and pyarrow make their loggers: no secret reaches the job's logs
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", help="ILSVRC-2012 folder or s3:// prefix holding train/ and val/")
     parser.add_argument("--out", required=True, help="output folder or s3:// prefix")
@@ -45,12 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the train shuffle across shards")
     parser.add_argument("--devkit", help="folder with the devkit's meta.mat and validation ground truth")
     parser.add_argument("--max-tasks", type=int, help="shard tasks at once (default: as the cluster's CPUs allow)")
+    parser.add_argument("--max-file-mb", type=positive, default=64.0,
+                        help="a source file larger than this is listed as a bad file, not read (default: 64)")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset OUT holds from other arguments")
     parser.add_argument("--stats", action="store_true", help="compute OUT/stats.json over the training shards")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs of batch jobs)")
     args = parser.parse_args(argv)
     if not args.source and not args.stats:
         parser.error("pass --source to prepare a dataset, --stats to measure one, or both")
+    from ray.data import DataContext  # once the flags are good: --help and a mistyped flag answer at once
+
+    from pipeline import cluster
+    from pipeline.prepare import prepare
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # the bars and the summary say it
     context = DataContext.get_current()
@@ -69,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_tasks=args.max_tasks,
                 progress=not args.no_progress,
                 log=print,
+                max_file_bytes=int(args.max_file_mb * 2**20),
             )
             print(describe(summary), flush=True)
         if args.stats:

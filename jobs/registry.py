@@ -6,6 +6,7 @@ r"""Browse and change the model registry from a terminal: what is in production,
     python jobs/registry.py diff alexnet @champion @challenger
     python jobs/registry.py promote alexnet 5             # 5 becomes @champion (or --alias NAME)
     python jobs/registry.py rollback alexnet              # @champion back to the previous champion
+    python jobs/registry.py unlock alexnet                # clear a promotion lock a dead job left behind
     python jobs/registry.py show alexnet --json           # any command: JSON for scripts
 
 The server is MLFLOW_TRACKING_URI (or --tracking-uri), else ./mlflow.db. Exit status 2 with a
@@ -18,13 +19,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
-from pipeline import tracking
 from pipeline.errors import InputError
-from pipeline.registry import CHAMPION, Registry, Version
+from pipeline.redaction import redact, scrubbed_output
+
+if TYPE_CHECKING:
+    from pipeline.registry import Registry, Version
+
+CHAMPION = "champion"  # pipeline.registry.CHAMPION, without importing MLflow before the flags are read
 
 PROVENANCE = ("dataset_hash", "dataset_root", "num_classes", "profile", "git_commit", "ray_version",
               "torch_version", "mlflow_version")  # fmt: skip
@@ -63,7 +68,7 @@ def cmd_list(registry: Registry, args) -> tuple[Any, str]:
             _err(champion and champion.metric("val_top5_error")),
         ])  # fmt: skip
     if not rows:
-        return data, f"no registered models at {tracking.redact(registry.uri)}"
+        return data, f"no registered models at {redact(registry.uri)}"
     headers = ["model", "versions", "latest", "aliases", "champion", "top-1 err", "top-5 err"]
     return data, table(headers, rows)
 
@@ -116,13 +121,21 @@ def cmd_diff(registry: Registry, args) -> tuple[Any, str]:
 
 
 def cmd_promote(registry: Registry, args) -> tuple[Any, str]:
-    version = registry.promote(args.name, args.version.removeprefix("v"), args.alias)
+    version = registry.promote(
+        args.name, args.version.removeprefix("v"), args.alias, lock_timeout=args.wait, force=args.force
+    )
     return version.as_dict(), f"{args.name} v{version.version} is now @{args.alias}"
 
 
 def cmd_rollback(registry: Registry, args) -> tuple[Any, str]:
-    old, new = registry.rollback(args.name)
+    old, new = registry.rollback(args.name, lock_timeout=args.wait)
     return {"name": args.name, "from": old, "to": new}, f"{args.name}: @{CHAMPION} v{old} -> v{new}"
+
+
+def cmd_unlock(registry: Registry, args) -> tuple[Any, str]:
+    held = registry.unlock(args.name)
+    text = f"{args.name}: promotion lock cleared (it held {held!r})" if held else f"{args.name}: no promotion lock"
+    return {"name": args.name, "cleared": held}, text
 
 
 def _dataset(v: Version) -> str | None:
@@ -158,17 +171,27 @@ def main(argv: list[str] | None = None) -> int:
     promote.add_argument("name")
     promote.add_argument("version")
     promote.add_argument("--alias", default=CHAMPION)
+    promote.add_argument("--force", action="store_true", help="make a version no better than chance the champion")
     rollback = commands.add_parser("rollback", help="@champion back to the previous champion")
     rollback.add_argument("name")
+    for sub in (promote, rollback):
+        sub.add_argument("--wait", type=float, default=600.0, metavar="SECONDS",
+                         help="longest wait for the model's promotion lock (default: %(default)s)")  # fmt: skip
+    unlock = commands.add_parser("unlock", help="clear the promotion lock a job that died while promoting left")
+    unlock.add_argument("name")
     for sub in commands.choices.values():  # --json after the command works too
         sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    scrubbed_output()
     args = parser.parse_args(argv)
+    from pipeline import tracking
+    from pipeline.registry import Registry
 
-    uri = args.tracking_uri or tracking.resolve_tracking_uri()
-    handler = {"list": cmd_list, "show": cmd_show, "diff": cmd_diff, "promote": cmd_promote, "rollback": cmd_rollback}
+    handlers = {"list": cmd_list, "show": cmd_show, "diff": cmd_diff, "promote": cmd_promote,
+                "rollback": cmd_rollback, "unlock": cmd_unlock}  # fmt: skip
     try:
+        uri = tracking.resolve_tracking_uri(args.tracking_uri)
         tracking.check_server(uri)
-        data, text = handler[args.command](Registry(uri), args)
+        data, text = handlers[args.command](Registry(uri), args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

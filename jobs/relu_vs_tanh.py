@@ -18,11 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
-from pipeline import relu_vs_tanh, tracking
 from pipeline.errors import InputError
+from pipeline.redaction import scrubbed_output
 
 
 def main(argv: list[str] | None = None) -> int:
+    scrubbed_output()  # before Ray, MLflow and torch make their loggers: no secret reaches the job's logs
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for relu_vs_tanh.png and relu_vs_tanh.json")
     parser.add_argument("--cifar10", help="CIFAR-10's python version (the folder with data_batch_1 … 5); no download")
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.target_error < 1 or args.batch_size < 1 or (args.epochs is not None and args.epochs < 1):
         parser.error("--target-error must be in (0, 1), --batch-size and --epochs at least 1")
     sys.stdout.reconfigure(line_buffering=True)
+    from pipeline import relu_vs_tanh, tracking  # once the flags are good: --help answers at once
 
     try:
         if args.cifar10:

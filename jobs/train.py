@@ -22,9 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` im
 
 from pipeline import config
 from pipeline.errors import InputError, TrainingFailed
+from pipeline.redaction import scrubbed_output
 
 
 def main(argv: list[str] | None = None) -> int:
+    scrubbed_output()  # before Ray, MLflow and torch make their loggers: no secret reaches the job's logs
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_arguments(parser)
     args = parser.parse_args(argv)

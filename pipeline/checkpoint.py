@@ -13,9 +13,12 @@ A checkpoint for another class count or architecture fails with a message saying
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
+import stat
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,26 +38,60 @@ SCORE = "val_top1_error"  # what Ray Train keeps the best checkpoints by (lowest
 
 
 class CheckpointError(InputError):
-    """A checkpoint that does not fit the model it is loaded into; the message says what differs."""
+    """A checkpoint that cannot be used; the message says why."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """A checkpoint that does not fit the model it is loaded into (another class count or architecture);
+    the message says what differs. Not a damaged file: an earlier checkpoint of the run would not fit either."""
+
+
+# What reading a damaged checkpoint raises: a missing or truncated file, JSON or zip archive.
+UNREADABLE = (CheckpointError, OSError, RuntimeError, ValueError, EOFError, KeyError, pickle.UnpicklingError,
+              zipfile.BadZipFile)  # fmt: skip
 
 
 @contextmanager
 def staging(key: str) -> Iterator[Path]:
     """A private, empty local directory to build a checkpoint in before Ray Train persists it; removed after.
 
-    `<tmp>/alexnet-checkpoints/<run>/<pid>-<random>`, mode 0700: two jobs of one name on a node, or
+    `<tmp>/alexnet-checkpoints-<uid>/<run>/<pid>-<random>`: the user's own folder (mode 0700, checked:
+    theirs, not a link, not open to others, so nobody else can swap a checkpoint's files before Ray
+    Train uploads them), and in it one directory per checkpoint: two jobs of one name on a node, or
     two workers, never share one. A worker killed while it holds one (preemption, a lost node,
     `ray job stop`) leaves it behind; the run's next checkpoint on that node removes the leftovers
     of its own processes that are gone, so kills do not pile models up in /tmp.
     """
-    base = Path(tempfile.gettempdir()) / "alexnet-checkpoints" / key
-    base.mkdir(parents=True, exist_ok=True)
+    base = private_dir(Path(tempfile.gettempdir()) / f"alexnet-checkpoints-{os.getuid()}") / key
+    base.mkdir(mode=0o700, exist_ok=True)
     _remove_leftovers(base)
     path = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a directory of this user's alone: created 0700, or refused if it exists as anything else
+    (a link, another user's, open to others): in a shared /tmp anyone may have made it first."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    problem = (
+        "is a link" if stat.S_ISLNK(info.st_mode) else
+        "is not a directory" if not stat.S_ISDIR(info.st_mode) else
+        f"belongs to user id {info.st_uid}, not {os.getuid()}" if info.st_uid != os.getuid() else
+        f"is open to other users (mode {stat.S_IMODE(info.st_mode):o})" if info.st_mode & 0o077 else None
+    )  # fmt: skip
+    if problem:
+        raise CheckpointError(
+            f"{path} {problem}: checkpoints are staged in a folder of this user's alone. Remove it (someone may have "
+            "made it to read or swap checkpoints), or set TMPDIR to a directory of your own"
+        )
+    return path
 
 
 def _remove_leftovers(base: Path) -> None:
@@ -93,6 +130,22 @@ def local_copy(location: Location) -> Iterator[Path]:
         yield Path(tmp)
 
 
+def complete(run_dir: Location) -> list[Location]:
+    """The run's checkpoint directories that hold every file of a checkpoint, oldest first.
+
+    Ray Train names them checkpoint_<timestamp>; one a job was killed while writing (or uploading)
+    lacks files and is left out. Other entries (checkpoint_manager_snapshot.json) are not checkpoints.
+    """
+    found = []
+    for entry in run_dir.listdir():
+        if entry.type == pafs.FileType.Directory and entry.base_name.startswith("checkpoint_"):
+            directory = run_dir.join(entry.base_name)
+            names = {e.base_name for e in directory.listdir() if e.type == pafs.FileType.File}
+            if {MODEL_FILE, OPTIMIZER_FILE, META_FILE} <= names:
+                found.append(directory)
+    return sorted(found, key=lambda location: location.name())
+
+
 def read_meta(directory: str | Path) -> CheckpointMeta:
     path = Path(directory) / META_FILE
     if not path.is_file():
@@ -124,9 +177,38 @@ def restore(directory: str | Path, model: AlexNet, cfg: TrainConfig, num_classes
     theirs, ours = architecture(meta.config.to_dict()), architecture(cfg.to_dict())
     differences += [f"{k}={theirs[k]} in the checkpoint, {k}={ours[k]} here" for k in ours if theirs[k] != ours[k]]
     if differences:
-        raise CheckpointError(f"checkpoint {directory} does not fit this model: {'; '.join(differences)}")
+        raise CheckpointMismatch(f"checkpoint {directory} does not fit this model: {'; '.join(differences)}")
     _load_checked(model, load_state(directory), directory)
     return meta
+
+
+def restore_latest(
+    latest: Location, run_dir: Location, model: AlexNet, cfg: TrainConfig, num_classes: int, say
+) -> tuple[CheckpointMeta, dict[str, Any], Location]:
+    """Weights (into `model`) and optimizer state from `latest`, the checkpoint Ray Train hands a
+    restarted or resumed run; if it cannot be read (a file damaged or missing), from the newest
+    earlier complete checkpoint of the run that can, saying which and why. Returns (meta, optimizer
+    state, the checkpoint used). A checkpoint that does not fit the model is not skipped: none would.
+    """
+    earlier = [c for c in reversed(complete(run_dir)) if c.name() < latest.name()]
+    problems: list[str] = []
+    for place in [latest, *earlier]:
+        try:
+            with local_copy(place) as directory:
+                meta = restore(directory, model, cfg, num_classes)
+                optimizer_state = load_state(directory, OPTIMIZER_FILE)
+        except CheckpointMismatch:
+            raise
+        except UNREADABLE as exc:
+            text = str(exc).strip().splitlines()
+            problems.append(f"{place.uri} ({type(exc).__name__}: {text[0] if text else ''})")
+            continue
+        if problems:
+            say(f"checkpoint {problems[0]} cannot be read; resuming from the previous one, {place.uri}", flush=True)
+        return meta, optimizer_state, place
+    raise CheckpointError(
+        f"no checkpoint of {run_dir.uri} can be read: {'; '.join(problems)}. Start the run again under a new --name"
+    )
 
 
 def _load_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], directory: str | Path) -> None:
@@ -139,7 +221,7 @@ def _load_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], direct
             for k in sorted(expected.keys() & found.keys())
             if found[k] != expected[k]
         ]
-        raise CheckpointError(
+        raise CheckpointMismatch(
             f"checkpoint {directory} holds another architecture: missing {missing[:4]}, unexpected {extra[:4]}, "
             f"shapes (checkpoint vs model) {shapes[:4]}"
         )

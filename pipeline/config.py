@@ -312,6 +312,36 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
     return resolve(args.profile, **values)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def non_negative(text: str) -> float:
+    """An argparse type: a number of at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 0")
+    return value
+
+
+def positive(text: str) -> float:
+    """An argparse type: a number above 0."""
+    value = non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text} must be above 0")
+    return value
+
+
 def worker_range(text: str) -> tuple[int, int]:
     """--workers: "N" → (0, N), fixed; "MIN:MAX" → (MIN, MAX), elastic."""
     low, sep, high = text.partition(":")

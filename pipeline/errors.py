@@ -7,3 +7,8 @@ class InputError(ValueError):
 
 class TrainingFailed(RuntimeError):
     """A run that stopped on a failure it could not restart from; the message says what and how to resume."""
+
+
+class TrainingDiverged(TrainingFailed):
+    """Training stopped being finite (or a checkpoint is not): nothing is registered; the message says
+    where, the last finite checkpoint and what to change."""

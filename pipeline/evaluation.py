@@ -42,11 +42,24 @@ def hits(probs: torch.Tensor, batch: dict[str, np.ndarray]) -> dict[str, np.ndar
     if views == 10:
         protocols["ten_crop"] = probs.mean(dim=1)
     out = {}
+    finite = torch.isfinite(probs).flatten(1).all(dim=1)  # NaN logits still rank classes: never a hit
     for name, p in protocols.items():
         top5 = p.topk(min(5, p.shape[1]), dim=1).indices
-        out[f"{name}_top1"] = (top5[:, 0] == labels).long().cpu().numpy()
-        out[f"{name}_top5"] = (top5 == labels[:, None]).any(dim=1).long().cpu().numpy()
+        out[f"{name}_top1"] = ((top5[:, 0] == labels) & finite).long().cpu().numpy()
+        out[f"{name}_top5"] = ((top5 == labels[:, None]).any(dim=1) & finite).long().cpu().numpy()
+    out["nonfinite"] = (~finite).long().cpu().numpy()
     return out
+
+
+def check(ref: ModelRef, dataset: PreparedDataset) -> None:
+    """EvaluationError unless the model predicts the dataset's classes, in its order, and fits its images."""
+    if ref.wnids != [c.wnid for c in dataset.classes]:
+        raise EvaluationError(
+            f"{ref.uri} predicts {len(ref.wnids)} classes that are not {dataset.uri}'s {dataset.num_classes} "
+            "(class indices differ); evaluate on the dataset it was trained on"
+        )
+    if ref.crop > dataset.image_size:
+        raise EvaluationError(f"{ref.uri} takes {ref.crop}-pixel crops; {dataset.uri} stores {dataset.image_size}")
 
 
 def evaluate(
@@ -59,13 +72,7 @@ def evaluate(
 ) -> dict[str, dict[str, Any]]:
     """{"centre": {...}, "ten_crop": {...}}: images, top1_error, top5_error per protocol."""
     dataset = data if isinstance(data, PreparedDataset) else open_dataset(data)
-    if ref.wnids != [c.wnid for c in dataset.classes]:
-        raise EvaluationError(
-            f"{ref.uri} predicts {len(ref.wnids)} classes that are not {dataset.uri}'s {dataset.num_classes} "
-            "(class indices differ); evaluate on the dataset it was trained on"
-        )
-    if ref.crop > dataset.image_size:
-        raise EvaluationError(f"{ref.uri} takes {ref.crop}-pixel crops; {dataset.uri} stores {dataset.image_size}")
+    check(ref, dataset)
     views = ten_crop_batch if ten_crop else _centre_view_batch
     scored = (
         read_shards(dataset.split_dir("val"))
@@ -80,7 +87,7 @@ def evaluate(
         )
     )
     protocols = ["centre", "ten_crop"] if ten_crop else ["centre"]
-    columns = [f"{p}_top{k}" for p in protocols for k in (1, 5)]
+    columns = [f"{p}_top{k}" for p in protocols for k in (1, 5)] + ["nonfinite"]
     sums = scored.sum(columns)
     n = dataset.count("val")
     return {
@@ -88,6 +95,7 @@ def evaluate(
             "images": n,
             "top1_error": 1 - sums[f"sum({p}_top1)"] / n,
             "top5_error": 1 - sums[f"sum({p}_top5)"] / n,
+            "nonfinite": int(sums["sum(nonfinite)"]),  # images whose probabilities were not finite: counted wrong
         }
         for p in protocols
     }

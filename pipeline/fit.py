@@ -29,7 +29,7 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 
 from pipeline import ingest
-from pipeline.checkpoint import SCORE
+from pipeline.checkpoint import SCORE, complete
 from pipeline.data.shards import PreparedDataset
 from pipeline.errors import TrainingFailed
 from pipeline.resources import Plan
@@ -39,15 +39,16 @@ from pipeline.train_loop import train_loop_per_worker
 from pipeline.watchdog import Watchdog
 
 
-def fit(spec: RunSpec, data: PreparedDataset, log: Callable[[str], None] = print) -> tuple[Outcome, Location]:
+def fit(spec: RunSpec, data: PreparedDataset, log: Callable[[str], None] = print) -> tuple[Outcome, Location | None]:
     """Train to the end (Ray Train restarts lost workers from the latest checkpoint): rank 0's outcome
-    and the best checkpoint. A watchdog says what the run waits for when no batch arrives."""
+    and the best checkpoint (None when a run that diverged saved none). A watchdog says what the run
+    waits for when no batch arrives."""
     cfg = spec.config
     with Watchdog(cfg.stall_warning, Plan.of(cfg), log) as watchdog:
         return _fit(dataclasses.replace(spec, watchdog=watchdog), data)
 
 
-def _fit(spec: RunSpec, data: PreparedDataset) -> tuple[Outcome, Location]:
+def _fit(spec: RunSpec, data: PreparedDataset) -> tuple[Outcome, Location | None]:
     cfg = spec.config
     # Workers print their epoch lines themselves; Ray Train's print patch would print each twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -86,7 +87,8 @@ def _fit(spec: RunSpec, data: PreparedDataset) -> tuple[Outcome, Location]:
     except TrainingFailedError as exc:
         raise TrainingFailed(explain_failure(exc, spec.run_dir, cfg.storage_path, cfg.max_failures)) from exc
     best = result.get_best_checkpoint(SCORE, "min")
-    return result.return_value, spec.run_dir.join(posixpath.basename(best.path.rstrip("/")))
+    where = spec.run_dir.join(posixpath.basename(best.path.rstrip("/"))) if best else None
+    return result.return_value, where
 
 
 def explain_failure(exc: Exception, run_dir: Location, storage_path: str, max_failures: int) -> str:
@@ -96,8 +98,8 @@ def explain_failure(exc: Exception, run_dir: Location, storage_path: str, max_fa
     else:
         causes = [_describe(getattr(exc, "controller_failure", exc))]
     restarts = "no restarts allowed (--max-failures 0)" if max_failures == 0 else f"after {max_failures} restart(s)"
-    checkpoints = sorted(e.base_name for e in run_dir.listdir() if e.base_name.startswith("checkpoint_"))
-    last = f"the last checkpoint is {run_dir.join(checkpoints[-1]).uri}" if checkpoints else "no checkpoint was saved"
+    kept = complete(run_dir)
+    last = f"the last complete checkpoint is {kept[-1].uri}" if kept else "no checkpoint was saved"
     return (
         f"training stopped {restarts}: " + "; ".join(causes) + f". {last}; continue with: "
         f"python jobs/train.py --resume {run_dir.name()} --storage-path {storage_path}"

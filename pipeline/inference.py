@@ -45,10 +45,11 @@ from pipeline.data.transforms import (
 )
 from pipeline.errors import InputError
 from pipeline.serving import ModelRef, Predictor, ship
-from pipeline.storage import Location, StorageError, check_apart
+from pipeline.storage import DEFAULT_MAX_FILE_BYTES, Location, StorageError, UnreadableFile, check_apart
 
 DECODE_BATCH = 32  # files per decode task
 SUCCESS_FILE = "_SUCCESS.json"  # written last: the output is complete
+NONFINITE = "the model gave probabilities that are not finite (NaN or inf): the model is broken, not the image"
 REPLACING_FILE = "_REPLACING.json"  # an S3 output whose objects this job was replacing when it stopped
 SCHEMA = pa.schema(
     [
@@ -154,18 +155,19 @@ class OutputNotReplaced(InferenceError):
     """The predictions are whole in their staging location, which is kept; the message says where."""
 
 
-def views_batch(batch: dict[str, np.ndarray], fs: pafs.FileSystem, size: int, crop: int, ten: bool) -> dict:
-    """Read and decode files into test views; a file that does not decode gets its error instead."""
+def views_batch(
+    batch: dict[str, np.ndarray], fs: pafs.FileSystem, size: int, crop: int, ten: bool, max_bytes: int
+) -> dict:
+    """Read and decode files into test views; a file that cannot be read or decoded gets its error instead."""
     views_of = (lambda a: ten_crop(a, crop)) if ten else (lambda a: center_crop(a, crop)[None])
     count = 10 if ten else 1
     images, errors = [], []
     for path in batch["path"]:
-        try:  # a store that does not answer fails the task (Ray retries it); a file gone since listing is its row's
-            with fs.open_input_file(path) as f:
-                data = f.read()
-        except FileNotFoundError:
+        try:  # a store that does not answer fails the task (Ray retries it); one file's trouble is its row's
+            data = Location(fs, path, path).read_input(max_bytes)
+        except UnreadableFile as exc:
             images.append(np.zeros((count, crop, crop, 3), np.uint8))
-            errors.append("file not found: deleted after the input was listed")
+            errors.append(str(exc))
             continue
         try:
             images.append(views_of(np.asarray(load_square(data, size))))
@@ -182,7 +184,8 @@ def top_five(probs: torch.Tensor, batch: dict[str, np.ndarray], ref: ModelRef, u
     top_p, top_i = probs.mean(dim=1).topk(min(5, probs.shape[2]), dim=1)
     top_p, top_i = top_p.cpu().numpy(), top_i.cpu().numpy()
     wnids, names = np.array(ref.wnids, dtype=object), np.array(ref.names, dtype=object)
-    errors = [e if isinstance(e, str) and e else None for e in batch["error"]]
+    finite = torch.isfinite(probs).flatten(1).all(dim=1).cpu().numpy()  # NaN weights still rank classes
+    errors = [_row_error(e, good) for e, good in zip(batch["error"], finite, strict=True)]
     ok = [e is None for e in errors]
     return pa.table(
         {
@@ -201,6 +204,13 @@ def top_five(probs: torch.Tensor, batch: dict[str, np.ndarray], ref: ModelRef, u
     )
 
 
+def _row_error(decoding: str | None, finite: bool) -> str | None:
+    """A row's error: the file's (it did not decode), else the model's (its probabilities are not finite)."""
+    if isinstance(decoding, str) and decoding:
+        return decoding
+    return None if finite else NONFINITE
+
+
 def infer(
     ref: ModelRef,
     source: Location,
@@ -211,22 +221,30 @@ def infer(
     gpus_per_replica: float = 0,
     batch_size: int = 64,
     overwrite: bool = False,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> InferenceSummary:
     """Score every listed image and put the Parquet table at `output` (whole, or not at all)."""
     started = time.time()
+    ref = ship(ref)  # the program's bytes once into the object store, not into every actor's arguments
     staging = output.at(f"{output.path.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}")
     prefix = "" if source.is_local else "s3://"
     dataset = (
         ray.data.from_items([{"path": p} for p in listing.images], override_num_blocks=_blocks(len(listing.images)))
         .map_batches(
             views_batch,
-            fn_kwargs={"fs": source.fs, "size": ref.image_size, "crop": ref.crop, "ten": ten_crop_views},
+            fn_kwargs={
+                "fs": source.fs,
+                "size": ref.image_size,
+                "crop": ref.crop,
+                "ten": ten_crop_views,
+                "max_bytes": max_file_bytes,
+            },  # fmt: skip
             batch_size=DECODE_BATCH,
             batch_format="numpy",
         )
         .map_batches(
             Predictor,
-            fn_constructor_kwargs={"ref": ship(ref), "keep": partial(top_five, ref=ref, uri_prefix=prefix)},
+            fn_constructor_kwargs={"ref": ref, "keep": partial(top_five, ref=ref, uri_prefix=prefix)},
             compute=ActorPoolStrategy(min_size=replicas[0], max_size=replicas[1]),
             batch_size=batch_size,
             num_gpus=gpus_per_replica,

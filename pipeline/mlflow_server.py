@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 from pipeline.errors import InputError
+from pipeline.redaction import redact
 
 AUTH_CONFIG = "basic_auth.ini"  # in root: MLflow's auth settings (no credentials in it)
 AUTH_DB = "auth.db"  # in root: the users and their permissions
@@ -41,8 +42,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def healthy(url: str, timeout: float = 2.0) -> bool:
+    """The server at `url` answers /health (which needs no login: a user:password@ in `url` is left out)."""
     try:
-        return request_status(f"{url.rstrip('/')}/health", timeout=timeout) == 200
+        return request_status(f"{redact(url).rstrip('/')}/health", timeout=timeout) == 200
     except OSError:  # nothing listens (URLError), or no answer in time
         return False
 
@@ -172,7 +174,6 @@ class MlflowServer:
         user, password = os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
         status = request_status(f"{self.url}/api/2.0/mlflow/experiments/search?max_results=1", user, password)
         if status != 200:
-            self.stop()
             raise ServerError(
                 f"the server at {self.url} refuses MLFLOW_TRACKING_USERNAME={user} with this password (HTTP "
                 f"{status}): {self.root / AUTH_DB} already holds its users, made when it was first started. Log in "
@@ -180,7 +181,11 @@ class MlflowServer:
             )
 
     def start(self, timeout: float = 120.0) -> MlflowServer:
+        """Start the server and wait until it answers. Whatever stops the wait (a failure, Ctrl-C, the
+        SIGTERM a job turns into an exit) stops the server first: nothing is left running unowned."""
         self.root.mkdir(parents=True, exist_ok=True)
+        # Runs, the registry, users' password hashes (auth.db) and the session key: this user's alone.
+        os.chmod(self.root, 0o700)
         if not self.artifacts_destination.startswith(("s3://", "gs://", "wasbs://")):
             Path(self.artifacts_destination).mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
@@ -195,16 +200,23 @@ class MlflowServer:
             self.process = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
+        try:
+            self._wait_until_up(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_up(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not healthy(self.url):
             if self.process.poll() is not None or time.monotonic() > deadline:
-                tail = self.log_tail()
-                self.stop()
-                raise ServerError(f"mlflow server on {self.url} did not start; the end of {self.log_path}:\n{tail}")
+                raise ServerError(
+                    f"mlflow server on {self.url} did not start; the end of {self.log_path}:\n{self.log_tail()}"
+                )
             time.sleep(0.3)
         if self.auth:
             self._check_admin()
-        return self
 
     def log_tail(self, lines: int = 20) -> str:
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 from ray.data import TaskPoolStrategy
@@ -31,14 +33,16 @@ from ray.data import TaskPoolStrategy
 from pipeline import cluster
 from pipeline.data import imagenet, shards
 from pipeline.data.sample import SAMPLE_IMAGE_SIZE, make_sample
+from pipeline.data.shards import DEFAULT_SHARD_SIZE
 from pipeline.data.transforms import MIN_INPUT_SIZE, describe_undecodable, encode_jpeg, load_square
 from pipeline.errors import InputError
-from pipeline.storage import Location, check_apart, locate
+from pipeline.storage import DEFAULT_MAX_FILE_BYTES, Location, UnreadableFile, check_apart, locate
 
-DEFAULT_SHARD_SIZE = 1024  # images per shard: ~25-30 MB at 256 px, a good Ray Data block
 MANIFEST_FORMAT = 2
 PLAN_KEY, BAD_KEY = b"alexnet.plan", b"alexnet.bad_files"  # shard footer metadata
 MANIFEST_EVERY_S = 2.0  # progress written to manifest.json at most this often
+SHARD = re.compile(r"(train|val)-\d{5,}\.parquet")  # shards.shard_name
+TMP_SHARD = re.compile(r"(train|val)-\d{5,}\.parquet\.[0-9a-f]+\.tmp")  # a shard task's file before its rename
 
 
 @dataclass
@@ -70,6 +74,7 @@ def prepare(
     max_tasks: int | None = None,
     progress: bool = False,
     log: Callable[[str], None] = lambda message: None,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> PrepareSummary:
     if size < MIN_INPUT_SIZE:
         raise InputError(f"--size {size} is below AlexNet's smallest input ({MIN_INPUT_SIZE} pixels)")
@@ -77,6 +82,8 @@ def prepare(
         raise InputError(f"--shard-size must be at least 1, got {shard_size}")
     if max_tasks is not None and max_tasks < 1:
         raise InputError(f"--max-tasks must be at least 1, got {max_tasks}")
+    if max_file_bytes < 1:
+        raise InputError(f"--max-file-mb must be positive, got {max_file_bytes / 2**20:g}")
     src = imagenet.scan(source, devkit=devkit)  # layout errors surface here, before any cluster work
     dest = locate(out)
     check_apart(dest, "--out", {"--source": src.root})
@@ -94,8 +101,10 @@ def prepare(
 
     previous = shards.read_manifest(dest)
     if overwrite:
-        _check_ours(dest, previous)
-        _clear(dest)
+        owned = _owned(dest, previous)  # what it would delete, all of it this job's, or InputError
+        # Nothing goes before the cluster answers: a dead RAY_ADDRESS leaves the old dataset whole.
+        cluster.connect()
+        _clear(dest, owned)
         previous = None
     elif previous and previous.get("plan") != plan_id:
         raise InputError(
@@ -118,7 +127,7 @@ def prepare(
     started, last_write = time.perf_counter(), 0.0
     written, task_seconds = 0, 0.0
     bar = _progress_bar(sum(len(t["paths"]) for t in todo), progress)
-    for result in _run(todo, src.root, dest, size, [c.wnid for c in src.classes], plan_id, max_tasks):
+    for result in _run(todo, src.root, dest, size, [c.wnid for c in src.classes], plan_id, max_tasks, max_file_bytes):
         done[result["file"]] = result
         written += result["rows"]
         task_seconds += result["seconds"]
@@ -193,6 +202,7 @@ def _run(
     wnids: list[str],
     plan_id: str,
     max_tasks: int | None,
+    max_bytes: int,
 ) -> Iterable[dict[str, Any]]:
     """Results of the shard tasks, streamed back to the driver as each one finishes."""
     if not todo:
@@ -200,7 +210,7 @@ def _run(
     cluster.connect()  # the cluster this job runs on (or a local Ray): a dead one is named, not waited for
     results = ray.data.from_items(todo, override_num_blocks=len(todo)).map(
         _write_shard,
-        fn_kwargs={"src": src, "dest": dest, "size": size, "wnids": wnids, "plan_id": plan_id},
+        fn_kwargs={"src": src, "dest": dest, "size": size, "wnids": wnids, "plan_id": plan_id, "max_bytes": max_bytes},
         compute=TaskPoolStrategy(size=max_tasks),
         num_cpus=1,
     )
@@ -211,15 +221,18 @@ def _run(
 
 
 def _write_shard(
-    task: dict[str, Any], src: Location, dest: Location, size: int, wnids: list[str], plan_id: str
+    task: dict[str, Any], src: Location, dest: Location, size: int, wnids: list[str], plan_id: str, max_bytes: int
 ) -> dict[str, Any]:
     started = time.perf_counter()
     rows: dict[str, list] = {name: [] for name in shards.SCHEMA.names}
     bad = []
     for path, label in zip(task["paths"], task["labels"], strict=True):
-        data = src.at(path).read_bytes()  # a store that fails to answer fails the task; Ray retries it
-        try:
+        try:  # a store that fails to answer fails the task (Ray retries it); one file that cannot be read is listed
+            data = src.at(path).read_input(max_bytes)
             image = encode_jpeg(load_square(data, size))
+        except UnreadableFile as exc:
+            bad.append({"path": src.uri_of(path), "split": task["split"], "reason": str(exc), "shard": task["file"]})
+            continue
         except Exception as exc:  # noqa: BLE001 (any undecodable file is reported, whatever PIL raised)
             reason = describe_undecodable(exc, data)
             bad.append({"path": src.uri_of(path), "split": task["split"], "reason": reason, "shard": task["file"]})
@@ -264,8 +277,8 @@ def _finished_shards(
     for split in shards.SPLITS:
         for entry in dest.join(split).listdir():
             rel = f"{split}/{entry.base_name}"
-            if entry.base_name.endswith(".tmp") and dest.is_local:
-                dest.fs.delete_file(entry.path)  # left by a killed task
+            if TMP_SHARD.fullmatch(entry.base_name) and dest.is_local:
+                dest.fs.delete_file(entry.path)  # left by a killed task of this job
             elif entry.base_name.endswith(".parquet") and rel not in done:
                 metadata = pq.read_schema(entry.path, filesystem=dest.fs).metadata or {}
                 if metadata.get(PLAN_KEY) != plan_id.encode() or rel not in planned:
@@ -329,25 +342,74 @@ def _summary(
     )
 
 
-def _check_ours(dest: Location, manifest: dict[str, Any] | None) -> None:
-    """--overwrite replaces only a dataset this job wrote (it has a manifest), never other folders."""
+def _owned(dest: Location, manifest: dict[str, Any] | None) -> list[Location]:
+    """The files --overwrite would delete, every one recognised as this job's; InputError naming the
+    first that is not (nothing is deleted then).
+
+    This job's: a manifest.json in its format (a plan id, splits, a source), the JSON files beside
+    it, and in train/ and val/ only shards named as it names them whose Parquet footer carries its
+    plan metadata (or a killed task's temporary file). Someone else's folder that happens to hold
+    a manifest.json, a train/ or parquet files is left alone.
+    """
     splits = [split for split in shards.SPLITS if dest.join(split).is_dir()]
-    if manifest is None and splits:
+    if manifest is None:
+        if splits:
+            raise InputError(
+                f"--overwrite replaces only a dataset jobs/prepare.py wrote (it holds {shards.MANIFEST_FILE}); "
+                f"{dest.uri} has {', '.join(f'{s}/' for s in splits)} but no {shards.MANIFEST_FILE}: choose another "
+                "--out, or move those folders away yourself"
+            )
+        return []
+    if not _our_manifest(manifest):
         raise InputError(
-            f"--overwrite replaces only a dataset jobs/prepare.py wrote (it holds {shards.MANIFEST_FILE}); "
-            f"{dest.uri} has {', '.join(f'{s}/' for s in splits)} but no {shards.MANIFEST_FILE}: choose another "
-            "--out, or move those folders away yourself"
+            f"--overwrite replaces only a dataset jobs/prepare.py wrote; {dest.join(shards.MANIFEST_FILE).uri} is "
+            "not one of its manifests (no plan, splits and source): choose another --out, or move it away yourself"
         )
+    owned = [dest.join(name) for name in (shards.MANIFEST_FILE, shards.CLASSES_FILE, shards.STATS_FILE)
+             if dest.join(name).is_file()]  # fmt: skip
+    for split in splits:
+        for entry in dest.join(split).listdir():
+            place = dest.join(split, entry.base_name)
+            if not _our_shard(place, entry):
+                raise InputError(
+                    f"--overwrite replaces only what jobs/prepare.py wrote, and {place.uri} is not one of its shards "
+                    "(name, type or Parquet metadata): nothing was deleted. Move it away, or choose another --out"
+                )
+            owned.append(place)
+    return owned
 
 
-def _clear(dest: Location) -> None:
-    """What --overwrite replaces: the split folders and the dataset's JSON files, nothing else."""
+def _our_manifest(manifest: dict[str, Any]) -> bool:
+    return (
+        isinstance(manifest.get("plan"), str)
+        and isinstance(manifest.get("splits"), dict)
+        and isinstance(manifest.get("source"), str)
+        and manifest.get("format") in (1, MANIFEST_FORMAT)
+    )
+
+
+def _our_shard(place: Location, entry) -> bool:
+    if entry.type != pafs.FileType.File:
+        return False
+    if TMP_SHARD.fullmatch(entry.base_name):
+        return True
+    if not SHARD.fullmatch(entry.base_name):
+        return False
+    try:
+        metadata = pq.read_schema(place.path, filesystem=place.fs).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return False
+    return PLAN_KEY in metadata
+
+
+def _clear(dest: Location, owned: list[Location]) -> None:
+    """Delete what _owned listed, then the split folders if that left them empty."""
+    for place in owned:
+        place.fs.delete_file(place.path)
     for split in shards.SPLITS:
-        if dest.join(split).is_dir():
-            dest.fs.delete_dir(dest.join(split).path)
-    for name in (shards.MANIFEST_FILE, shards.CLASSES_FILE, shards.STATS_FILE):
-        if dest.join(name).is_file():
-            dest.fs.delete_file(dest.join(name).path)
+        folder = dest.join(split)
+        if folder.is_dir() and not folder.listdir():
+            folder.fs.delete_dir(folder.path)
 
 
 def _describe(manifest: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ best checkpoint → ImageClassifier (normalises as training did) → torch.expor
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -26,8 +27,9 @@ from mlflow.types import Schema, TensorSpec
 
 from pipeline import checkpoint
 from pipeline.config import TrainConfig
-from pipeline.data.shards import CLASSES_FILE, PreparedDataset
+from pipeline.data.shards import CLASSES_FILE, MANIFEST_FILE, PreparedDataset, inside
 from pipeline.data.transforms import eval_batch
+from pipeline.errors import TrainingDiverged
 from pipeline.model import ImageClassifier
 from pipeline.registry import Registry
 from pipeline.spec import RunSpec
@@ -45,18 +47,38 @@ class Registered:
 
 
 def register(spec: RunSpec, data: PreparedDataset, ckpt_dir: str | Path, best: dict[str, Any]) -> Registered:
-    """Register the checkpoint in `ckpt_dir` (the run's best) and give it @champion or @challenger."""
+    """Register the checkpoint in `ckpt_dir` (the run's best) and give it @champion or @challenger.
+
+    A checkpoint whose metrics or weights are not finite is refused (TrainingDiverged): a model
+    with NaN weights still ranks classes (top-k of NaN logits returns indices), so its error
+    rates look plausible while every probability it gives is NaN.
+    """
     cfg = spec.config
     net, _ = checkpoint.load_model(ckpt_dir)
+    check_finite(ckpt_dir, net, best)
     model = ImageClassifier(net, *spec.normalization).eval()  # normalises as training did
     version = log_and_register(spec.tracking_uri, spec.run_id, model, input_example(data, cfg.crop), cfg, data, best)
     decision = Registry(spec.tracking_uri).settle(cfg.model_name, version, cfg.promote)
     return Registered(version, decision.alias, decision.reason)
 
 
+def check_finite(ckpt_dir: str | Path, net: torch.nn.Module, metrics: dict[str, Any]) -> None:
+    """TrainingDiverged when a metric or a weight of the checkpoint is not finite."""
+    bad = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
+    tensors = [name for name, t in net.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if tensors:
+        bad.append(f"weights {', '.join(tensors[:3])}" + (" ..." if len(tensors) > 3 else ""))
+    if bad:
+        what = ", ".join(bad)
+        raise TrainingDiverged(
+            f"checkpoint {ckpt_dir} is not finite ({what}): it is not registered. Train again with a lower --lr, "
+            "--clip-grad-norm or a longer --warmup-epochs"
+        )
+
+
 def input_example(data: PreparedDataset, crop: int) -> np.ndarray:
     """Two real validation crops: what the registered model's signature documents."""
-    first = data.root.join(data.manifest["splits"]["val"]["shards"][0]["file"])
+    first = inside(data.root, data.manifest["splits"]["val"]["shards"][0]["file"], MANIFEST_FILE, under="val")
     rows = pq.read_table(first.path, filesystem=first.fs, columns=["image", "label"]).slice(0, 2).to_pydict()
     batch = {"image": np.array(rows["image"], dtype=object), "label": np.array(rows["label"])}
     return eval_batch(batch, crop)["image"]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import getpass
 import json
+import math
+import os
 import random
 import time
 import uuid
@@ -24,10 +26,13 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.config import PROMOTE_POLICIES
 from pipeline.errors import InputError
+from pipeline.redaction import redact, scrub
+from pipeline.run_logger import login_refused
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 LOCK_TAG = "promotion_lock"  # on the registered model while a promotion runs: "<token> <unix time>"
-LOCK_SETTLE_S = 2.0  # after writing the lock tag: far longer than one registry write takes
+LOCK_REQUEST_TIMEOUT_S = 1  # each of the lock's reads and writes: no client retries, an answer within this
+LOCK_SETTLE_S = 2.0  # after writing the lock tag: longer than a lock write may take (LOCK_REQUEST_TIMEOUT_S)
 LOCK_STALE_S = 120.0  # a lock held longer was left by a job that died while promoting
 LOCK_TIMEOUT_S = 600.0
 HISTORY_TAG = "champion_history"  # on the registered model: JSON list of versions that were champion, oldest first
@@ -79,6 +84,7 @@ class Decision:
 class Registry:
     def __init__(self, tracking_uri: str, settle_s: float = LOCK_SETTLE_S) -> None:
         self.uri = tracking_uri
+        self.shown = redact(tracking_uri)  # what messages say
         self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
         self.settle_s = settle_s  # see promotion_lock
 
@@ -139,6 +145,9 @@ class Registry:
             raise RegistryError(f"--promote must be one of {PROMOTE_POLICIES}, got {policy!r}")
         new, current = self.version(name, version), self.champion(name)
         previous = current.version if current else None
+        chance = _chance(new)
+        if chance is not None:  # whatever the policy: a model that learned nothing never serves
+            return Decision(CHALLENGER, chance, previous)
         if policy == "always":
             return Decision(CHAMPION, "--promote always", previous)
         if policy == "never":
@@ -167,10 +176,24 @@ class Registry:
             self._promote(name, version, decision.alias, decision.reason)
         return decision
 
-    def promote(self, name: str, version: str, alias: str = CHAMPION, reason: str = "promoted by hand") -> Version:
-        """Point `alias` at `version`; a new champion is recorded in the history and drops @challenger."""
-        self.version(name, version)  # fails for an unknown name or version, before the lock
-        with self.promotion_lock(name):
+    def promote(
+        self,
+        name: str,
+        version: str,
+        alias: str = CHAMPION,
+        reason: str = "promoted by hand",
+        lock_timeout: float = LOCK_TIMEOUT_S,
+        force: bool = False,
+    ) -> Version:
+        """Point `alias` at `version`; a new champion is recorded in the history and drops @challenger.
+
+        A version no better than chance becomes champion only with `force` (someone who knows why)."""
+        target = self.version(name, version)  # fails for an unknown name or version, before the lock
+        chance = _chance(target) if alias == CHAMPION and not force else None
+        if chance:
+            raise RegistryError(f"v{target.version}: {chance.removesuffix(': not promoted')}; pass --force to "
+                                "make it the champion anyway")  # fmt: skip
+        with self.promotion_lock(name, lock_timeout):
             return self._promote(name, version, alias, reason)
 
     @contextmanager
@@ -179,33 +202,70 @@ class Registry:
 
         MLflow has no compare-and-set. A job waits until the registered model's `promotion_lock`
         tag is free (empty, or older than LOCK_STALE_S: its holder died), writes its own token,
-        waits `settle_s` (far longer than the write of a job that saw the tag free at the same
-        moment can take), and holds the lock if the tag still has its token; else it waits again.
+        waits `settle_s` (longer than any lock request may take: each has LOCK_REQUEST_TIMEOUT_S
+        and no client retries, so a job that saw the tag free at the same moment has written by
+        then), and holds the lock if the tag still has its token; else it tries again.
+
+        Nothing waits forever: past `timeout` (whatever failed: a holder that keeps it, writes
+        that keep failing, a server that does not answer) RegistryError says what and how to
+        clear a stale lock; a refused login (401/403) is final at once.
         """
         token = f"{uuid.uuid4().hex} {time.time():.3f}"
         deadline = time.monotonic() + timeout
+        held, failure = "", None
         while True:
-            held = self._model(name).tags.get(LOCK_TAG, "")
-            if _lock_free(held):
+            with _quick_requests():
                 try:
-                    self.client.set_registered_model_tag(name, LOCK_TAG, token)
-                except MlflowException:  # another job wrote it at the same instant (a SQL store's unique key)
-                    pass
-                else:
-                    time.sleep(self.settle_s)
-                    if self._model(name).tags.get(LOCK_TAG) == token:
-                        break
-            elif time.monotonic() > deadline:
-                raise RegistryError(
-                    f"model {name!r}: another promotion has held the lock for over {timeout:.0f}s ({LOCK_TAG} = "
-                    f"{held!r}); retry, or clear the tag if its job is gone"
-                )
+                    held = self._model(name).tags.get(LOCK_TAG, "")
+                    if _lock_free(held):
+                        self.client.set_registered_model_tag(name, LOCK_TAG, token)
+                        time.sleep(self.settle_s)
+                        if self._model(name).tags.get(LOCK_TAG) == token:
+                            break
+                except MlflowException as exc:  # a race on a SQL store's key, a 5xx, a timeout: try again
+                    self._refused(exc, name)
+                    failure = _first_line(scrub(str(getattr(exc, "message", exc))))
+                except OSError as exc:  # no answer at all
+                    failure = f"{type(exc).__name__}: {_first_line(scrub(str(exc)))}"
+            if time.monotonic() > deadline:
+                raise RegistryError(self._stuck(name, timeout, held, failure))
             time.sleep(random.uniform(0.1, 0.5) * max(self.settle_s, 0.2))
         try:
             yield
         finally:
             if self._model(name).tags.get(LOCK_TAG) == token:
                 self.client.delete_registered_model_tag(name, LOCK_TAG)
+
+    def unlock(self, name: str) -> str | None:
+        """Clear `name`'s promotion lock (left by a job that is gone); returns what it held, if anything."""
+        held = self._model(name).tags.get(LOCK_TAG)
+        if held:
+            self.client.delete_registered_model_tag(name, LOCK_TAG)
+        return held or None
+
+    def _refused(self, exc: MlflowException, name: str) -> None:
+        """A login the server refuses (401, 403) will not change by waiting: RegistryError at once."""
+        code = login_refused(exc) or {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}.get(exc.error_code)
+        if code:
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            who = f"user {user!r}" if user else "this client (no MLFLOW_TRACKING_USERNAME)"
+            raise RegistryError(
+                f"the registry at {self.shown} refuses {who} a change to model {name!r} (HTTP {code}): promoting "
+                "needs a login that may edit the model (MLflow's EDIT or MANAGE permission on it)"
+            ) from exc
+
+    def _stuck(self, name: str, timeout: float, held: str, failure: str | None) -> str:
+        clear = f"`python jobs/registry.py unlock {name}` clears it"
+        if failure:
+            return (
+                f"model {name!r}: could not take the promotion lock in {timeout:.0f}s, the registry at {self.shown} "
+                f"failing the lock's requests (last: {failure}); check the server, then retry. If a lock was left "
+                f"behind ({LOCK_TAG} = {held!r}), {clear} once no promotion runs"
+            )
+        return (
+            f"model {name!r}: another promotion has held the lock for over {timeout:.0f}s ({LOCK_TAG} = {held!r}); "
+            f"retry later, or if its job is gone, {clear} (a lock older than {LOCK_STALE_S:.0f}s is taken over)"
+        )
 
     def _promote(self, name: str, version: str, alias: str, reason: str) -> Version:
         target = self.version(name, version)
@@ -220,9 +280,9 @@ class Registry:
             self.client.set_model_version_tag(name, target.version, "promotion", f"{reason} ({_user()}, {_now()})")
         return self.version(name, target.version)
 
-    def rollback(self, name: str) -> tuple[str, str]:
+    def rollback(self, name: str, lock_timeout: float = LOCK_TIMEOUT_S) -> tuple[str, str]:
         """Champion back to the previous champion that still exists; returns (from, to)."""
-        with self.promotion_lock(name):
+        with self.promotion_lock(name, lock_timeout):
             return self._rollback(name)
 
     def _rollback(self, name: str) -> tuple[str, str]:
@@ -251,7 +311,7 @@ class Registry:
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
             known = ", ".join(self.model_names()) or "none"
-            raise RegistryError(f"no registered model named {name!r} at {self.uri} (models: {known})") from exc
+            raise RegistryError(f"no registered model named {name!r} at {self.shown} (models: {known})") from exc
 
     def _search_models(self):
         found, token = [], None
@@ -275,6 +335,17 @@ def _version(mv, aliases: dict[str, str]) -> Version:
     )
 
 
+def _chance(version: Version) -> str | None:
+    """Why `version` is no better than chance (its top-1 error at least 1 - 1/classes), or None."""
+    error, classes = version.metric(METRIC), version.metric("num_classes")
+    if error is None or not classes or classes < 2:
+        return None
+    chance = 1 - 1 / classes
+    if not math.isfinite(error) or error >= chance - 1e-9:
+        return f"{METRIC} {error:.4f} is no better than chance ({chance:.4f} for {classes:.0f} classes): not promoted"
+    return None
+
+
 def _quote(name: str) -> str:
     return name.replace("'", "\\'")
 
@@ -288,6 +359,27 @@ def _lock_free(held: str) -> bool:
     except ValueError:
         return True  # not a token promotion_lock wrote
     return time.time() - taken > LOCK_STALE_S
+
+
+@contextmanager
+def _quick_requests() -> Iterator[None]:
+    """MLflow's HTTP requests in this block: no retries, LOCK_REQUEST_TIMEOUT_S each (MLflow reads both
+    variables per request; by default it retries 7 times with back-off, minutes in all)."""
+    names = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    previous = {name: os.environ.get(name) for name in names}
+    os.environ.update(zip(names, ("0", str(LOCK_REQUEST_TIMEOUT_S)), strict=True))
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "no message"
 
 
 def _now() -> str:

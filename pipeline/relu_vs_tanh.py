@@ -64,8 +64,30 @@ class FourLayerNet(nn.Module):
 # --- data ---------------------------------------------------------------------------------------
 
 
+class ArraysOnly(pickle.Unpickler):
+    """An unpickler for CIFAR-10's batches: dicts, lists, bytes and numpy arrays, nothing else.
+
+    A pickle names the functions it calls to rebuild its objects; a crafted one names os.system.
+    CIFAR's need numpy's array reconstructors alone: any other name is refused before it is looked up.
+    """
+
+    ALLOWED = frozenset({
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+    })  # fmt: skip
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a CIFAR-10 batch never holds")
+        return super().find_class(module, name)
+
+
 def load_cifar10(root: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """CIFAR-10's training set from its python pickles: images (N, 32, 32, 3) uint8, labels (N,) int64."""
+    """CIFAR-10's training set from its python pickles: images (N, 32, 32, 3) uint8, labels (N,) int64.
+
+    Read with ArraysOnly: a file in the folder that is not what CIFAR-10 ships runs nothing."""
     root = Path(root)
     batches = sorted(root.glob("data_batch_*"))
     if not batches:
@@ -77,7 +99,7 @@ def load_cifar10(root: str | Path) -> tuple[np.ndarray, np.ndarray]:
     for path in batches:
         try:
             with path.open("rb") as f:
-                batch = pickle.load(f, encoding="bytes")
+                batch = ArraysOnly(f, encoding="bytes").load()
             data = np.asarray(batch[b"data"], dtype=np.uint8)
             images.append(data.reshape(-1, 3, SIZE, SIZE).transpose(0, 2, 3, 1))
             labels.append(np.asarray(batch[b"labels"], dtype=np.int64))

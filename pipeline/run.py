@@ -2,6 +2,7 @@
 
     <storage_path>/<name>/alexnet_run.json       its MLflow run, tracking URI (no credentials), config, data
     <storage_path>/<name>/unsent_metrics.json    metrics the MLflow server never got; --resume sends them
+    <storage_path>/<name>/.alexnet_claim         (S3) the token of the job that claimed the name
 
 Ray Train keeps its checkpoints in the same directory, so `--resume NAME` finds everything there.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,11 +24,14 @@ from pipeline import tracking
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.data.shards import PreparedDataset
 from pipeline.data.stats import ColourStats
+from pipeline.redaction import redact, scrub
 from pipeline.run_logger import UNREACHABLE
 from pipeline.storage import Location, locate
 
 RUN_RECORD = "alexnet_run.json"
 UNSENT_FILE = "unsent_metrics.json"
+CLAIM_FILE = ".alexnet_claim"  # on S3: the token of the job that claimed the run's name
+CLAIM_SETTLE_S = 1.0  # on S3: between writing the claim and reading it back
 
 
 def run_dir(storage_path: str, name: str) -> Location:
@@ -52,27 +57,73 @@ def resumed_config(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[TrainC
 
 
 def new_name(cfg: TrainConfig) -> str:
-    """cfg.name, or a fresh timestamped one; a name whose run directory exists is refused.
+    """cfg.name, or a fresh one: alexnet-<profile>-<timestamp>-<random>, so that two jobs started in
+    the same second never share a name (nor, through it, a run directory and its checkpoints)."""
+    return cfg.name or f"alexnet-{cfg.profile}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
-    Ray Train resumes a run whose storage_path/name already holds checkpoints, so reusing a name
-    would silently continue an old run under a new MLflow run: that is what --resume is for.
+
+def claim(cfg: TrainConfig) -> str:
+    """A new run's name, its run directory created for this job alone before anything else; a name
+    whose directory exists (or that another job claims at the same moment) is refused, never shared.
+
+    Ray Train resumes a run whose storage_path/name already holds checkpoints, so a shared name
+    would silently continue another run under a new MLflow run: that is what --resume is for.
+    Locally the directory is made with mkdir, which only one process can win. S3 has no such
+    create: the job writes a claim object with a token of its own, waits, and reads it back.
     """
-    name = cfg.name or f"alexnet-{cfg.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
-    existing = run_dir(cfg.storage_path, name)
-    if existing.info().type != pafs.FileType.NotFound:
-        raise ConfigError(
-            f"run directory {existing.uri} already exists; pass another --name, or --resume {name} to continue it"
-        )
+    name = new_name(cfg)
+    directory = run_dir(cfg.storage_path, name)
+    taken = ConfigError(
+        f"run directory {directory.uri} already exists; pass another --name, or --resume {name} to continue it"
+    )
+    if directory.is_local:
+        Path(directory.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(directory.path, 0o755)
+        except FileExistsError:
+            raise taken from None
+        return name
+    if directory.info().type != pafs.FileType.NotFound:
+        raise taken
+    token = secrets.token_hex(16)
+    directory.join(CLAIM_FILE).write_text(token)
+    time.sleep(CLAIM_SETTLE_S)
+    if directory.join(CLAIM_FILE).read_text() != token:
+        raise taken
     return name
 
 
-def tracking_uri(cfg: TrainConfig, record: dict[str, Any] | None) -> str | None:
-    """The MLflow server this run logs to (a resumed run: its own, unless MLFLOW_TRACKING_URI says
-    otherwise), checked now: an unreachable server fails before the cluster does anything."""
+def release(cfg: TrainConfig, name: str) -> None:
+    """Give back a claimed name whose run never started: its directory, if it holds nothing but the claim."""
+    directory = run_dir(cfg.storage_path, name)
+    if directory.is_local:
+        try:
+            os.rmdir(directory.path)  # only if empty: nothing of a run is ever deleted here
+        except OSError:
+            pass
+        return
+    entries = directory.listdir()
+    if [e.base_name for e in entries] == [CLAIM_FILE]:
+        directory.fs.delete_file(directory.join(CLAIM_FILE).path)
+
+
+def tracking_uri(cfg: TrainConfig, record: dict[str, Any] | None, log: Callable[[str], None]) -> str | None:
+    """The MLflow server this run logs to: this environment's (MLFLOW_TRACKING_URI, else MLflow's
+    default), checked now: an unreachable server fails before the cluster does anything.
+
+    A resumed run's record names the server it started with, but whoever can write the record (a
+    shared bucket) could point it anywhere, and this job's MLflow login would go there: the record
+    is only compared with this environment's server, and a difference said.
+    """
     if not cfg.tracking:
         return None
-    from_env = bool(os.environ.get("MLFLOW_TRACKING_URI"))
-    uri = tracking.resolve_tracking_uri() if from_env or not record else record["tracking_uri"]
+    uri = tracking.resolve_tracking_uri()
+    recorded = (record or {}).get("tracking_uri")
+    if recorded and recorded != uri:
+        log(
+            f"the run record names MLflow at {redact(recorded)}; this job uses {uri} from this environment "
+            "(set MLFLOW_TRACKING_URI to the record's server if that is where the run lives)"
+        )
     tracking.check_server(uri)
     return uri
 
@@ -116,7 +167,7 @@ class Run:
         if record:
             run = cls(name, directory, record["run_id"], uri)
             if run.run_id:
-                tracking.reopen_run(uri, run.run_id)
+                tracking.reopen_run(uri, run.run_id, record.get("tracking_uri"))
                 run._send_unsent(log)
         else:
             run = cls(name, directory, tracking.start_run(uri, cfg, data, name, colour) if uri else None, uri)
@@ -150,6 +201,14 @@ class Run:
                 "sends them and registers the model"
             ) from exc
 
+    def tag(self, key: str, value: str) -> None:
+        """A tag on the MLflow run (nothing without tracking); an unreachable server loses it, nothing else."""
+        if self.run_id:
+            try:
+                tracking.set_run_tag(self.tracking_uri, self.run_id, key, value)
+            except UNREACHABLE:
+                pass
+
     def finish(self, status: str, log: Callable[[str], None]) -> None:
         """Close the MLflow run as FINISHED, FAILED or KILLED."""
         if not self.run_id:
@@ -157,7 +216,7 @@ class Run:
         try:
             tracking.finish_run(self.tracking_uri, self.run_id, status)
         except UNREACHABLE as exc:  # the run stays RUNNING in the UI; its data is complete
-            log(f"could not mark MLflow run {self.run_id} {status}: {exc}")
+            log(f"could not mark MLflow run {self.run_id} {status}: {scrub(str(exc))}")
 
     def _send_unsent(self, log: Callable[[str], None]) -> None:
         unsent = self.directory.join(UNSENT_FILE)

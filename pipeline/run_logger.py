@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-import urllib.parse
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +16,8 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
+
+from pipeline.redaction import redact
 
 ATTEMPT_IDS_KEPT = 500  # the newest attempts' ids in the run's attempt_ids tag (MLflow keeps 8,000 characters)
 # Network errors while the server is away: MLflow wraps most in MlflowException (ConnectionError is an OSError).
@@ -43,16 +44,6 @@ def _why_unsent(uri: str, exc: BaseException) -> str:
         f"MLflow at {redact(uri)} is unreachable ({type(exc).__name__}); training goes on, "
         "metrics are kept and sent when it is back"
     )
-
-
-def redact(uri: str) -> str:
-    """The URI without user:password@ (what logs, run records and summaries show)."""
-    parts = urllib.parse.urlsplit(uri)
-    if not parts.password and not parts.username:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 class RunLogger:

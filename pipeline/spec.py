@@ -140,3 +140,4 @@ class Outcome:
     unsent_metrics: list[dict[str, Any]]  # the server was away at the end: the driver sends these
     delayed_epochs: int  # epochs whose metrics reached MLflow late
     world_sizes: tuple[int, ...] = ()  # train workers per epoch
+    diverged: str | None = None  # why training stopped being finite (every rank stopped there); None: it did not

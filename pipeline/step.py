@@ -29,11 +29,16 @@ def train_step(
     micro: int = 0,
     accumulate: int = 1,
     bf16: bool | None = None,
+    nonfinite: torch.Tensor | None = None,
 ):
     """Micro-batch `micro` of an SGD step of `accumulate` on a uint8 NHWC batch: to the device,
     augment and normalise there, forward (bf16 autocast on CUDA unless `bf16` says otherwise),
     backward (its share of the step's gradient); on the last micro-batch DDP all-reduces, then
-    optional clipping and the update. Returns (loss, logits) of this micro-batch."""
+    optional clipping and the update. Returns (loss, logits) of this micro-batch.
+
+    `nonfinite`, when given, is a device tensor of two counters this step adds to: a loss that is
+    not finite, and (with clipping, whose norm comes free) a gradient norm that is not finite.
+    They stay on the device: the caller reads them where it syncs anyway, never per step."""
     device = labels.device
     images = augment(images.to(device, non_blocking=True), train=True)
     last = micro == accumulate - 1
@@ -43,10 +48,14 @@ def train_step(
             logits = model(images)
             loss = F.cross_entropy(logits, labels)
         (loss / accumulate if accumulate > 1 else loss).backward()
+    if nonfinite is not None:
+        nonfinite[0] += ~torch.isfinite(loss.detach())
     if not last:
         return loss, logits
     if clip_grad_norm:  # DDP has averaged the gradients: every rank clips alike
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        if nonfinite is not None:
+            nonfinite[1] += ~torch.isfinite(norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, logits

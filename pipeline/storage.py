@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import stat
 import uuid
 from dataclasses import dataclass
 
@@ -21,6 +22,14 @@ from pipeline.errors import InputError
 
 class StorageError(InputError):
     """A path or bucket that cannot be used; the message names it and says what to check."""
+
+
+class UnreadableFile(Exception):
+    """One file that cannot be read (gone, denied, not a regular file, over the size limit): the job lists
+    it with this reason and goes on. A store that does not answer raises OSError instead (a retry may help)."""
+
+
+DEFAULT_MAX_FILE_BYTES = 64 * 2**20  # an input file larger than this is listed, not read (--max-file-mb)
 
 
 @dataclass(frozen=True)
@@ -79,7 +88,10 @@ class Location:
 
         On local disk links to folders are followed once each: a link back up the tree (a loop) or
         a second link to a folder already listed is reported, not listed again; names that are not
-        UTF-8 are reported with their bytes escaped. S3 keys are UTF-8 and have no links.
+        UTF-8 are reported with their bytes escaped. Whatever else is not a folder (links to
+        nothing, FIFOs, devices) is listed with the files: reading it (`read_input`) says what it
+        is, so a job reports it where it reports any file it could not read. S3 keys are UTF-8 and
+        have no links.
         """
         if self.is_local:
             return _local_walk(self.path)
@@ -110,6 +122,29 @@ class Location:
 
     def read_text(self) -> str:
         return self.read_bytes().decode("utf-8")
+
+    def read_input(self, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
+        """One input file's bytes, at most `max_bytes` of them; UnreadableFile saying why it cannot be
+        read (its reason goes into the job's list of bad files or the file's row).
+
+        Locally the file is opened without blocking and checked to be a regular file before it is read
+        (a FIFO would block for ever, a device would never end); links to nothing, permission errors
+        and files gone since the listing are that file's. On S3 a denied object (a bucket policy, a
+        KMS key) or a missing one is that file's; anything else is the store's, and raises OSError.
+        """
+        if self.is_local:
+            return _read_local(self.path, max_bytes)
+        try:
+            with self.fs.open_input_stream(self.path) as f:
+                data = f.read(max_bytes + 1)
+        except OSError as exc:
+            reason = _file_reason(exc)
+            if reason is None:
+                raise
+            raise UnreadableFile(reason) from exc
+        if len(data) > max_bytes:
+            raise UnreadableFile(_too_big(None, max_bytes))
+        return data
 
     def write_bytes(self, data: bytes) -> None:
         """Whole or not at all: a local file is renamed into place, an S3 object appears on close."""
@@ -158,6 +193,57 @@ def _inside(inner: Location, outer: Location) -> bool:
 
 def _overlap(a: Location, b: Location) -> bool:
     return a.is_local == b.is_local and (_key(a) == _key(b) or _inside(a, b) or _inside(b, a))
+
+
+def _read_local(path: str, max_bytes: int) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        gone = os.path.islink(path)
+        raise UnreadableFile(
+            "a link to nothing" if gone else "file not found: gone since the input was listed"
+        ) from None
+    except PermissionError:
+        raise UnreadableFile("permission denied: this job's user may not read it") from None
+    except OSError as exc:
+        raise UnreadableFile(f"cannot be opened: {exc.strerror or exc}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+        os.close(fd)
+        raise UnreadableFile(
+            f"not a regular file ({_kind(info.st_mode)})"
+            if not stat.S_ISREG(info.st_mode)
+            else _too_big(info.st_size, max_bytes)
+        )
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as exc:  # an I/O error of the disk under this one file
+            raise UnreadableFile(f"cannot be read: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:  # it grew since its size was read
+        raise UnreadableFile(_too_big(None, max_bytes))
+    return data
+
+
+def _kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "not a file")
+
+
+def _too_big(size: int | None, max_bytes: int) -> str:
+    what = f"{size:,} bytes" if size is not None else "larger"
+    return f"{what}, over the {max_bytes / 2**20:.3g} MiB limit for one file (--max-file-mb): not read"
+
+
+def _file_reason(exc: OSError) -> str | None:
+    """Why one S3 object cannot be read, when the error is the object's; None when it is the store's."""
+    text = str(exc)
+    if isinstance(exc, FileNotFoundError) or "NoSuchKey" in text or "Path does not exist" in text:
+        return "file not found: gone since the input was listed"
+    if any(mark in text for mark in ("ACCESS_DENIED", "AccessDenied", "KMS", "Forbidden", "HTTP status 403")):
+        return f"access denied: {text.splitlines()[0]}"
+    return None
 
 
 def locate(uri: str | os.PathLike) -> Location:
@@ -259,7 +345,7 @@ def _local_walk(root: str) -> tuple[list[str], list[tuple[str, str]]]:
                 problems.append((posixpath.join(folder, shown), NOT_UTF8))
             elif entry.is_dir():
                 folders.append(entry.path)
-            elif entry.is_file():
+            else:  # files, and links to nothing, FIFOs, devices: whoever reads them says what they are
                 files.append(entry.path)
         stack.extend(reversed(folders))
     return sorted(files), sorted(problems)

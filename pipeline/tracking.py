@@ -29,7 +29,8 @@ from pipeline.data.shards import STATS_FILE, PreparedDataset
 from pipeline.data.stats import ColourStats
 from pipeline.errors import InputError
 from pipeline.mlflow_server import healthy
-from pipeline.run_logger import RunLogger, login_refused, redact
+from pipeline.redaction import credentials_of, redact, scrub
+from pipeline.run_logger import RunLogger, login_refused
 
 # Where MLflow and S3 are, never who the job is: sent to every worker, on every node, through the
 # job's runtime env.
@@ -52,16 +53,46 @@ class TrackingError(InputError):
     """The MLflow server cannot be used: the message names it and what to do."""
 
 
-def resolve_tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI if set, else MLflow's default, with a relative sqlite path made absolute.
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """`uri`, else MLFLOW_TRACKING_URI, else MLflow's default, with a relative sqlite path made
+    absolute (train workers run in other processes and directories) and without credentials.
 
-    Train workers run in other processes (and directories), so they must get an absolute URI.
+    A login written into the URI (http://user:password@host) is honoured: it becomes this process's
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, which every MLflow client here (and a local
+    Ray's workers) log in with, and the URI goes on without it, so nothing prints the password.
     """
-    uri = mlflow.get_tracking_uri()
+    uri = uri or mlflow.get_tracking_uri()
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
         uri = prefix + str(Path(uri[len(prefix) :]).resolve())
-    return uri
+    return _take_login(uri)
+
+
+LOGIN_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def _take_login(uri: str) -> str:
+    """`uri` without its user:password@, which moves into MLflow's login variables (see resolve_tracking_uri)."""
+    user, password = credentials_of(uri)
+    if user is None and password is None:
+        return uri
+    shown = redact(uri)
+    if password is None:
+        raise TrackingError(
+            f"the tracking URI {shown} names a user but no password; put the login in MLFLOW_TRACKING_USERNAME "
+            "and MLFLOW_TRACKING_PASSWORD (or a token in MLFLOW_TRACKING_TOKEN) instead of the URI"
+        )
+    for name, value in zip(LOGIN_ENV, (user, password), strict=True):
+        held = os.environ.get(name)
+        if held and held != value:
+            raise TrackingError(
+                f"the tracking URI {shown} carries a login and {name} says another; keep one: the login in "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, the URI without it"
+            )
+    os.environ.update(zip(LOGIN_ENV, (user, password), strict=True))
+    if credentials_of(os.environ.get("MLFLOW_TRACKING_URI", "")) != (None, None):
+        os.environ["MLFLOW_TRACKING_URI"] = redact(os.environ["MLFLOW_TRACKING_URI"])
+    return shown
 
 
 def is_server(uri: str) -> bool:
@@ -88,7 +119,7 @@ def check_server(uri: str) -> None:
                 f"the MLflow tracking server at {shown} asks for a login and {who}: set "
                 "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user it knows"
             ) from exc
-        raise TrackingError(f"the MLflow tracking server at {shown} refused a request: {exc.message}") from exc
+        raise TrackingError(f"the MLflow tracking server at {shown} refused a request: {scrub(exc.message)}") from exc
 
 
 def worker_env(tracking_uri: str | None, forward: Sequence[str] = ()) -> dict[str, str]:
@@ -186,9 +217,25 @@ def log_pending(tracking_uri: str, run_id: str, pending: list[dict[str, Any]]) -
     return logger.delayed
 
 
-def reopen_run(tracking_uri: str, run_id: str) -> None:
-    """Mark a stopped run as running again (--resume): its params and metrics stay as they were."""
-    MlflowClient(tracking_uri).update_run(run_id, status="RUNNING")
+def set_run_tag(tracking_uri: str, run_id: str, key: str, value: str) -> None:
+    MlflowClient(tracking_uri).set_tag(run_id, key, value)
+
+
+def reopen_run(tracking_uri: str, run_id: str, recorded_uri: str | None = None) -> None:
+    """Mark a stopped run as running again (--resume): its params and metrics stay as they were.
+    A run this server does not have is a TrackingError saying where the record says it is."""
+    try:
+        MlflowClient(tracking_uri).update_run(run_id, status="RUNNING")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        elsewhere = (
+            f"; its run record names {redact(recorded_uri)}" if recorded_uri and recorded_uri != tracking_uri else ""
+        )
+        raise TrackingError(
+            f"MLflow run {run_id} is not on the server at {redact(tracking_uri)}{elsewhere}: point MLFLOW_TRACKING_URI at "
+            "the server the run lives on, or start a new run"
+        ) from exc
 
 
 def finish_run(tracking_uri: str, run_id: str, status: str) -> None:

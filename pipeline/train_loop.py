@@ -11,6 +11,12 @@ The global batch does not depend on how many workers run: an elastic run (--work
 with fewer than MAX accumulates gradients over `cfg.accumulation(world)` micro-batches per step
 (DDP all-reduces on the last only), so the lr, warmup and schedule stay the configured ones.
 
+Divergence: a loss (or, with clipping, a gradient norm) that is not finite is counted on the device
+by every step and read where the loop syncs anyway: at each checkpoint and at the epoch's end, from
+the sums every rank all-reduces, and the weights are checked before any checkpoint is written. All
+ranks then stop together and return the reason (Ray Train does not retry a run that returned): no
+checkpoint ever holds weights that are not finite, and the driver registers nothing.
+
 Restarts: Ray Train hands a restarted worker group (or a `--resume`d job) the latest checkpoint.
 Its meta holds the epoch, the step within the epoch, the partial sums of a mid-epoch checkpoint
 and the validation history, so the schedule, the epoch's metrics and the MLflow steps continue
@@ -79,9 +85,11 @@ def train_loop_per_worker(spec: RunSpec) -> Outcome:
             f"({world} × {cfg.batch_size} × {accumulate} micro-batch(es) per step), lr {cfg.lr_at(world):.3g}",
             flush=True)  # fmt: skip
 
-    def save_mid_epoch(epoch: int, step_in_epoch: int, partial: torch.Tensor) -> None:
+    def save_mid_epoch(epoch: int, step_in_epoch: int, partial: torch.Tensor, first_bad: torch.Tensor) -> None:
         """A checkpoint inside `epoch`: the epochs before it are done, `step_in_epoch` steps of it."""
         sums = tuple(_all_reduce(partial.clone()).tolist())  # every rank's share of the epoch so far
+        check_sums(sums, first_bad, epoch)
+        check_finite(model, epoch, step_in_epoch)
         state = replace(progress, step_in_epoch=step_in_epoch, global_step=progress.global_step + step_in_epoch,
                         partial_sums=sums, step_batch=global_batch)  # fmt: skip
         metrics = {
@@ -93,29 +101,35 @@ def train_loop_per_worker(spec: RunSpec) -> Outcome:
 
     preempted = PreemptionNotice(cfg.preemption_check_steps, say)
     epoch_seconds: list[float] = []
-    for epoch in range(progress.epoch + 1, cfg.epochs + 1):
-        torch.manual_seed(rank_seed(cfg.seed, rank, epoch))  # dropout: other masks on every rank and epoch
-        lr = _set_lr(optimizer, cfg, epoch, progress, world)
-        warm = _warmup(optimizer, cfg.warmup_epochs, lr, epoch, steps_per_epoch)
-        started = time.perf_counter()
-        partial = progress.partial_sums if rank == 0 else None  # counted once, on rank 0
-        train = run_train_epoch(
-            model, optimizer, augment, feed, train_shard, cfg, device, epoch, steps_per_epoch,
-            progress.step_in_epoch, partial, save_mid_epoch, warm, beat, accumulate, preempted,
-        )  # fmt: skip
-        val = evaluate(model, augment, feed, val_shard, cfg, device, beat)
-        epoch_seconds.append(time.perf_counter() - started)
-        lr = optimizer.param_groups[0]["lr"]  # the epoch's last step's (warmup ramps it within the epoch)
-        metrics = {**_epoch_metrics(epoch, lr, train, val, epoch_seconds[-1]), "world_size": world,
-                   "global_batch": global_batch}  # fmt: skip
-        progress = _after_epoch(progress, metrics, steps_per_epoch)
-        report(spec, rank, model, optimizer, metrics, progress, metrics, logger.pending())
-        logger.log_epoch(epoch, metrics)
-        eta = (cfg.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)
-        say(_epoch_line(cfg.epochs, metrics, eta), flush=True)
+    diverged = None
+    try:
+        for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+            torch.manual_seed(rank_seed(cfg.seed, rank, epoch))  # dropout: other masks on every rank and epoch
+            lr = _set_lr(optimizer, cfg, epoch, progress, world)
+            warm = _warmup(optimizer, cfg.warmup_epochs, lr, epoch, steps_per_epoch)
+            started = time.perf_counter()
+            partial = progress.partial_sums if rank == 0 else None  # counted once, on rank 0
+            train = run_train_epoch(
+                model, optimizer, augment, feed, train_shard, cfg, device, epoch, steps_per_epoch,
+                progress.step_in_epoch, partial, save_mid_epoch, warm, beat, accumulate, preempted,
+            )  # fmt: skip
+            val = evaluate(model, augment, feed, val_shard, cfg, device, beat)
+            epoch_seconds.append(time.perf_counter() - started)
+            lr = optimizer.param_groups[0]["lr"]  # the epoch's last step's (warmup ramps it within the epoch)
+            metrics = {**_epoch_metrics(epoch, lr, train, val, epoch_seconds[-1]), "world_size": world,
+                       "global_batch": global_batch}  # fmt: skip
+            check_finite(model, epoch, steps_per_epoch, metrics)
+            progress = _after_epoch(progress, metrics, steps_per_epoch)
+            report(spec, rank, model, optimizer, metrics, progress, metrics, logger.pending())
+            logger.log_epoch(epoch, metrics)
+            eta = (cfg.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)
+            say(_epoch_line(cfg.epochs, metrics, eta), flush=True)
+    except Diverged as stop:  # every rank at the same point: all return, none waits on the others
+        diverged = str(stop)
+        say(f"stopping: {diverged}", flush=True)
     logger.flush()
     logger.close()
-    return Outcome(logger.restarts, logger.pending(), logger.delayed, progress.world_sizes)
+    return Outcome(logger.restarts, logger.pending(), logger.delayed, progress.world_sizes, diverged)
 
 
 def rank_seed(seed: int, rank: int, epoch: int) -> int:
@@ -141,10 +155,11 @@ def _build(spec: RunSpec, device: torch.device, logger, say) -> tuple[torch.nn.M
     model = AlexNet.from_config(len(spec.classes), cfg.to_dict())
     progress, optimizer_state = Progress(), None
     restored = ray.train.get_checkpoint()
-    if restored:
-        with restored.as_directory() as ckpt_dir:
-            meta = checkpoint.restore(ckpt_dir, model, cfg, len(spec.classes))
-            optimizer_state = checkpoint.load_state(ckpt_dir, checkpoint.OPTIMIZER_FILE)
+    if restored:  # the latest; an earlier one if it is damaged
+        latest = spec.run_dir.join(Path(restored.path.rstrip("/")).name)
+        meta, optimizer_state, used = checkpoint.restore_latest(
+            latest, spec.run_dir, model, cfg, len(spec.classes), say
+        )
         progress = meta.progress
         logger.requeue(list(meta.unsent_metrics))  # what the server missed before the checkpoint
         logger.log_epoch(progress.epoch, meta.epoch_metrics)  # if it was lost before MLflow had it
@@ -152,7 +167,7 @@ def _build(spec: RunSpec, device: torch.device, logger, say) -> tuple[torch.nn.M
     if restored:
         where = f"epoch {progress.epoch}" + (f" + {progress.step_in_epoch} steps" if progress.step_in_epoch else "")
         known = "unknown while MLflow is unreachable" if restarts is None else restarts
-        say(f"resumed from {where} ({restored.path}); restarts so far: {known}", flush=True)
+        say(f"resumed from {where} ({used.uri}); restarts so far: {known}", flush=True)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)  # the uint8 NHWC batches arrive that way
     model = ray.train.torch.prepare_model(model)  # device placement + DDP
@@ -259,9 +274,11 @@ def run_train_epoch(
     (micro-batches) on each worker."""
     model.train()
     optimizer.zero_grad(set_to_none=True)  # nothing left over from a step an earlier epoch did not finish
-    sums = torch.zeros(6, device=device, dtype=torch.float64)  # loss·n, top-1 correct, n, wait s, busy s, top-5
+    sums = torch.zeros(len(SUMS), device=device, dtype=torch.float64)  # named by SUMS
     if partial:
         sums[: len(partial)] += torch.tensor(partial, dtype=torch.float64, device=device)
+    nonfinite = sums[NONFINITE]  # a view: train_step counts into it on the device
+    first_bad = torch.full((), math.inf, device=device, dtype=torch.float64)  # the first step that was not finite
     started, wait = time.perf_counter(), 0.0
     step, micro = resume_at, 0
     for batch, waited in _timed(feed.batches(shard, cfg.batch_size, drop_last=True)):
@@ -274,8 +291,9 @@ def run_train_epoch(
             warm(step)
         images, labels = feed.tensors(batch, epoch)
         loss, logits = train_step(
-            model, optimizer, augment, images, labels, cfg.clip_grad_norm, micro=micro, accumulate=accumulate
-        )
+            model, optimizer, augment, images, labels, cfg.clip_grad_norm, micro=micro, accumulate=accumulate,
+            nonfinite=nonfinite,
+        )  # fmt: skip
         top1, top5 = topk_correct(logits.detach(), labels)
         sums[0] += loss.detach() * len(labels)  # device-side sums: no host sync per step
         sums[1] += top1
@@ -285,16 +303,19 @@ def run_train_epoch(
         if micro:
             continue
         step += 1
+        first_bad = torch.where((nonfinite.sum() > 0) & first_bad.isinf(), float(step), first_bad)  # no sync
         notice = preempted(step) if preempted else False  # every rank asks at the same steps: a barrier
         due = notice or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0)
         if due and step < steps_per_epoch:  # at the epoch's end its own checkpoint follows at once
             sums[3] += wait
             sums[4] += time.perf_counter() - started
-            save(epoch, step, sums)
+            save(epoch, step, sums, first_bad)
             started, wait = time.perf_counter(), 0.0
     sums[3] += wait
     sums[4] += time.perf_counter() - started
-    loss_sum, correct, n, wait_total, elapsed_total, correct5 = _all_reduce(sums).tolist()
+    totals = _all_reduce(sums).tolist()
+    check_sums(totals, first_bad, epoch)
+    loss_sum, correct, n, wait_total, elapsed_total, correct5 = totals[:6]
     if n == 0:
         raise RuntimeError("a training epoch produced no full batch: lower --batch-size or add training images")
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -306,6 +327,41 @@ def run_train_epoch(
         "images_per_s": n / (elapsed_total / world),  # global throughput over the mean worker wall time
         "data_wait_fraction": wait_total / elapsed_total,
     }
+
+
+# The epoch's device-side sums (all-reduced at the epoch's end and at mid-epoch checkpoints; a
+# mid-epoch checkpoint keeps them in this order): loss·n, top-1 correct, n, seconds waiting for
+# data, seconds in all, top-5 correct, and the micro-batches whose loss and the steps whose
+# gradient norm were not finite.
+SUMS = ("loss_sum", "top1", "images", "wait_s", "busy_s", "top5", "nonfinite_losses", "nonfinite_grads")
+NONFINITE = slice(6, 8)
+
+
+class Diverged(Exception):
+    """Training stopped being finite; raised on every rank at the same point (from all-reduced sums,
+    or from weights that DDP keeps identical on every rank)."""
+
+
+def check_sums(sums, first_bad: torch.Tensor, epoch: int) -> None:
+    """Diverged when the all-reduced `sums` count a loss or gradient norm that was not finite; the
+    step named is the first on any rank (one more all-reduce, on this path only)."""
+    losses, grads = sums[NONFINITE]
+    if not (losses or grads):
+        return
+    first = _all_reduce(first_bad.clone(), dist.ReduceOp.MIN).item()
+    where = f"step {int(first)}" if math.isfinite(first) else "its last step"
+    what = f"loss {sums[0] / max(sums[2], 1):.3g}" if losses else "gradient norm not finite"
+    raise Diverged(f"training diverged at epoch {epoch}, {where} ({what})")
+
+
+def check_finite(model, epoch: int, step: int, metrics: dict[str, float] | None = None) -> None:
+    """Diverged when a weight (or one of the epoch's metrics) is not finite: nothing of it is saved."""
+    bad = [k for k, v in (metrics or {}).items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise Diverged(f"training diverged at epoch {epoch}, step {step} ({', '.join(bad)} not finite)")
+    finite = torch.stack([torch.isfinite(p).all() for p in _unwrap(model).parameters()]).all()
+    if not finite.item():
+        raise Diverged(f"training diverged at epoch {epoch}, step {step} (weights not finite)")
 
 
 class PreemptionNotice:
@@ -375,9 +431,9 @@ def _timed(iterable) -> Iterator[tuple[Any, float]]:
         yield item, time.perf_counter() - started
 
 
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if dist.is_initialized():
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
     return t
 
 

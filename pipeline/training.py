@@ -24,6 +24,7 @@ from pipeline import checkpoint, cluster, run, tracking
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.data.shards import PreparedDataset, open_dataset
 from pipeline.data.stats import normalization, read_stats
+from pipeline.errors import TrainingDiverged
 from pipeline.fit import fit
 from pipeline.prepare import sample_shards
 from pipeline.registration import register
@@ -55,16 +56,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
     started, cwd = time.time(), os.getcwd()
     cfg, record = run.resumed_config(cfg, log)  # --resume: the stopped run's own config, data and MLflow run
     data = load_data(cfg)  # fails fast, before Ray starts
-    name = cfg.resume or run.new_name(cfg)
-    uri = run.tracking_uri(cfg, record)  # an unreachable server fails here, before the cluster does anything
-    forward = cluster.env_names(cfg.forward_env)
-    if connect_ray(cfg, log, tracking.worker_env(uri, forward), tracking.credentials_note(forward)):
-        check_resources(cfg, log)  # a plan that would wait forever is refused before anything starts
-    data = data or _check_crop(cfg, open_dataset(str(sample_shards(cfg.sample_dir, log))))
-    check_reachable(cfg, data.uri, ray.nodes(), ray.get_runtime_context().get_node_id())
-    spec = _spec(cfg, data, name, uri, log)  # a missing mean image fails here
-    current = run.Run.begin(cfg, data, spec.colour, name, uri, record, log)
-    spec = dataclasses.replace(spec, run_id=current.run_id)
+    uri = run.tracking_uri(cfg, record, log)  # an unreachable server fails here, before the cluster does anything
+    name = cfg.resume or run.claim(cfg)  # the run directory, this job's alone, before anything is written
+    try:
+        current, spec, data = _begin(cfg, data, name, uri, record, log)
+    except BaseException:
+        if not cfg.resume:
+            run.release(cfg, name)  # nothing of the run was written: the name is free again
+        raise
     summary = TrainSummary(name, cfg.experiment, cfg.model_name, current.run_id, current.shown_uri)
     status = "FAILED"
     try:
@@ -74,6 +73,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
         summary.world_sizes = outcome.world_sizes
         summary.global_batches = tuple(cfg.global_batch_at(world) for world in outcome.world_sizes)
         summary.delayed_epochs = outcome.delayed_epochs + current.send_at_end(outcome.unsent_metrics, log)
+        if outcome.diverged:  # the epochs before it are in the run; nothing is registered
+            raise TrainingDiverged(diverged(outcome.diverged, spec, current, best))
         _register_best(spec, data, best, summary)
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C; SIGTERM (`ray job stop`), which Ray's handler turns into an exit
@@ -84,6 +85,34 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
         current.finish(status, log)
     summary.seconds = time.time() - started
     return summary
+
+
+def _begin(cfg: TrainConfig, data: PreparedDataset | None, name: str, uri: str | None, record, log):
+    """Ray connected, the data checked where the workers are, the run begun: (run, spec, data)."""
+    forward = cluster.env_names(cfg.forward_env)
+    if connect_ray(cfg, log, tracking.worker_env(uri, forward), tracking.credentials_note(forward)):
+        check_resources(cfg, log)  # a plan that would wait forever is refused before anything starts
+    data = data or _check_crop(cfg, open_dataset(str(sample_shards(cfg.sample_dir, log))))
+    check_reachable(cfg, data.uri, ray.nodes(), ray.get_runtime_context().get_node_id())
+    spec = _spec(cfg, data, name, uri, log)  # a missing mean image fails here
+    current = run.Run.begin(cfg, data, spec.colour, name, uri, record, log)
+    return current, dataclasses.replace(spec, run_id=current.run_id), data
+
+
+def diverged(reason: str, spec: RunSpec, current: run.Run, best: Location | None) -> str:
+    """What a run that diverged says: where, the last finite checkpoint, what to change."""
+    cfg = spec.config
+    kept = checkpoint.complete(spec.run_dir)
+    last = f"the last finite checkpoint is {kept[-1].uri}" if kept else "no checkpoint was saved"
+    if best is not None:
+        last += f" (the best: {best.uri})"
+    current.tag("diverged", reason)
+    clip = f"a lower --clip-grad-norm than {cfg.clip_grad_norm:g}" if cfg.clip_grad_norm else "--clip-grad-norm 5"
+    return (
+        f"{reason}; nothing was registered, and {last}. Start a new run with a lower --lr (this one: {cfg.lr:g} for "
+        f"batch {cfg.lr_batch}, {cfg.scaled_lr:.3g} at global batch {cfg.global_batch}), {clip}, or a longer "
+        f"--warmup-epochs (this one: {cfg.warmup_epochs:g})"
+    )
 
 
 def _spec(cfg: TrainConfig, data: PreparedDataset, name: str, uri: str | None, log) -> RunSpec:

@@ -25,7 +25,7 @@ import mlflow
 import psutil
 import pytest
 import torch
-from conftest import light
+from conftest import assert_registered, light
 from mlflow import MlflowClient
 
 from pipeline import checkpoint, config, run, tracking, training
@@ -166,7 +166,7 @@ def test_a_killed_worker_and_a_server_outage_lose_no_step_and_no_metric(ray_clus
     images = client.get_metric_history(run_id, "train_images")
     assert sorted((m.step, m.value) for m in images) == [(1, 96), (2, 96)]
     assert [m.value for m in client.get_metric_history(run_id, "val_images")] == [24, 24]
-    assert client.get_model_version_by_alias("chaos", "champion").run_id == run_id
+    assert_registered(client, "chaos", run_id)
     # The kill fell between reports: the best checkpoint is one Ray Train registered, whole, with
     # the best epoch's error (no copy that a lost worker could have left half made).
     best = checkpoint.read_meta(summary.checkpoint)
@@ -207,7 +207,7 @@ def test_metrics_the_server_never_got_are_sent_by_resume_which_then_registers_th
     found = client.get_run(run_id)
     assert found.info.status == "FINISHED" and found.data.tags["restarts"] == "1"  # the resume, counted once
     assert summary.model_version == "1" and summary.restarts == 1
-    assert client.get_model_version_by_alias("alexnet-late", "champion").run_id == run_id
+    assert_registered(client, "alexnet-late", run_id)
 
 
 def test_resume_without_a_stopped_run_says_so(tmp_path):
@@ -234,6 +234,47 @@ def test_a_checkpoint_for_another_model_fails_saying_what_differs(tmp_path):
         checkpoint.restore(tmp_path, AlexNet(4, fc_width=cfg.fc_width), cfg, 4)
 
 
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one_and_says_so(tmp_path):
+    from pipeline.spec import Progress
+    from pipeline.storage import locate
+
+    cfg = light()
+    classes = tuple(ClassInfo(i, f"n{i:08d}", f"class {i}") for i in range(4))
+    run_dir = tmp_path / "runs" / "r"
+    names = [f"checkpoint_2026-12-01_0{h}-00-00.000000" for h in (1, 2, 3)]
+    for epoch, name in enumerate(names, 1):
+        (run_dir / name).mkdir(parents=True)
+        net = AlexNet(4, fc_width=cfg.fc_width)
+        checkpoint.save(run_dir / name, net, torch.optim.SGD(net.parameters(), lr=0.1),
+                        CheckpointMeta(cfg, classes, Progress(epoch=epoch)))  # fmt: skip
+    said: list[str] = []
+
+    def restore(latest: str):
+        model = AlexNet(4, fc_width=cfg.fc_width)
+        place = locate(run_dir).join(latest)
+        return checkpoint.restore_latest(place, locate(run_dir), model, cfg, 4, lambda m, **_: said.append(m))
+
+    meta, _, used = restore(names[2])
+    assert meta.epoch == 3 and used.name() == names[2] and not said
+    with open(run_dir / names[2] / checkpoint.MODEL_FILE, "r+b") as f:  # truncated on its way to storage
+        f.truncate(1000)
+    meta, _, used = restore(names[2])
+    assert meta.epoch == 2 and used.name() == names[1]
+    assert (
+        said[-1].startswith(f"checkpoint {run_dir / names[2]} (")
+        and f"resuming from the previous one, {run_dir / names[1]}" in said[-1]
+    )
+    (run_dir / names[1] / checkpoint.OPTIMIZER_FILE).unlink()  # a partial one: not even a candidate
+    (run_dir / names[0] / checkpoint.META_FILE).write_text("{not json")
+    with pytest.raises(checkpoint.CheckpointError, match=f"no checkpoint of {run_dir} can be read: "):
+        restore(names[2])
+    # A checkpoint for another model is not skipped over: an earlier one would not fit either.
+    with pytest.raises(checkpoint.CheckpointMismatch, match="does not fit this model"):
+        checkpoint.restore_latest(
+            locate(run_dir).join(names[2]), locate(run_dir), AlexNet(10, fc_width=64), cfg, 10, print
+        )
+
+
 def test_a_run_that_stops_on_a_failure_says_what_failed_where_its_checkpoint_is_and_how_to_resume(tmp_path):
     from ray.exceptions import OutOfMemoryError
     from ray.train import ControllerError, WorkerGroupError
@@ -244,6 +285,12 @@ def test_a_run_that_stops_on_a_failure_says_what_failed_where_its_checkpoint_is_
     run_dir = tmp_path / "runs" / "big"
     for name in ("checkpoint_2026-11-30_10-00-00.000001", "checkpoint_2026-11-30_11-00-00.000002", "unsent"):
         (run_dir / name).mkdir(parents=True)
+        for file in (checkpoint.MODEL_FILE, checkpoint.OPTIMIZER_FILE, checkpoint.META_FILE):
+            (run_dir / name / file).write_bytes(b"x")
+    partial = run_dir / "checkpoint_2026-11-30_12-00-00.000003"  # killed while it was written: not named
+    partial.mkdir()
+    (partial / checkpoint.MODEL_FILE).write_bytes(b"x")
+    (run_dir / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray Train's own, not a checkpoint
     failures = {
         1: OutOfMemoryError("Task was killed due to the node running low on memory.\nsecond line"),
         0: ValueError(),
@@ -251,7 +298,7 @@ def test_a_run_that_stops_on_a_failure_says_what_failed_where_its_checkpoint_is_
     message = explain_failure(WorkerGroupError("...", failures), locate(run_dir), str(tmp_path / "runs"), 3)
     assert message.startswith("training stopped after 3 restart(s): rank 0: ValueError; rank 1: OutOfMemoryError:")
     assert "out of memory: lower --batch-size" in message and "second line" not in message
-    assert f"the last checkpoint is {run_dir}/checkpoint_2026-11-30_11-00-00.000002" in message
+    assert f"the last complete checkpoint is {run_dir}/checkpoint_2026-11-30_11-00-00.000002;" in message
     assert message.endswith(f"continue with: python jobs/train.py --resume big --storage-path {tmp_path / 'runs'}")
     empty = explain_failure(ControllerError(RuntimeError("lost")), locate(tmp_path), "runs", 0)
     assert "no restarts allowed (--max-failures 0): RuntimeError: lost. no checkpoint was saved" in empty
@@ -274,7 +321,8 @@ def test_resume_reads_the_run_where_storage_path_says_and_keeps_it_there(tmp_pat
 
 def test_checkpoint_staging_is_private_per_process_and_clears_only_its_runs_dead_processes(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    base = tmp_path / "alexnet-checkpoints" / "run"
+    mine = tmp_path / f"alexnet-checkpoints-{os.getuid()}"
+    base = mine / "run"
     gone = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
     )
@@ -283,8 +331,9 @@ def test_checkpoint_staging_is_private_per_process_and_clears_only_its_runs_dead
         "dead": base / f"{dead}-abc_1",  # a killed worker's: removed
         "alive": base / f"{os.getppid()}-abc_2",  # a running process's: kept
         "other": base / "notes",  # not a staging folder: kept
-        "other run": tmp_path / "alexnet-checkpoints" / "run-2" / f"{dead}-abc_3",  # another run's: kept
+        "other run": mine / "run-2" / f"{dead}-abc_3",  # another run's: kept
     }
+    mine.mkdir(mode=0o700)
     for path in leftovers.values():
         path.mkdir(parents=True)
     with checkpoint.staging("run") as first, checkpoint.staging("run") as second:
@@ -294,3 +343,51 @@ def test_checkpoint_staging_is_private_per_process_and_clears_only_its_runs_dead
     assert not first.exists() and not second.exists()
     assert not leftovers["dead"].exists()
     assert all(leftovers[k].is_dir() for k in ("alive", "other", "other run"))
+
+
+def test_checkpoint_staging_refuses_a_folder_others_could_have_made_or_can_write(tmp_path, monkeypatch):
+    """In a shared /tmp another user may create the staging folder first, or a link in its place."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    mine = tmp_path / f"alexnet-checkpoints-{os.getuid()}"
+    mine.mkdir()
+    mine.chmod(0o777)  # left world-writable
+    with pytest.raises(checkpoint.CheckpointError, match="is open to other users \\(mode 777\\)"):
+        with checkpoint.staging("run"):
+            pass
+    mine.rmdir()
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    mine.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(checkpoint.CheckpointError, match="is a link"):
+        with checkpoint.staging("run"):
+            pass
+    mine.unlink()
+    if os.getuid() == 0:  # as root the test can make it another user's
+        mine.mkdir(mode=0o700)
+        os.chown(mine, 65534, 65534)
+        with pytest.raises(checkpoint.CheckpointError, match="belongs to user id 65534, not 0"):
+            with checkpoint.staging("run"):
+                pass
+        mine.rmdir()
+    with checkpoint.staging("run") as folder:  # made afresh: this user's, 0700
+        assert folder.parent.parent == mine and oct(mine.stat().st_mode & 0o777) == "0o700"
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_resume_logs_to_this_environments_server_not_the_one_its_record_names(tmp_path):
+    """Whoever can write a run record (a shared bucket) must not be able to send this job's MLflow login elsewhere."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    here = f"sqlite:///{tmp_path / 'here.db'}"
+    said: list[str] = []
+    record = {"run_id": "0123", "tracking_uri": "http://mlflow.attacker.example:5000"}
+    with _use_tracking_uri(here):  # this environment's server (and back to the session's after)
+        assert run.tracking_uri(config.resolve("sample", resume="r"), record, said.append) == here
+    assert said == [
+        f"the run record names MLflow at http://mlflow.attacker.example:5000; this job uses {here} from this "
+        "environment (set MLFLOW_TRACKING_URI to the record's server if that is where the run lives)"
+    ]
+    with pytest.raises(
+        tracking.TrackingError,
+        match=f"MLflow run 0123 is not on the server at {here}; its run record names http://mlflow.attacker",
+    ):
+        tracking.reopen_run(here, "0123", record["tracking_uri"])

@@ -6,6 +6,8 @@ import dataclasses
 import io
 import json
 import os
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -219,8 +221,12 @@ def test_model_actors_load_the_files_the_driver_shipped_and_never_log_in_to_mlfl
     with torch.no_grad():
         expected = torch.softmax(loaded(torch.from_numpy(views[:, 0])).float(), dim=1).numpy()
     np.testing.assert_allclose(ray.get(score.remote(shipped, views))[:, 0], expected, rtol=1e-4, atol=1e-6)
-    with pytest.raises(ray.exceptions.RayTaskError, match="401"):  # what it would do without ship()
-        ray.get(score.remote(ref, views))
+    # The actor loads only the bytes the driver checked: others (changed on the way, a swapped ref) are refused.
+    changed = bytearray(ref.program)
+    changed[len(changed) // 2] ^= 0xFF
+    swapped = dataclasses.replace(shipped, program=ray.put(bytes(changed)))
+    with pytest.raises(ray.exceptions.RayTaskError, match="the model's bytes are not the ones checked"):
+        ray.get(score.remote(swapped, views))
 
 
 @pytest.mark.slow
@@ -411,6 +417,89 @@ def test_a_version_whose_loading_would_run_code_is_refused_before_any_cluster_wo
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
+def test_a_version_with_a_pickle_module_beside_its_program_is_refused_and_the_module_never_imported(
+    model, image_dir, tiny_shards, tmp_path, monkeypatch
+):  # `model`: MLflow points at the session's server, where the version is registered
+    """model.pt2 passes a check that looks for it; MLflow's loader would still import the module that
+    data/pickle_module_info.txt names (and put a code/ folder first on sys.path) before refusing pickle."""
+    import mlflow
+
+    ref, _ = model
+    client = MlflowClient()
+    files = Path(
+        mlflow.artifacts.download_artifacts(f"models:/{REGISTERED_MODEL}/{ref.version}", dst_path=str(tmp_path / "v"))
+    )
+    marker = tmp_path / "the-module-was-imported"
+    probe = tmp_path / "modules" / "alexnet_smuggled_probe.py"
+    probe.parent.mkdir()
+    probe.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(probe.parent))  # importable here, as an installed package would be
+    (files / "data" / "pickle_module_info.txt").write_text("alexnet_smuggled_probe")
+    torch.save({"weights": torch.zeros(1)}, files / "data" / "model.pth")
+    run_id = client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
+    client.log_artifacts(run_id, str(files), "model")
+    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    client.create_registered_model("smuggled")
+    version = f"models:/smuggled/{client.create_model_version('smuggled', source, run_id=run_id).version}"
+
+    # As MLflow loads it, even with pickle deserialisation off, the module is imported: the threat is real.
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    with pytest.raises(mlflow.exceptions.MlflowException, match="Deserializing model using pickle is disallowed"):
+        mlflow.pytorch.load_model(version, dst_path=str(tmp_path))
+    assert marker.exists()
+    marker.unlink()
+    del sys.modules["alexnet_smuggled_probe"]
+
+    for job, args in (
+        ("jobs/infer.py", ["--input", str(image_dir), "--output", str(tmp_path / "out")]),
+        ("jobs/evaluate.py", ["--data", str(tiny_shards)]),
+    ):
+        refused = call_job(job, "--model", version, *args)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert (
+            f"error: {version} holds data/model.pth, data/pickle_module_info.txt beside its torch.export program"
+            in refused.stderr
+        )
+    assert not marker.exists() and "alexnet_smuggled_probe" not in sys.modules
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_version_holding_more_than_a_program_and_its_metadata_is_refused(tmp_path):
+    """Checked on the files themselves: links, a code/ folder, strays beside the program."""
+    from mlflow.models import Model
+
+    from pipeline import model_files
+
+    def version(*extra: str) -> Path:
+        root = tmp_path / f"v{len(list(tmp_path.iterdir()))}"
+        (root / "data").mkdir(parents=True)
+        (root / "data" / "model.pt2").write_bytes(b"PK")
+        model = Model()
+        model.add_flavor("pytorch", model_data="data", pytorch_version=str(torch.__version__))
+        model.save(str(root / "MLmodel"))
+        for rel in extra:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text("x")
+        return root
+
+    cases = {
+        ("code/evil.py",): "carries code of its own (code/)",
+        ("data/notes.txt",): "holds data/notes.txt beside its torch.export program",
+        ("loader.py",): "holds files a version jobs/train.py registers does not (loader.py)",
+    }
+    for extra, message in cases.items():
+        with pytest.raises(serving.ModelError, match=re.escape(message)):
+            model_files.check(version(*extra), "models:/x/1")
+    linked = version()
+    (linked / "extra_files").mkdir()
+    (linked / "extra_files" / "classes.json").symlink_to("/etc/hostname")
+    with pytest.raises(serving.ModelError, match="extra_files/classes.json is not a regular file"):
+        model_files.check(linked, "models:/x/1")
+    with pytest.raises(serving.ModelError, match="not pickle-free"):  # b"PK" is no archive: refused, not read
+        model_files.check(version(), "models:/x/1")
+
+
 def test_replicas_are_a_number_or_a_range():
     assert inference.parse_replicas("3") == (3, 3) and inference.parse_replicas("1:8") == (1, 8)
     assert inference.parse_replicas("auto", {"CPU": 6.0}) == (1, 6)
@@ -418,3 +507,53 @@ def test_replicas_are_a_number_or_a_range():
     for bad in ("0", "x", "2:1", "a:b"):
         with pytest.raises(inference.InferenceError, match="--replicas"):
             inference.parse_replicas(bad)
+
+
+def test_a_file_that_cannot_be_read_says_why_and_never_blocks_or_reads_past_the_limit(tmp_path):
+    """What becomes a file's error row (inference) or bad-file entry (preparation), never a crash of the job."""
+    from pipeline.storage import UnreadableFile
+
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8" + b"x" * 2000)
+    os.mkfifo(tmp_path / "fifo.jpg")  # opening it for reading would block for ever
+    (tmp_path / "nothing.jpg").symlink_to(tmp_path / "gone.jpg")
+    (tmp_path / "zeros.jpg").symlink_to("/dev/zero")  # would never end
+    (tmp_path / "folder.jpg").mkdir()
+    cases = {
+        "fifo.jpg": "not a regular file (a FIFO)",
+        "nothing.jpg": "a link to nothing",
+        "zeros.jpg": "not a regular file (a character device)",
+        "folder.jpg": "not a regular file (a folder)",
+        "vanished.jpg": "file not found: gone since the input was listed",
+        "photo.jpg": "2,002 bytes, over the 0.000954 MiB limit for one file (--max-file-mb): not read",
+    }
+    for name, reason in cases.items():
+        with pytest.raises(UnreadableFile, match=re.escape(reason)):
+            locate(tmp_path / name).read_input(max_bytes=1000)
+    assert len(locate(tmp_path / "photo.jpg").read_input()) == 2002
+    # Listed with the files, so that reading them puts them in the output (a folder is walked into).
+    files, unlisted = locate(tmp_path).walk()
+    assert sorted(Path(f).name for f in files) == ["fifo.jpg", "nothing.jpg", "photo.jpg", "zeros.jpg"]
+    assert unlisted == []
+
+
+@pytest.mark.slow
+def test_files_that_cannot_be_read_are_rows_with_their_reason(model, image_files, tmp_path):
+    ref, _ = model
+    root = tmp_path / "bucket"
+    root.mkdir()
+    (root / "good.jpg").write_bytes(image_files["a/wide.jpg"])
+    (root / "large.jpg").write_bytes(image_files["a/wide.jpg"] + b"\0" * 300_000)
+    os.mkfifo(root / "fifo.jpg")
+    (root / "nothing.jpg").symlink_to(root / "gone.jpg")
+    out = tmp_path / "out"
+    proc = call_job(
+        "jobs/infer.py", "--model", ref.version_uri, "--input", root, "--output", out, "--max-file-mb", "0.25"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {Path(r["path"]).name: r for r in inference.read_predictions(locate(out)).to_pylist()}
+    assert sorted(rows) == ["fifo.jpg", "good.jpg", "large.jpg", "nothing.jpg"]
+    assert rows["good.jpg"]["error"] is None and rows["good.jpg"]["top1_wnid"]
+    assert rows["fifo.jpg"]["error"] == "not a regular file (a FIFO)"
+    assert rows["nothing.jpg"]["error"] == "a link to nothing"
+    assert "over the 0.25 MiB limit for one file" in rows["large.jpg"]["error"]
+    assert "4 images, 3 with errors" in proc.stdout

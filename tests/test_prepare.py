@@ -12,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_job
 from imagenet_layouts import as_devkit, jpeg, kaggle_truth, png, red
 from PIL import Image
 
 from pipeline.data import imagenet, shards
 from pipeline.data.sample import SYNSETS
 from pipeline.errors import InputError
+from pipeline.mlflow_server import free_port
 from pipeline.prepare import prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,11 +92,17 @@ def test_messy_real_world_files_become_rgb_or_are_listed_with_their_reason(ray_c
         (folder / name).write_bytes(data)
     with open(os.fsencode(folder) + b"/caf\xe9.JPEG", "wb") as latin1:  # a name in Latin-1, not UTF-8
         latin1.write(good)
+    os.mkfifo(folder / "fifo.JPEG")  # reading it would block for ever
+    (folder / "gone.JPEG").symlink_to(folder / "deleted.JPEG")
+    (folder / "huge.JPEG").write_bytes(good + b"\0" * 200_000)  # over --max-file-mb below: never read
+    unreadable = {"fifo.JPEG": "not a regular file", "gone.JPEG": "not a regular file",
+                  "huge.JPEG": "over the 0.191 MiB limit for one file (--max-file-mb): not read"}  # fmt: skip
 
-    summary = prepare(str(source), str(tmp_path / "out"), size=64, shard_size=50)
+    summary = prepare(str(source), str(tmp_path / "out"), size=64, shard_size=50, max_file_bytes=200_000)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     bad = {b["path"].rsplit("/", 1)[1]: b["reason"] for b in manifest["bad_files"]}
-    assert set(bad) == set(broken) | set(stray) | {"caf\\xe9.JPEG"}
+    assert set(bad) == set(broken) | set(stray) | set(unreadable) | {"caf\\xe9.JPEG"}
+    assert all(reason in bad[name] for name, reason in unreadable.items()), bad
     assert bad["caf\\xe9.JPEG"].startswith("its name is not UTF-8")
     assert bad["empty.jpeg"] == "empty file (0 bytes)"
     assert "truncated" in bad["truncated.JPEG"] and bad["notes.txt"].startswith("not an image file name")
@@ -187,3 +195,41 @@ def test_overwrite_never_reaches_the_source_or_folders_prepare_did_not_write(tin
         prepare(str(tiny_raw), str(other), size=64, shard_size=32, overwrite=True)
     assert sorted(p.relative_to(other) for p in other.rglob("*")) == before
     assert sorted(p.relative_to(tiny_raw) for p in tiny_raw.rglob("*")) == before
+
+
+def _contents(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_deletes_nothing_it_cannot_recognise_as_its_own(tiny_raw, tiny_shards, tmp_path):
+    # Someone else's folder with a manifest.json, a train/ and Parquet files of their own.
+    theirs = tmp_path / "theirs"
+    (theirs / "train").mkdir(parents=True)
+    (theirs / "manifest.json").write_text(json.dumps({"splits": {"train": 1}, "owner": "another team"}))
+    pq.write_table(pq.read_table(next(tiny_shards.glob("train/*.parquet"))).replace_schema_metadata({}),
+                   theirs / "train" / "train-00000.parquet")  # fmt: skip
+    # A dataset prepare wrote, into which someone put a file of their own.
+    ours = shutil.copytree(tiny_shards, tmp_path / "ours")
+    (ours / "train" / "README.txt").write_text("notes on these shards\n")
+    # A dataset prepare wrote whose shard was replaced by another file of the same name.
+    swapped = shutil.copytree(tiny_shards, tmp_path / "swapped")
+    shutil.copy(theirs / "train" / "train-00000.parquet", swapped / "train" / "train-00000.parquet")
+    for out, message in [
+        (theirs, "is not one of its manifests (no plan, splits and source)"),
+        (ours, f"{ours / 'train' / 'README.txt'} is not one of its shards"),
+        (swapped, f"{swapped / 'train' / 'train-00000.parquet'} is not one of its shards"),
+    ]:
+        before = _contents(out)
+        with pytest.raises(InputError, match=re.escape(message)):
+            prepare(str(tiny_raw), str(out), size=64, shard_size=32, overwrite=True)
+        assert _contents(out) == before, out  # byte for byte
+
+
+def test_overwrite_deletes_nothing_before_the_cluster_answers(tiny_raw, tiny_shards, tmp_path):
+    ours = shutil.copytree(tiny_shards, tmp_path / "ours")
+    before = _contents(ours)
+    dead = f"127.0.0.1:{free_port()}"
+    args = ["--source", tiny_raw, "--out", ours, "--size", "64", "--overwrite", "--no-progress"]
+    proc = run_job("jobs/prepare.py", *args, env={**os.environ, "RAY_ADDRESS": dead}, timeout=120)
+    assert proc.returncode == 2 and f"the Ray cluster at {dead} (from RAY_ADDRESS) does not answer" in proc.stderr
+    assert _contents(ours) == before

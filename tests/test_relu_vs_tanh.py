@@ -48,6 +48,35 @@ def test_cifar10_pickles_load_as_nhwc_images(tmp_path):
         relu_vs_tanh.load_cifar10(tmp_path / "broken")
 
 
+class _Payload:
+    """What a crafted batch holds: unpickling it calls a function of the attacker's choice."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_cifar10_folder_with_a_crafted_pickle_runs_nothing(tmp_path):
+    root = tmp_path / "cifar-10-batches-py"
+    _write_cifar10(root, per_batch=3)
+    marker = tmp_path / "the-payload-ran"
+    with (root / "data_batch_2").open("wb") as f:
+        pickle.dump({b"labels": [0], b"data": _Payload(marker)}, f)
+    with pytest.raises(relu_vs_tanh.DataError, match=r"data_batch_2 is not a CIFAR-10 python batch .*pathlib"):
+        relu_vs_tanh.load_cifar10(root)
+    assert not marker.exists()
+    proc = call_job("jobs/relu_vs_tanh.py", "--cifar10", root, "--out", tmp_path / "out", "--no-tracking")
+    assert proc.returncode == 2 and "data_batch_2 is not a CIFAR-10 python batch" in proc.stderr
+    assert not marker.exists()
+    with (root / "data_batch_2").open("wb") as f:  # the same pickled as stdlib pickle would load it: the threat
+        pickle.dump(_Payload(marker), f)
+    with (root / "data_batch_2").open("rb") as f:
+        pickle.load(f)
+    assert marker.exists()
+
+
 def test_epochs_to_target_interpolates_between_epochs():
     assert relu_vs_tanh.epochs_to_target([0.9, 0.5, 0.2], 0.25) == pytest.approx(1 + 0.25 / 0.3)
     assert relu_vs_tanh.epochs_to_target([0.9, 0.25], 0.25) == pytest.approx(1.0)

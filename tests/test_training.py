@@ -6,6 +6,8 @@ The trained run is the session's (conftest.trained): two DDP workers, two epochs
 import dataclasses
 import io
 import json
+import re
+import threading
 from pathlib import Path
 
 import mlflow
@@ -27,7 +29,7 @@ from pipeline.data.shards import DataError
 from pipeline.data.transforms import eval_batch
 from pipeline.mlflow_server import free_port
 from pipeline.model import AlexNet, ImageClassifier
-from pipeline.run import new_name
+from pipeline.run import claim, new_name
 from pipeline.step import train_step
 from pipeline.train_loop import rank_seed
 
@@ -156,7 +158,29 @@ def test_the_registered_model_carries_its_class_index(run, tmp_path):
 def test_reusing_a_run_name_is_refused_instead_of_resuming_the_old_run(run):
     summary, cfg, _ = run
     with pytest.raises(ConfigError, match="already exists; pass another --name"):
-        new_name(dataclasses.replace(cfg, name=summary.run_name))
+        claim(dataclasses.replace(cfg, name=summary.run_name))
+
+
+def test_run_names_are_unique_and_a_name_is_claimed_by_one_job_only(tmp_path):
+    cfg = config.resolve("sample", storage_path=str(tmp_path / "runs"))
+    names = {new_name(cfg) for _ in range(50)}  # the same second
+    assert len(names) == 50 and all(re.fullmatch(r"alexnet-sample-\d{8}-\d{6}-[0-9a-f]{6}", n) for n in names)
+    named = dataclasses.replace(cfg, name="shared")
+    start, outcomes = threading.Barrier(8), []
+
+    def try_claim() -> None:
+        start.wait()
+        try:
+            outcomes.append(claim(named))
+        except ConfigError as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=try_claim) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes.count("shared") == 1 and sum("already exists" in o for o in outcomes) == 7
 
 
 def _fake_dataset(root: Path, columns: dict) -> Path:
@@ -397,3 +421,43 @@ def test_local_paths_are_refused_where_train_workers_cannot_reach_them():
         training.check_reachable(remote, "/data/shards", cluster, "head")
     training.check_reachable(remote, "s3://bucket/shards", cluster, "head")
     training.check_reachable(dataclasses.replace(cfg, shared_storage=True), "/mnt/efs/shards", cluster, "head")
+
+
+@pytest.mark.parametrize(
+    "job, args, message",
+    [
+        ("jobs/evaluate.py", ["--batch-size", "0"], "argument --batch-size: 0 must be at least 1"),
+        ("jobs/evaluate.py", ["--replicas", "0"], "argument --replicas: 0 must be at least 1"),
+        ("jobs/evaluate.py", ["--gpus-per-replica", "-1"], "argument --gpus-per-replica: -1 must be at least 0"),
+        ("jobs/infer.py", ["--batch-size", "x"], "argument --batch-size: 'x' is not a whole number"),
+        ("jobs/infer.py", ["--max-file-mb", "0"], "argument --max-file-mb: 0 must be above 0"),
+    ],
+)
+def test_evaluate_and_infer_check_every_argument_before_any_cluster_work(job, args, message):
+    base = {"jobs/evaluate.py": ["--data", "x"], "jobs/infer.py": ["--input", "x", "--output", "y"]}[job]
+    proc = call_job(job, "--model", "models:/m/1", *base, *args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_paths_a_datasets_json_files_name_stay_inside_the_dataset(tiny_shards, tmp_path):
+    import shutil
+
+    from pipeline.data.stats import read_stats
+
+    escaped = shutil.copytree(tiny_shards, tmp_path / "escaped")
+    manifest = json.loads((escaped / "manifest.json").read_text())
+    manifest["splits"]["val"]["shards"][0]["file"] = "../../../etc/passwd"
+    (escaped / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        DataError, match=r"manifest.json names '../../../etc/passwd', which is not a file inside .*/val/"
+    ):
+        training.load_data(config.resolve("sample", data=str(escaped)))
+
+    measured = shutil.copytree(tiny_shards, tmp_path / "measured")
+    dataset = training.load_data(config.resolve("sample", data=str(measured)))
+    stats = {"mean": [0.5] * 3, "std": [0.2] * 3, "eigenvalues": [0.1] * 3, "eigenvectors": np.eye(3).tolist(),
+             "dataset_hash": dataset.dataset_hash}  # fmt: skip
+    for where in ("/etc/passwd", "../outside.npy"):
+        (measured / "stats.json").write_text(json.dumps({**stats, "mean_image": where}))
+        with pytest.raises(DataError, match=re.escape(f"stats.json names {where!r}, which is not a file inside")):
+            read_stats(dataset)

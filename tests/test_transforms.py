@@ -1,4 +1,7 @@
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,3 +133,32 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header():
     for side in (10_000, 20_000):  # above Pillow's warning threshold, and above its error threshold
         with pytest.raises(UnsupportedImage, match=f"{side * side:,} pixels, over the 89,478,485-pixel limit"):
             load_square(_png_header(side, side), 32)  # 0.3 and 1.2 GB of pixels if decoded: never allocated
+
+
+def test_a_png_within_the_pixel_limit_but_too_big_to_decode_is_refused_from_its_header(tmp_path):
+    """9400×9400 pixels is under Pillow's limit; decoding it whole took 709 MiB. Refused, read only to its header."""
+    big = tmp_path / "big.png"
+    Image.new("RGB", (9400, 9400)).save(big, "PNG")  # a few hundred KiB on disk
+    probe = (
+        "import resource, sys; from pathlib import Path; from pipeline.data.transforms import load_square\n"
+        "data = Path(sys.argv[1]).read_bytes(); before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n    load_square(data, 256)\nexcept ValueError as exc:\n    print(exc)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe, str(big)], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    message, grown_mib = proc.stdout.strip().splitlines()
+    assert message == "a 9400×9400 image takes 506 MiB to decode, over the 256 MiB budget for one image", message
+    assert int(grown_mib) < 32, grown_mib  # nothing was decoded
+
+
+def test_stored_images_meet_the_same_format_list_and_limits_as_source_images():
+    """Shards are data too: whoever can write them must not reach other decoders or plant a bomb."""
+    with pytest.raises(UnsupportedImage, match="a TIFF file, not a JPEG, PNG or WebP image"):
+        decode(_encoded("TIFF"))
+    small = _encoded("JPEG", (16, 16))
+    sof = next(i for i in range(2, len(small)) if small[i] == 0xFF and small[i + 1] == 0xC0)
+    huge = small[: sof + 5] + (20_000).to_bytes(2, "big") * 2 + small[sof + 9 :]  # the frame header says 20000×20000
+    with pytest.raises(UnsupportedImage, match="400,000,000 pixels, over the 89,478,485-pixel limit"):
+        decode(huge)
+    assert decode(small).shape == (16, 16, 3)

@@ -8,12 +8,17 @@ sizes and aspect ratios, a few are grayscale (as in the real train set), and eve
 deterministic function of the seed.
 
 The classes borrow the first ten real ILSVRC-2012 wnids and names, in sorted order.
+
+The folder gets MARKER first, with the settings it was made with: a sample is written only into an
+empty folder or one holding a sample of the same settings (which is written again, file for file).
+A folder with other contents, a real ImageNet copy among them, is refused, never written into.
 """
 
 from __future__ import annotations
 
 import colorsys
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -39,6 +44,7 @@ SYNSETS = (
 SHAPES = ("disc", "square", "triangle", "ring", "plus", "star", "bars", "crescent", "hexagon", "checker")
 SAMPLE_IMAGE_SIZE = 72  # shards of the sample profile: 72-pixel squares, 64-pixel crops
 GRAYSCALE_EVERY = 50  # one image in 50 is stored as grayscale
+MARKER = ".alexnet-sample.json"  # in a sample's folder: which job wrote it, with which settings
 
 
 def make_sample(
@@ -53,6 +59,11 @@ def make_sample(
     if train_per_class < 1 or val_per_class < 1:
         raise InputError("train_per_class and val_per_class must be at least 1")
     out = Path(out)
+    settings = {"written_by": "jobs/make_sample_data.py", "classes": num_classes, "train_per_class": train_per_class,
+                "val_per_class": val_per_class, "seed": seed}  # fmt: skip
+    _check_writable(out, settings)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps(settings, indent=1) + "\n")  # first: a killed run's folder is still ours
     synsets = SYNSETS[:num_classes]
     (out / "val").mkdir(parents=True, exist_ok=True)
     (out / SYNSET_MAPPING).write_text("".join(f"{wnid} {names}\n" for wnid, names in synsets))
@@ -77,6 +88,29 @@ def make_sample(
         writer.writerow(["ImageId", "PredictionString"])
         writer.writerows(rows)
     return out
+
+
+def _check_writable(out: Path, settings: dict) -> None:
+    """`out` is new, empty, or a sample made with the same settings; else InputError, nothing written."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; name a folder for the sample")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    marker = out / MARKER
+    if not marker.is_file():
+        raise InputError(
+            f"--out {out} is not empty and holds no sample this job wrote (no {MARKER}): it could be a real ImageNet "
+            "folder, whose LOC_val_solution.csv and images the sample would replace. Name a new or empty folder"
+        )
+    try:
+        theirs = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        theirs = None
+    if theirs != settings:
+        raise InputError(
+            f"--out {out} holds a sample made with other settings ({theirs}); writing this one over it would mix "
+            "the two. Name another folder, or delete that sample first"
+        )
 
 
 def render(label: int, rng: np.random.Generator, n: int = 0) -> tuple[Image.Image, tuple[int, int, int, int]]:

@@ -45,6 +45,7 @@ SCHEMA = pa.schema(
     ]
 )
 CLASSES_FILE, MANIFEST_FILE, STATS_FILE = "classes.json", "manifest.json", "stats.json"
+DEFAULT_SHARD_SIZE = 1024  # images per shard: ~25-30 MB at 256 px, a good Ray Data block
 
 
 class DataError(InputError):
@@ -106,6 +107,25 @@ def write_manifest(root: Location, manifest: dict[str, Any]) -> None:
     root.join(MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
+def inside(root: Location, rel: str, origin: str, under: str = "") -> Location:
+    """`root`/`rel` for a path a dataset's JSON file names, which must stay inside the dataset (under
+    `under`/ when given): no absolute path, no '..', nothing a crafted manifest or stats.json could
+    use to make a job read (or, with --overwrite, touch) files elsewhere."""
+    parts = rel.split("/")
+    if (
+        not rel
+        or rel.startswith("/")
+        or "\\" in rel
+        or any(part in ("", ".", "..") for part in parts)
+        or (under and (len(parts) != 2 or parts[0] != under))
+    ):
+        where = f"{root.uri}/{under}/" if under else f"{root.uri}/"
+        raise DataError(
+            f"{root.uri}/{origin} names {rel!r}, which is not a file inside {where}; prepare the dataset again"
+        )
+    return root.join(rel)
+
+
 def manifest_hash(manifest: dict[str, Any], classes: list[ClassInfo]) -> str:
     """Identity of a prepared dataset: its classes, image size and per-shard row counts."""
     content = {
@@ -142,6 +162,9 @@ def open_dataset(uri: str | Location) -> PreparedDataset:
         )
     if not classes:
         raise DataError(f"{root.uri}/{CLASSES_FILE} lists no classes; re-run jobs/prepare.py on a source with classes")
+    for split in SPLITS:
+        for shard in manifest["splits"][split].get("shards", []):
+            inside(root, str(shard.get("file")), MANIFEST_FILE, under=split)
     for split in SPLITS:
         _check_split(root, split, counts[split], manifest["splits"][split].get("shards", []), len(classes))
     return PreparedDataset(root, classes, manifest)

@@ -112,7 +112,9 @@ def read_stats(dataset: shards.PreparedDataset) -> ColourStats:
         eigenvalues=stats["eigenvalues"],
         eigenvectors=stats["eigenvectors"],
         source=f"dataset {dataset.dataset_hash} ({shards.STATS_FILE})",
-        mean_image=dataset.root.join(stats["mean_image"]).uri if stats.get("mean_image") else "",
+        mean_image=shards.inside(dataset.root, stats["mean_image"], shards.STATS_FILE).uri
+        if stats.get("mean_image")
+        else "",
     )
 
 

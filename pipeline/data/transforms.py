@@ -29,13 +29,59 @@ MIN_INPUT_SIZE = 63  # the smallest square AlexNet's conv/pool stack accepts (pi
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # source images: preparation and inference, any case
 SOURCE_FORMATS = ("JPEG", "PNG", "WEBP")  # the only decoders a source file reaches (not EPS, PSD, TIFF, ...)
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # larger source images are listed, not decoded (Pillow's threshold, 89.5 M)
+# What decoding one image may take: its pixels as decoded, and the RGB copy preprocessing works on
+# (44 M RGB pixels, e.g. 7,700 × 5,800). A JPEG is decoded at a reduced scale first (draft), so
+# only PNG and WebP, decoded whole, come near it.
+MAX_DECODE_BYTES = 256 * 2**20
 # What other formats' files start with, to name them in the file's error.
 _MAGIC = {b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"GIF8": "GIF", b"BM": "BMP", b"%!PS": "PostScript/EPS",
           b"\xc5\xd0\xd3\xc6": "EPS", b"8BPS": "PSD", b"\x00\x00\x01\x00": "ICO", b"%PDF": "PDF"}  # fmt: skip
 
 
 class UnsupportedImage(ValueError):
-    """A source file this project does not decode: another format, or more pixels than MAX_PIXELS."""
+    """An image this project does not decode: another format, more pixels than MAX_PIXELS, or more
+    memory to decode than MAX_DECODE_BYTES."""
+
+
+def check_decodable(width: int, height: int, bands: int) -> None:
+    """UnsupportedImage when an image of this size would exceed the pixel limit or the decoding budget."""
+    pixels = width * height
+    if pixels > MAX_PIXELS:
+        raise UnsupportedImage(f"{pixels:,} pixels, over the {MAX_PIXELS:,}-pixel limit for a source image")
+    needed = pixels * bands + pixels * 3
+    if needed > MAX_DECODE_BYTES:
+        raise UnsupportedImage(
+            f"a {width}×{height} image takes {needed / 2**20:,.0f} MiB to decode, over the "
+            f"{MAX_DECODE_BYTES / 2**20:.0f} MiB budget for one image"
+        )
+
+
+# JPEG frame headers (start of frame, any coding): they hold the image's size and components.
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_size(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) from a JPEG's frame header, read without decoding; None if none."""
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if marker in _SOF:
+            if i + 10 > n:
+                return None
+            height, width = int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big")
+            return width, height, data[i + 9]
+        if marker == 0xDA:  # the scan starts before any frame header
+            return None
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
 
 
 def is_image_name(name: str) -> bool:
@@ -67,11 +113,10 @@ def load_square(data: bytes, size: int) -> Image.Image:
     below `size` on the short side) before the antialiased resize: the same result to the eye,
     several times faster on large photos. A truncated or undecodable file raises; so do another
     format (UnsupportedImage, naming it: no other decoder is reached) and an image over
-    MAX_PIXELS (refused from its header, before any pixel is decoded).
+    MAX_PIXELS or one that would take more than MAX_DECODE_BYTES to decode (refused from its
+    header, before any pixel is decoded).
     """
-    kind = next((name for magic, name in _MAGIC.items() if data.startswith(magic)), None)
-    if kind:
-        raise UnsupportedImage(f"a {kind} file, not a JPEG, PNG or WebP image")
+    _refuse_other_formats(data)
     try:
         with warnings.catch_warnings():  # Pillow only warns between its limit and twice it
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -82,7 +127,8 @@ def load_square(data: bytes, size: int) -> Image.Image:
         raise UnsupportedImage(f"{pixels}, over the {MAX_PIXELS:,}-pixel limit for a source image") from None
     with opened as image:
         if image.format == "JPEG":
-            image.draft("RGB", (size, size))
+            image.draft("RGB", (size, size))  # the size below is the reduced one
+        check_decodable(*image.size, len(image.getbands()))
         return square_image(image, size)
 
 
@@ -98,9 +144,12 @@ def decode(data: bytes) -> np.ndarray:
     JPEGs (every shard image) go through torchvision's libjpeg-turbo decoder straight into a
     CHW tensor, returned as an HWC view of it: the same pixels as PIL (bit for bit), without
     PIL's extra copies, 1.7× faster per core in the training pipeline (benchmarks/NOTES.md).
-    Anything else, or a JPEG torchvision refuses, goes through PIL.
+    Anything else, or a JPEG torchvision refuses, goes through PIL, and only for the formats a
+    source may have. Either way an image over the pixel limit or the decoding budget is refused
+    from its header (shards are data too: whoever can write them could plant a decompression bomb).
     """
     if data[:2] == _JPEG_MAGIC:
+        check_decodable(*(jpeg_size(data) or _refuse_header()))
         # Imported here: preparation (PIL only) and the jobs' start-up need no torch (seconds per process).
         import torch
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -110,8 +159,31 @@ def decode(data: bytes) -> np.ndarray:
             return decode_jpeg(encoded, mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
         except RuntimeError:
             pass
-    with Image.open(io.BytesIO(data)) as image:
+    with _open_checked(data) as image:
         return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+
+
+def _refuse_other_formats(data: bytes) -> None:
+    kind = next((name for magic, name in _MAGIC.items() if data.startswith(magic)), None)
+    if kind:
+        raise UnsupportedImage(f"a {kind} file, not a JPEG, PNG or WebP image")
+
+
+def _refuse_header():
+    raise UnsupportedImage("a JPEG without a readable frame header (truncated or not a JPEG)")
+
+
+def _open_checked(data: bytes) -> Image.Image:
+    """PIL's image of `data`, header read only: a source format, within the pixel limit and decoding budget."""
+    _refuse_other_formats(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data), formats=SOURCE_FORMATS)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+            raise UnsupportedImage(f"over the {MAX_PIXELS:,}-pixel limit for an image") from None
+    check_decodable(*image.size, len(image.getbands()))
+    return image
 
 
 def center_crop(image: np.ndarray, crop: int) -> np.ndarray:
