@@ -46,9 +46,11 @@ class CheckpointMismatch(CheckpointError):
     the message says what differs. Not a damaged file: an earlier checkpoint of the run would not fit either."""
 
 
-# What reading a damaged checkpoint raises: a missing or truncated file, JSON or zip archive.
-UNREADABLE = (CheckpointError, OSError, RuntimeError, ValueError, EOFError, KeyError, pickle.UnpicklingError,
-              zipfile.BadZipFile)  # fmt: skip
+# What reading a damaged checkpoint raises: a missing file, a truncated file (torch's zip reader
+# raises RuntimeError), JSON or pickle. Not the storage's own errors (a network outage): those fail
+# the attempt, and Ray Train restarts it.
+UNREADABLE = (CheckpointError, FileNotFoundError, RuntimeError, ValueError, EOFError, KeyError,
+              pickle.UnpicklingError, zipfile.BadZipFile)  # fmt: skip
 
 
 @contextmanager

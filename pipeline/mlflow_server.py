@@ -29,6 +29,8 @@ from pipeline.redaction import redact
 AUTH_CONFIG = "basic_auth.ini"  # in root: MLflow's auth settings (no credentials in it)
 AUTH_DB = "auth.db"  # in root: the users and their permissions
 SECRET_KEY_FILE = "flask_secret_key"  # in root, owner-only: signs the UI's CSRF tokens, kept across restarts
+# What the server keeps in its state folder (sqlite adds -journal, -wal and -shm files beside its databases).
+STATE_FILES = ("mlflow.db", AUTH_DB, AUTH_CONFIG, SECRET_KEY_FILE, "artifacts", "server.log")
 
 
 class ServerError(InputError):
@@ -183,9 +185,7 @@ class MlflowServer:
     def start(self, timeout: float = 120.0) -> MlflowServer:
         """Start the server and wait until it answers. Whatever stops the wait (a failure, Ctrl-C, the
         SIGTERM a job turns into an exit) stops the server first: nothing is left running unowned."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        # Runs, the registry, users' password hashes (auth.db) and the session key: this user's alone.
-        os.chmod(self.root, 0o700)
+        self._own_state_dir()
         if not self.artifacts_destination.startswith(("s3://", "gs://", "wasbs://")):
             Path(self.artifacts_destination).mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
@@ -217,6 +217,23 @@ class MlflowServer:
             time.sleep(0.3)
         if self.auth:
             self._check_admin()
+
+    def _own_state_dir(self) -> None:
+        """The state folder (runs, the registry, users' password hashes, the session key) readable by
+        this user alone: made 0700, or an existing one of the server's files set so. A folder that
+        holds other files is refused: its mode is not the server's to change."""
+        if not self.root.exists():
+            self.root.mkdir(parents=True, mode=0o700)
+            return
+        others = sorted(p.name for p in self.root.iterdir() if not p.name.startswith(STATE_FILES))
+        if others:
+            raise ServerError(
+                f"--dir {self.root} holds files besides the server's ({', '.join(others[:3])}"
+                f"{' ...' if len(others) > 3 else ''}): the server keeps runs, users' password hashes and its session "
+                "key there, readable by this user alone. Give it a folder of its own"
+            )
+        if self.root.stat().st_uid == os.getuid():
+            os.chmod(self.root, 0o700)
 
     def log_tail(self, lines: int = 20) -> str:
         try:

@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -75,8 +76,8 @@ def check(root: Path, spec: str) -> Program:
             f"{spec} holds files a version jobs/train.py registers does not ({', '.join(unexpected[:5])}"
             f"{' ...' if len(unexpected) > 5 else ''}); refused: register the model again with jobs/train.py"
         )
-    _check_pickle_free(root / PT2_FILE, spec)
-    program = (root / PT2_FILE).read_bytes()
+    program = (root / PT2_FILE).read_bytes()  # read once: these bytes are checked, digested and shipped
+    _check_pickle_free(program, spec)
     signature = description.signature
     if signature is None or not signature.inputs.inputs:
         raise ModelError(f"{spec} has no input signature: it was not registered by jobs/train.py")
@@ -153,15 +154,18 @@ def _no_pickle() -> Iterator[None]:
             os.environ[NO_PICKLE_ENV] = previous
 
 
-def _check_pickle_free(path: Path, spec: str) -> None:
+def _check_pickle_free(program: bytes, spec: str) -> None:
     """MLflow's check of a pt2 archive (`mlflow.pytorch`, MLflow 3.17), run as its loader runs it with
-    pickle deserialisation off: every record plain metadata, raw tensor bytes, or weights_only-safe."""
+    pickle deserialisation off, on the bytes given: every record plain metadata, raw tensor bytes,
+    or weights_only-safe."""
     from mlflow.exceptions import MlflowException
     from mlflow.pytorch import _validate_pt2_archive_is_pickle_free
 
+    if not zipfile.is_zipfile(io.BytesIO(program)):
+        raise ModelError(f"{spec}: its model.pt2 is not a torch.export archive (not a zip file); refused")
     with _no_pickle():
         try:
-            _validate_pt2_archive_is_pickle_free(str(path))
+            _validate_pt2_archive_is_pickle_free(io.BytesIO(program))
         except MlflowException as exc:
             raise ModelError(
                 f"{spec}: its model.pt2 is not pickle-free ({exc.message.split('. ')[0]}); refused"

@@ -347,8 +347,8 @@ def _owned(dest: Location, manifest: dict[str, Any] | None) -> list[Location]:
     first that is not (nothing is deleted then).
 
     This job's: a manifest.json in its format (a plan id, splits, a source), the JSON files beside
-    it, and in train/ and val/ only shards named as it names them whose Parquet footer carries its
-    plan metadata (or a killed task's temporary file). Someone else's folder that happens to hold
+    it, and in train/ and val/ only shards named as it names them whose Parquet footer carries the
+    manifest's plan id (or a killed task's temporary file). Someone else's folder that happens to hold
     a manifest.json, a train/ or parquet files is left alone.
     """
     splits = [split for split in shards.SPLITS if dest.join(split).is_dir()]
@@ -370,7 +370,7 @@ def _owned(dest: Location, manifest: dict[str, Any] | None) -> list[Location]:
     for split in splits:
         for entry in dest.join(split).listdir():
             place = dest.join(split, entry.base_name)
-            if not _our_shard(place, entry):
+            if not _our_shard(place, entry, manifest["plan"]):
                 raise InputError(
                     f"--overwrite replaces only what jobs/prepare.py wrote, and {place.uri} is not one of its shards "
                     "(name, type or Parquet metadata): nothing was deleted. Move it away, or choose another --out"
@@ -388,7 +388,7 @@ def _our_manifest(manifest: dict[str, Any]) -> bool:
     )
 
 
-def _our_shard(place: Location, entry) -> bool:
+def _our_shard(place: Location, entry, plan_id: str) -> bool:
     if entry.type != pafs.FileType.File:
         return False
     if TMP_SHARD.fullmatch(entry.base_name):
@@ -399,7 +399,7 @@ def _our_shard(place: Location, entry) -> bool:
         metadata = pq.read_schema(place.path, filesystem=place.fs).metadata or {}
     except (OSError, pa.ArrowInvalid):
         return False
-    return PLAN_KEY in metadata
+    return metadata.get(PLAN_KEY) == plan_id.encode()
 
 
 def _clear(dest: Location, owned: list[Location]) -> None:

@@ -17,6 +17,7 @@ import io
 import os
 import re
 import sys
+import threading
 import urllib.parse
 from pathlib import Path
 
@@ -121,20 +122,23 @@ class ScrubbedStream(io.TextIOBase):
         super().__init__()
         self.stream = stream
         self.pending = ""
+        self.lock = threading.Lock()  # Ray's log-forwarding thread writes beside the main thread
 
     def write(self, text: str) -> int:
-        self.pending += text
-        cut = max(self.pending.rfind("\n"), self.pending.rfind("\r"))
-        if cut >= 0 or len(self.pending) > self.MAX_PENDING:
-            end = len(self.pending) if cut < 0 else cut + 1
-            self.stream.write(scrub(self.pending[:end]))
-            self.pending = self.pending[end:]
+        with self.lock:
+            self.pending += text
+            cut = max(self.pending.rfind("\n"), self.pending.rfind("\r"))
+            if cut >= 0 or len(self.pending) > self.MAX_PENDING:
+                end = len(self.pending) if cut < 0 else cut + 1
+                self.stream.write(scrub(self.pending[:end]))
+                self.pending = self.pending[end:]
         return len(text)
 
     def flush(self) -> None:
-        if self.pending:
-            self.stream.write(scrub(self.pending))
-            self.pending = ""
+        with self.lock:
+            if self.pending:
+                self.stream.write(scrub(self.pending))
+                self.pending = ""
         self.stream.flush()
 
     def writable(self) -> bool:
@@ -161,8 +165,10 @@ class ScrubbedStream(io.TextIOBase):
 def scrubbed_output() -> None:
     """This process's stdout and stderr through `scrub` from now on (idempotent).
 
-    Called first thing by every job: loggers created later write to the scrubbed streams, and an
-    uncaught exception's traceback is printed through them too.
+    Called first thing by every job, and by train workers and model actors when they start: loggers
+    created later write to the scrubbed streams, and an uncaught exception's traceback is printed
+    through them too. What other programs write straight to the file descriptors (Ray's own C++
+    components, subprocesses) does not pass through Python and is not scrubbed.
     """
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)

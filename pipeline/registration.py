@@ -98,8 +98,10 @@ resized so its short side is the dataset's image size (see preprocessing.json in
 Normalisation happens inside the model. Output: float32 logits (N, classes) in the order of
 classes.json; apply softmax for probabilities. Any batch size.
 
-Load: mlflow.pytorch.load_model("models:/{name}@champion"). The @champion alias is the version in
-production; @challenger is the latest that did not beat it on the same dataset."""
+Load: this project's pipeline.serving (resolve, then load) checks the version's files (data/model.pt2
+alone, no code) and loads the checked bytes with torch.export.load. mlflow.pytorch.load_model imports
+modules a version's files name: use it only for versions you trust. The @champion alias is the
+version in production; @challenger is the latest that did not beat it on the same dataset."""
 
 
 def log_and_register(

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ LOCK_TAG = "promotion_lock"  # on the registered model while a promotion runs: "
 LOCK_REQUEST_TIMEOUT_S = 1  # each of the lock's reads and writes: no client retries, an answer within this
 LOCK_SETTLE_S = 2.0  # after writing the lock tag: longer than a lock write may take (LOCK_REQUEST_TIMEOUT_S)
 LOCK_STALE_S = 120.0  # a lock held longer was left by a job that died while promoting
+HELD_REQUEST_TIMEOUT_S = 5  # each request of the promotion itself (a handful): far inside LOCK_STALE_S
 LOCK_TIMEOUT_S = 600.0
 HISTORY_TAG = "champion_history"  # on the registered model: JSON list of versions that were champion, oldest first
 METRIC = "val_top1_error"  # what promotion compares, on the same dataset only
@@ -231,10 +233,17 @@ class Registry:
                 raise RegistryError(self._stuck(name, timeout, held, failure))
             time.sleep(random.uniform(0.1, 0.5) * max(self.settle_s, 0.2))
         try:
-            yield
+            # What the holder does (decide, move aliases, tag) stays well inside LOCK_STALE_S, after
+            # which another job would take the lock over: one retry and HELD_REQUEST_TIMEOUT_S a request.
+            with _quick_requests(retries=1, timeout=HELD_REQUEST_TIMEOUT_S):
+                yield
         finally:
-            if self._model(name).tags.get(LOCK_TAG) == token:
-                self.client.delete_registered_model_tag(name, LOCK_TAG)
+            with _quick_requests():
+                try:
+                    if self._model(name).tags.get(LOCK_TAG) == token:
+                        self.client.delete_registered_model_tag(name, LOCK_TAG)
+                except (MlflowException, OSError):
+                    pass  # left behind, it goes stale after LOCK_STALE_S; whatever failed above is what is raised
 
     def unlock(self, name: str) -> str | None:
         """Clear `name`'s promotion lock (left by a job that is gone); returns what it held, if anything."""
@@ -362,20 +371,32 @@ def _lock_free(held: str) -> bool:
 
 
 @contextmanager
-def _quick_requests() -> Iterator[None]:
-    """MLflow's HTTP requests in this block: no retries, LOCK_REQUEST_TIMEOUT_S each (MLflow reads both
-    variables per request; by default it retries 7 times with back-off, minutes in all)."""
-    names = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
-    previous = {name: os.environ.get(name) for name in names}
-    os.environ.update(zip(names, ("0", str(LOCK_REQUEST_TIMEOUT_S)), strict=True))
+def _quick_requests(retries: int = 0, timeout: int = LOCK_REQUEST_TIMEOUT_S) -> Iterator[None]:
+    """MLflow's HTTP requests in this block: `retries` retries, `timeout` seconds each (MLflow reads both
+    variables per request; by default it retries 7 times with back-off, minutes in all).
+
+    The variables are the process's: blocks in several threads (two promotions at once) share them,
+    and they are put back as they were when the last block ends, never left behind."""
+    with _QUICK["lock"]:
+        if _QUICK["depth"] == 0:
+            _QUICK["saved"] = {name: os.environ.get(name) for name in _QUICK_ENV}
+        _QUICK["depth"] += 1
+        os.environ.update(zip(_QUICK_ENV, (str(retries), str(timeout)), strict=True))
     try:
         yield
     finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        with _QUICK["lock"]:
+            _QUICK["depth"] -= 1
+            if _QUICK["depth"] == 0:
+                for name, value in _QUICK["saved"].items():
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
+
+
+_QUICK_ENV = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+_QUICK: dict[str, Any] = {"lock": threading.Lock(), "depth": 0, "saved": {}}
 
 
 def _first_line(text: str) -> str:

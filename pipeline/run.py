@@ -62,35 +62,59 @@ def new_name(cfg: TrainConfig) -> str:
     return cfg.name or f"alexnet-{cfg.profile}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
-def claim(cfg: TrainConfig) -> str:
-    """A new run's name, its run directory created for this job alone before anything else; a name
-    whose directory exists (or that another job claims at the same moment) is refused, never shared.
+def free_name(cfg: TrainConfig) -> str:
+    """A new run's name (new_name), refused at once if its run directory exists: checked before any
+    cluster work; claim() makes it this job's alone later, before anything is written."""
+    name = new_name(cfg)
+    if run_dir(cfg.storage_path, name).info().type != pafs.FileType.NotFound:
+        raise _taken(cfg, name)
+    return name
+
+
+def claim(cfg: TrainConfig, name: str) -> None:
+    """Create the run directory for this job alone; a name another job holds (or claims at the same
+    moment) is refused, never shared.
 
     Ray Train resumes a run whose storage_path/name already holds checkpoints, so a shared name
     would silently continue another run under a new MLflow run: that is what --resume is for.
-    Locally the directory is made with mkdir, which only one process can win. S3 has no such
-    create: the job writes a claim object with a token of its own, waits, and reads it back.
+    Locally the directory is made with mkdir, which only one process can win. On S3 the job writes
+    a claim object only if none exists (S3's conditional write, If-None-Match), then reads it back:
+    a store without conditional writes is still caught unless two jobs write within the same second.
     """
-    name = new_name(cfg)
     directory = run_dir(cfg.storage_path, name)
-    taken = ConfigError(
-        f"run directory {directory.uri} already exists; pass another --name, or --resume {name} to continue it"
-    )
     if directory.is_local:
         Path(directory.path).parent.mkdir(parents=True, exist_ok=True)
         try:
             os.mkdir(directory.path, 0o755)
         except FileExistsError:
-            raise taken from None
-        return name
-    if directory.info().type != pafs.FileType.NotFound:
-        raise taken
+            raise _taken(cfg, name) from None
+        return
     token = secrets.token_hex(16)
-    directory.join(CLAIM_FILE).write_text(token)
+    if not _put_if_absent(directory.join(CLAIM_FILE), token) or directory.listdir()[1:]:
+        raise _taken(cfg, name)
     time.sleep(CLAIM_SETTLE_S)
     if directory.join(CLAIM_FILE).read_text() != token:
-        raise taken
-    return name
+        raise _taken(cfg, name)
+
+
+def _taken(cfg: TrainConfig, name: str) -> ConfigError:
+    where = run_dir(cfg.storage_path, name).uri
+    return ConfigError(f"run directory {where} already exists; pass another --name, or --resume {name} to continue it")
+
+
+def _put_if_absent(place: Location, text: str) -> bool:
+    """Write an S3 object only if there is none (If-None-Match: *); False if one exists."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    bucket, _, key = place.path.partition("/")
+    try:
+        boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=text.encode(), IfNoneMatch="*")
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            return False
+        raise
+    return True
 
 
 def release(cfg: TrainConfig, name: str) -> None:
@@ -105,6 +129,8 @@ def release(cfg: TrainConfig, name: str) -> None:
     entries = directory.listdir()
     if [e.base_name for e in entries] == [CLAIM_FILE]:
         directory.fs.delete_file(directory.join(CLAIM_FILE).path)
+        if not directory.listdir():  # pyarrow leaves a folder marker where the last object was
+            directory.fs.delete_dir(directory.path)
 
 
 def tracking_uri(cfg: TrainConfig, record: dict[str, Any] | None, log: Callable[[str], None]) -> str | None:

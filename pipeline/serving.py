@@ -34,7 +34,7 @@ from pipeline import checkpoint, model_files
 from pipeline.data.stats import normalization
 from pipeline.model import ImageClassifier
 from pipeline.model_files import ModelError
-from pipeline.redaction import redact, scrub
+from pipeline.redaction import redact, scrub, scrubbed_output
 from pipeline.step import predict
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
@@ -160,6 +160,7 @@ class Predictor:
     """
 
     def __init__(self, ref: ModelRef, keep: Callable[[torch.Tensor, dict[str, np.ndarray]], Any]) -> None:
+        scrubbed_output()  # what this actor prints reaches Ray's log files and `ray job logs`
         self.model = load(ref)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = self.model.to(self.device)

@@ -45,6 +45,7 @@ from pipeline.config import TrainConfig
 from pipeline.data.device import DeviceAugment
 from pipeline.metrics import format_duration, topk_correct
 from pipeline.model import AlexNet
+from pipeline.redaction import scrubbed_output
 from pipeline.run_logger import NullLogger, RunLogger
 from pipeline.spec import CheckpointMeta, Outcome, Progress, RunSpec
 from pipeline.step import eval_logits, train_step
@@ -57,6 +58,7 @@ REPORT_LOGGER = str(Path(ray.train.__file__).parent / "v2" / "_internal" / "exec
 
 
 def train_loop_per_worker(spec: RunSpec) -> Outcome:
+    scrubbed_output()  # what this worker prints reaches Ray's log files and `ray job logs`
     cfg = spec.config
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -156,10 +158,7 @@ def _build(spec: RunSpec, device: torch.device, logger, say) -> tuple[torch.nn.M
     progress, optimizer_state = Progress(), None
     restored = ray.train.get_checkpoint()
     if restored:  # the latest; an earlier one if it is damaged
-        latest = spec.run_dir.join(Path(restored.path.rstrip("/")).name)
-        meta, optimizer_state, used = checkpoint.restore_latest(
-            latest, spec.run_dir, model, cfg, len(spec.classes), say
-        )
+        meta, optimizer_state, used = _restore(spec, restored, model, say)
         progress = meta.progress
         logger.requeue(list(meta.unsent_metrics))  # what the server missed before the checkpoint
         logger.log_epoch(progress.epoch, meta.epoch_metrics)  # if it was lost before MLflow had it
@@ -179,6 +178,28 @@ def _build(spec: RunSpec, device: torch.device, logger, say) -> tuple[torch.nn.M
     if optimizer_state:
         optimizer.load_state_dict(optimizer_state)
     return model, optimizer, progress
+
+
+def _restore(spec: RunSpec, restored, model: AlexNet, say):
+    """(meta, optimizer state, checkpoint used) of the checkpoint every rank resumes from: rank 0
+    picks it (the latest, or the newest earlier one that reads if it is damaged) and the others
+    load that one, so no rank resumes at another step than the rest (their collectives would not pair)."""
+    cfg, classes = spec.config, len(spec.classes)
+    latest = spec.run_dir.join(Path(restored.path.rstrip("/")).name)
+    rank = ray.train.get_context().get_world_rank()
+    chosen = [None]
+    if rank == 0:
+        meta, optimizer_state, used = checkpoint.restore_latest(latest, spec.run_dir, model, cfg, classes, say)
+        chosen = [used.name()]
+    if dist.is_initialized():
+        dist.broadcast_object_list(chosen, src=0)
+    if rank == 0:
+        return meta, optimizer_state, used
+    used = spec.run_dir.join(chosen[0])
+    with checkpoint.local_copy(used) as directory:
+        meta = checkpoint.restore(directory, model, cfg, classes)
+        optimizer_state = checkpoint.load_state(directory, checkpoint.OPTIMIZER_FILE)
+    return meta, optimizer_state, used
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int, progress: Progress, world: int) -> float:

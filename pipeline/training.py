@@ -57,7 +57,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
     cfg, record = run.resumed_config(cfg, log)  # --resume: the stopped run's own config, data and MLflow run
     data = load_data(cfg)  # fails fast, before Ray starts
     uri = run.tracking_uri(cfg, record, log)  # an unreachable server fails here, before the cluster does anything
-    name = cfg.resume or run.claim(cfg)  # the run directory, this job's alone, before anything is written
+    name = cfg.resume or run.free_name(cfg)  # a taken name fails here too
+    forward = cluster.env_names(cfg.forward_env)
+    if connect_ray(cfg, log, tracking.worker_env(uri, forward), tracking.credentials_note(forward)):
+        check_resources(cfg, log)  # a plan that would wait forever is refused before anything starts
+    if not cfg.resume:
+        run.claim(cfg, name)  # the run directory, this job's alone, before anything is written
     try:
         current, spec, data = _begin(cfg, data, name, uri, record, log)
     except BaseException:
@@ -88,10 +93,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
 
 
 def _begin(cfg: TrainConfig, data: PreparedDataset | None, name: str, uri: str | None, record, log):
-    """Ray connected, the data checked where the workers are, the run begun: (run, spec, data)."""
-    forward = cluster.env_names(cfg.forward_env)
-    if connect_ray(cfg, log, tracking.worker_env(uri, forward), tracking.credentials_note(forward)):
-        check_resources(cfg, log)  # a plan that would wait forever is refused before anything starts
+    """The data checked where the workers are (the sample built first if it is the data), the run begun:
+    (run, spec, data)."""
     data = data or _check_crop(cfg, open_dataset(str(sample_shards(cfg.sample_dir, log))))
     check_reachable(cfg, data.uri, ray.nodes(), ray.get_runtime_context().get_node_id())
     spec = _spec(cfg, data, name, uri, log)  # a missing mean image fails here

@@ -680,6 +680,19 @@ def fake_cluster(tmp_path_factory):  # a second Ray cluster: only slow tests use
         cluster.stop()
 
 
+def _mid_epoch_checkpoint(run_dir: Path) -> bool:
+    """A complete checkpoint taken inside an epoch (the preemption's) is on storage."""
+    for meta in run_dir.glob("checkpoint_*/meta.json"):
+        files = {p.name for p in meta.parent.iterdir()}
+        try:
+            inside = json.loads(meta.read_text())["progress"].get("step_in_epoch")
+        except (OSError, ValueError, KeyError):
+            continue  # being written
+        if inside and {"model.pt", "optimizer.pt"} <= files:
+            return True
+    return False
+
+
 @pytest.mark.slow
 def test_a_submitted_elastic_job_scales_up_survives_a_spot_preemption_registers_and_the_nodes_go_away(
     fake_cluster, tiny_shards, mlflow_server, tmp_path
@@ -695,7 +708,7 @@ def test_a_submitted_elastic_job_scales_up_survives_a_spot_preemption_registers_
     # world size, 12 steps per epoch. A node that dies before its announced deadline is a failure to
     # Ray 2.60 (its workers stop answering before the death is recorded as a preemption): one allowed.
     train = [
-        "python", "jobs/train.py", "--data", str(data), "--epochs", "6", "--batch-size", "4", "--fc-width", str(FC_WIDTH),
+        "python", "jobs/train.py", "--data", str(data), "--epochs", "12", "--batch-size", "4", "--fc-width", str(FC_WIDTH),
         "--workers", "1:2", "--cpus-per-worker", "1", "--worker-resources", "mock_gpu=1", "--data-cpu-limit", "2",
         "--normalize", "mean-image", "--stall-warning", "10", "--resize-interval", "5", "--preemption-check-steps", "1",
         "--max-failures", "1", "--storage-path", str(storage), "--experiment", "cluster", "--model-name", "alexnet-cluster",
@@ -726,7 +739,7 @@ def test_a_submitted_elastic_job_scales_up_survives_a_spot_preemption_registers_
     def training_on_two() -> bool:  # an epoch finished by two workers: the steps are flowing
         logs = cluster.job_logs("train-1")
         two = logs.find("2 train worker(s) of 1..2")
-        return ended_or_logged() or (two >= 0 and re.search(r"epoch +\d+/6 +lr", logs[two:]) is not None)
+        return ended_or_logged() or (two >= 0 and re.search(r"epoch +\d+/12 +lr", logs[two:]) is not None)
 
     _wait_for(training_on_two, "an epoch on two train workers", 300, cluster, "train-1")
     assert cluster.job_status("train-1") == "RUNNING", cluster.job_logs("train-1")[-4000:]
@@ -750,15 +763,19 @@ def test_a_submitted_elastic_job_scales_up_survives_a_spot_preemption_registers_
     # The workers see the notice at their next step (not while they wait for data or validate).
     _wait_for(lambda: ended_or_logged("announced its preemption"), "the preemption checkpoint", 30, cluster, "train-1")
     assert time.time() < deadline and cluster.job_status("train-1") == "RUNNING", cluster.job_logs("train-1")[-4000:]
-    time.sleep(3)  # the checkpoint reaches --storage-path ...
-    cluster.kill_node(node)  # ... and the instance goes (before its deadline: the test need not wait for it)
+    # The checkpoint reaches --storage-path, and the instance goes at once (before its deadline: the test
+    # need not wait for it), while the run has epochs left to train on the worker that remains.
+    _wait_for(lambda: ended_or_logged() or _mid_epoch_checkpoint(storage / "on-cluster"), "the preemption checkpoint on storage",
+              30, cluster, "train-1")  # fmt: skip
+    time.sleep(1)
+    cluster.kill_node(node)
 
     _wait_for(ended_or_logged, "the job to finish", 600, cluster, "train-1")
     logs = cluster.job_logs("train-1")
     (tmp_path / "train-1.log").write_text(logs)
     assert cluster.job_status("train-1") == "SUCCEEDED", logs[-4000:]
     assert seen.get("gpu", 0) >= 2 and seen.get("cpu", 0) >= 1, seen
-    assert _epochs_printed(logs) == set(range(1, 7)), logs[-4000:]
+    assert _epochs_printed(logs) == set(range(1, 13)), logs[-4000:]
     # While the nodes started, the watchdog said every 10 s (--stall-warning) what the run had and
     # waited for (which, depends on the moment: tests/test_resources.py checks each report), then that
     # batches arrived.
@@ -773,7 +790,7 @@ def test_a_submitted_elastic_job_scales_up_survives_a_spot_preemption_registers_
     client = MlflowClient(mlflow_server.url)
     (run,) = client.search_runs([client.get_experiment_by_name("cluster").experiment_id])
     assert run.info.status == "FINISHED" and "MLFLOW_TRACKING_URI" not in json.dumps(run.data.params)
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1_error")] == list(range(1, 7))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1_error")] == list(range(1, 13))
     assert {m.value for m in client.get_metric_history(run.info.run_id, "global_batch")} == {8}
     # world_size is the epoch's world at its end (the metric's definition): whether an epoch ends while
     # the run is on one worker depends on how soon the autoscaler brings a node back and Ray Train

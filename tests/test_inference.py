@@ -496,7 +496,9 @@ def test_a_version_holding_more_than_a_program_and_its_metadata_is_refused(tmp_p
     (linked / "extra_files" / "classes.json").symlink_to("/etc/hostname")
     with pytest.raises(serving.ModelError, match="extra_files/classes.json is not a regular file"):
         model_files.check(linked, "models:/x/1")
-    with pytest.raises(serving.ModelError, match="not pickle-free"):  # b"PK" is no archive: refused, not read
+    with pytest.raises(
+        serving.ModelError, match="is not a torch.export archive"
+    ):  # b"PK" is no archive: refused, not read
         model_files.check(version(), "models:/x/1")
 
 

@@ -78,6 +78,25 @@ def test_a_login_in_the_tracking_uri_works_for_the_jobs_against_a_live_server(tr
     assert SECRET not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # the session's model, cluster and server
+def test_infer_and_evaluate_log_in_through_the_uri_and_print_no_password(
+    trained, ray_cluster, measured_shards, mlflow_server, tiny_raw, tmp_path
+):
+    host = mlflow_server.url.removeprefix("http://")
+    env = job_env(ray_cluster, tracking_uri=f"http://alice:{SECRET}@{host}")
+    del env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]  # the URI's login is the only one
+    model = "models:/alexnet-test@champion"
+    inferred = run_job("jobs/infer.py", "--model", model, "--input", tiny_raw / "val", "--output", tmp_path / "preds",
+                       env=env)  # fmt: skip
+    assert inferred.returncode == 0, inferred.stderr[-3000:]
+    evaluated = run_job("jobs/evaluate.py", "--model", model, "--data", measured_shards, env=env)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    runs = (trained.first.run_id, trained.second.run_id)
+    assert any(f"logged to MLflow run {run} at {mlflow_server.url}" in evaluated.stdout for run in runs)
+    for proc in (inferred, evaluated):
+        assert SECRET not in proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize(
     "job, args",
     [

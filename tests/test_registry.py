@@ -262,6 +262,7 @@ def test_two_jobs_promoting_at_once_leave_the_better_champion_and_every_champion
         tags = {"val_top1_error": str(error), "dataset_hash": "a"}
         return str(client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id, tags=tags).version)
 
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
     Registry(uri).settle(name, register(0.6), "if-better")  # v1: the champion both jobs find
     for round_, errors in enumerate(((0.5, 0.4), (0.2, 0.3), (0.15, 0.1))):
         worse, better = sorted(errors, reverse=True)
@@ -282,6 +283,7 @@ def test_two_jobs_promoting_at_once_leave_the_better_champion_and_every_champion
         expected = [versions[worse], versions[better]] if decisions[worse] == "champion" else [versions[better]]
         assert history[-len(expected) :] == expected and len(history) == len(set(history)), (history, decisions)
         assert "promotion_lock" not in client.get_registered_model(name).tags
+    assert os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") == retries  # the lock's settings, not left behind
 
 
 def _settle_at(uri: str, name: str, versions: dict, error: float, start: threading.Barrier, decisions: dict) -> None:
@@ -399,6 +401,12 @@ def test_the_server_job_refuses_an_open_host_without_auth_and_auth_without_a_log
     nobody = run_job("jobs/mlflow_server.py", "--auth", "--port", "0", "--dir", tmp_path / "auth", env=env, timeout=60)
     assert nobody.returncode == 2 and "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in nobody.stderr
     assert "Traceback" not in nobody.stderr + opened.stderr
+    # A --dir of other files: the server's state (password hashes among it) needs a folder of its own.
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("mine")
+    shared = run_job("jobs/mlflow_server.py", "--port", "0", "--dir", tmp_path / "home", env=env, timeout=60)
+    assert shared.returncode == 2 and "holds files besides the server's (notes.txt)" in shared.stderr, shared.stderr
+    assert oct((tmp_path / "home").stat().st_mode & 0o777) == "0o755"  # its mode left as it was
 
 
 class _FailingWrites:

@@ -100,3 +100,18 @@ def test_an_s3_location_travels_without_credentials_and_finds_them_where_it_runs
         return location.join("hello.txt").read_text()
 
     assert ray.get(read.remote(notes)) == "hello"
+
+
+def test_a_run_name_on_s3_is_claimed_by_one_job_only_and_given_back_if_the_run_never_starts(s3_server):
+    from pipeline import config, run
+    from pipeline.config import ConfigError
+
+    s3_server.create_dir("runs-bucket")
+    cfg = config.resolve("sample", storage_path="s3://runs-bucket/runs", name="claimed")
+    run.claim(cfg, run.free_name(cfg))
+    with pytest.raises(ConfigError, match="s3://runs-bucket/runs/claimed already exists"):
+        run.claim(cfg, "claimed")  # a second job, past the first check: S3's conditional write refuses it
+    with pytest.raises(ConfigError, match="already exists"):
+        run.free_name(cfg)
+    run.release(cfg, "claimed")  # nothing of the run written: the claim goes, the name is free again
+    assert run.free_name(cfg) == "claimed"

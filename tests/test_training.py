@@ -29,7 +29,7 @@ from pipeline.data.shards import DataError
 from pipeline.data.transforms import eval_batch
 from pipeline.mlflow_server import free_port
 from pipeline.model import AlexNet, ImageClassifier
-from pipeline.run import claim, new_name
+from pipeline.run import claim, free_name, new_name
 from pipeline.step import train_step
 from pipeline.train_loop import rank_seed
 
@@ -158,7 +158,9 @@ def test_the_registered_model_carries_its_class_index(run, tmp_path):
 def test_reusing_a_run_name_is_refused_instead_of_resuming_the_old_run(run):
     summary, cfg, _ = run
     with pytest.raises(ConfigError, match="already exists; pass another --name"):
-        claim(dataclasses.replace(cfg, name=summary.run_name))
+        free_name(dataclasses.replace(cfg, name=summary.run_name))
+    with pytest.raises(ConfigError, match="already exists; pass another --name"):
+        claim(cfg, summary.run_name)
 
 
 def test_run_names_are_unique_and_a_name_is_claimed_by_one_job_only(tmp_path):
@@ -171,7 +173,8 @@ def test_run_names_are_unique_and_a_name_is_claimed_by_one_job_only(tmp_path):
     def try_claim() -> None:
         start.wait()
         try:
-            outcomes.append(claim(named))
+            claim(named, free_name(named))
+            outcomes.append("claimed")
         except ConfigError as exc:
             outcomes.append(str(exc))
 
@@ -180,7 +183,7 @@ def test_run_names_are_unique_and_a_name_is_claimed_by_one_job_only(tmp_path):
         thread.start()
     for thread in threads:
         thread.join()
-    assert outcomes.count("shared") == 1 and sum("already exists" in o for o in outcomes) == 7
+    assert outcomes.count("claimed") == 1 and sum("already exists" in o for o in outcomes) == 7
 
 
 def _fake_dataset(root: Path, columns: dict) -> Path:

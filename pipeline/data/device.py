@@ -124,12 +124,10 @@ def _decode_all(jpegs: Sequence[bytes], device: torch.device) -> list[torch.Tens
     """Every image as a uint8 CHW RGB tensor on `device`: one batched call of torchvision's decoder."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from pipeline.data.transforms import check_decodable, jpeg_size
+    from pipeline.data.transforms import check_stored_jpeg
 
     for data in jpegs:  # sizes from the headers: nothing over the limits reaches the decoder (or the GPU's memory)
-        size = jpeg_size(data)
-        if size is not None:
-            check_decodable(*size)
+        check_stored_jpeg(data)
     encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]  # writable copies
     try:
         return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)

@@ -149,7 +149,7 @@ def decode(data: bytes) -> np.ndarray:
     from its header (shards are data too: whoever can write them could plant a decompression bomb).
     """
     if data[:2] == _JPEG_MAGIC:
-        check_decodable(*(jpeg_size(data) or _refuse_header()))
+        check_stored_jpeg(data)
         # Imported here: preparation (PIL only) and the jobs' start-up need no torch (seconds per process).
         import torch
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -169,8 +169,15 @@ def _refuse_other_formats(data: bytes) -> None:
         raise UnsupportedImage(f"a {kind} file, not a JPEG, PNG or WebP image")
 
 
-def _refuse_header():
-    raise UnsupportedImage("a JPEG without a readable frame header (truncated or not a JPEG)")
+def check_stored_jpeg(data: bytes) -> None:
+    """UnsupportedImage unless a stored JPEG's frame header is readable and within the limits. Shards
+    hold JPEGs this project re-encoded (plain headers): one that is not is a damaged or foreign shard."""
+    if data[:2] != _JPEG_MAGIC:
+        return  # not a JPEG: whoever decodes it checks it (decode's PIL path)
+    size = jpeg_size(data)
+    if size is None:
+        raise UnsupportedImage("a JPEG without a readable frame header: the shard is damaged; prepare it again")
+    check_decodable(*size)
 
 
 def _open_checked(data: bytes) -> Image.Image:
