@@ -26,5 +26,6 @@ def test_a_dataset_larger_than_the_object_store_streams_without_spilling(tmp_pat
     # Materialising the stream would spill hundreds of MiB here (at least 1.5× the store per epoch:
     # the epoch is 2.5× the store). Streaming keeps what is pinned under the spill threshold: 0 MiB
     # spilled in every run seen; the bound leaves room for a few 2.4 MiB blocks, not for an epoch.
+    # (The store itself runs full: blocks already consumed stay in it until evicted, so its peak use,
+    # 144 to 150 MiB of 150 seen, says nothing; what could not fit would be spilled or in the fallback.)
     assert result["spilled_mib"] < 0.25 * result["object_store_mib"] and result["fallback_mib"] == 0
-    assert result["peak_object_store_mib"] < result["object_store_mib"]
