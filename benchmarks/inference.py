@@ -27,15 +27,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import make_source
-from pipeline import inference, serving, tracking
 from pipeline.data.transforms import center_crop, load_square
+from pipeline.scoring import inference, loading
 from pipeline.storage import locate
+from pipeline.tracking import mlflow_client
 
 
-def plain_loop(ref: serving.ModelRef, files: list[Path], cpus: int, batch_size: int) -> float:
+def plain_loop(ref: loading.ModelRef, files: list[Path], cpus: int, batch_size: int) -> float:
     """images/s of read → preprocess → forward → softmax/top-5, in one process using `cpus` threads."""
     torch.set_num_threads(cpus)
-    model = serving.load(ref)
+    model = loading.load(ref)
     started = time.perf_counter()
     for i in range(0, len(files), batch_size):
         batch = np.stack(
@@ -62,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    uri = tracking.resolve_tracking_uri()
-    ref = serving.resolve(args.model, uri)
+    uri = mlflow_client.resolve_tracking_uri()
+    ref = loading.resolve(args.model, uri)
     with tempfile.TemporaryDirectory() as tmp:
         make_source(Path(tmp, "src"), args.images)
         files = sorted(Path(tmp, "src").rglob("*.JPEG"))
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         loop = plain_loop(ref, files, args.cpus, args.batch_size)
         print(f"plain PyTorch loop, 1 process x {args.cpus} threads: {loop:,.0f} images/s", flush=True)
 
-        ray.init(num_cpus=args.cpus, runtime_env={"env_vars": tracking.worker_env(uri)})
+        ray.init(num_cpus=args.cpus, runtime_env={"env_vars": mlflow_client.worker_env(uri)})
         try:
             source = locate(Path(tmp, "src"))
             listing = inference.list_images(source)

@@ -7,7 +7,7 @@ Shards of 256×256 JPEGs prepared by the project's own prepare job from natural-
 (the sample's generator at ImageNet's photo size, ~375 px, with sensor noise), then, on --cpus cores:
   floor             decode + random 224 crop + flip in a tight loop, one process per core, the
                     JPEG bytes already in memory: what the cores can do at all
-  ray_data          the project's training pipeline (pipeline.ingest: read shards, decode, crop,
+  ray_data          the project's training pipeline (pipeline.train.ingest: read shards, decode, crop,
                     flip, shuffle rows; Ray Data on a local Ray with --cpus CPUs) delivering uint8
                     batches of --batch-size to a Ray Train worker through iter_torch_batches; the
                     consumer only touches each batch
@@ -64,7 +64,7 @@ def make_shards(out: Path, images: int, shard_size: int, cpus: int) -> Path:
         return shards
     import ray
 
-    from pipeline.prepare import prepare
+    from pipeline.data.prepare import prepare
 
     print(f"generating {images} ImageNet-sized photos and preparing them as 256-px shards ...", flush=True)
     make_source(out / "raw", images)
@@ -84,7 +84,7 @@ def make_shards(out: Path, images: int, shard_size: int, cpus: int) -> Path:
 def _consume(config: dict) -> list[Epoch]:
     import ray.train
 
-    from pipeline import ingest
+    from pipeline.train import ingest
 
     shard = ray.train.get_dataset_shard("train")
     epochs = []
@@ -103,7 +103,7 @@ def ray_data(shards: Path, crop: int, cpus: int, epochs: int, batch_size: int) -
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline import ingest
+    from pipeline.train import ingest
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     # --cpus for Ray Data, plus one logical CPU for the consumer, which only counts (as the

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from pipeline import ingest
+    from pipeline.train import ingest
 
     with tempfile.TemporaryDirectory() as tmp:
         disk = write_shards(Path(tmp) / "train", args.images, args.size, args.shard_size)

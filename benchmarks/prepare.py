@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray.data import DataContext
 
-    from pipeline.prepare import prepare
+    from pipeline.data.prepare import prepare
 
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "raw"

@@ -69,7 +69,7 @@ def pipeline(data: str, crop: int, batch_size: int, epochs: int, cpus: int, gpu:
     """Per-epoch metrics of a real training run (the project's driver, one worker, no MLflow)."""
     import ray
 
-    from pipeline import training
+    from pipeline.train import driver
 
     with tempfile.TemporaryDirectory() as storage:
         cfg = config.resolve(
@@ -77,7 +77,7 @@ def pipeline(data: str, crop: int, batch_size: int, epochs: int, cpus: int, gpu:
             cpus_per_worker=float(cpus), tracking=False, storage_path=storage, name="bench", keep_checkpoints=epochs,
         )  # fmt: skip
         try:
-            training.train(cfg, log=lambda line: None)
+            driver.train(cfg, log=lambda line: None)
         finally:
             ray.shutdown()
         metas = sorted(Path(storage, "bench").glob("checkpoint_*/meta.json"))

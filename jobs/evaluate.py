@@ -43,19 +43,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--forward-env", default="", metavar="NAME,...", help=FORWARD_ENV_HELP)
     args = parser.parse_args(argv)
     # Once the flags are good: --help and a mistyped flag answer at once.
-    from pipeline import cluster, evaluation, serving, tracking
+    from pipeline.cluster import connection
     from pipeline.data.shards import open_dataset
+    from pipeline.scoring import evaluation, loading
+    from pipeline.tracking import mlflow_client
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # the table says it
     try:
-        tracking_uri = tracking.resolve_tracking_uri()
+        tracking_uri = mlflow_client.resolve_tracking_uri()
         if args.model.startswith("models:/") or not args.no_log:
-            tracking.check_server(tracking_uri)  # a dead server is named now, not after minutes of retries
-        ref = serving.resolve(args.model, tracking_uri)  # an alias → its version, once
+            mlflow_client.check_server(tracking_uri)  # a dead server is named now, not after minutes of retries
+        ref = loading.resolve(args.model, tracking_uri)  # an alias → its version, once
         dataset = open_dataset(args.data)
         evaluation.check(ref, dataset)  # the model fits the dataset: checked before any cluster work
-        forward = cluster.env_names(args.forward_env)
-        cluster.connect(env=tracking.worker_env(tracking_uri, forward), joined_note=tracking.credentials_note(forward))
+        forward = connection.env_names(args.forward_env)
+        connection.connect(
+            env=mlflow_client.worker_env(tracking_uri, forward), joined_note=mlflow_client.credentials_note(forward)
+        )
         results = evaluation.evaluate(
             ref,
             dataset,

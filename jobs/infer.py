@@ -53,18 +53,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import ray  # once the flags are good: --help and a mistyped flag answer at once
 
-    from pipeline import cluster, inference, serving, tracking
+    from pipeline.cluster import connection
+    from pipeline.scoring import inference, loading
     from pipeline.storage import locate
+    from pipeline.tracking import mlflow_client
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:  # everything that can be wrong is found here, before any cluster work
         inference.parse_replicas(args.replicas)  # a bad value fails here, before any cluster work
         output, source = locate(args.output), locate(args.input)
         inference.prepare_output(output, args.overwrite, source)
-        tracking_uri = tracking.resolve_tracking_uri()
+        tracking_uri = mlflow_client.resolve_tracking_uri()
         if args.model.startswith("models:/"):
-            tracking.check_server(tracking_uri)
-        ref = serving.resolve(args.model, tracking_uri)  # an alias → its version, once: every row is that version
+            mlflow_client.check_server(tracking_uri)
+        ref = loading.resolve(args.model, tracking_uri)  # an alias → its version, once: every row is that version
         listing = inference.list_images(source)
         views = "ten crops" if args.ten_crop else "centre crop"
         print(
@@ -77,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ignoring {len(listing.ignored)} files without an image extension, e.g. {example}")
         for path, why in listing.unlisted:  # also in the output's _SUCCESS.json
             print(f"not read: {source.uri_of(path)}: {why}")
-        forward = cluster.env_names(args.forward_env)
-        cluster.connect(env=tracking.worker_env(tracking_uri, forward), joined_note=tracking.credentials_note(forward))
+        forward = connection.env_names(args.forward_env)
+        connection.connect(
+            env=mlflow_client.worker_env(tracking_uri, forward), joined_note=mlflow_client.credentials_note(forward)
+        )
         replicas = inference.parse_replicas(args.replicas, ray.cluster_resources(), args.gpus_per_replica)
         print(f"model replicas: {replicas[0]}" + (f" to {replicas[1]}" if replicas[1] > replicas[0] else ""))
         summary = inference.infer(

@@ -31,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
-from pipeline.mlflow_server import AUTH_DB, MlflowServer, ServerError, healthy
 from pipeline.redaction import scrubbed_output
+from pipeline.tracking.server import AUTH_DB, MlflowServer, ServerError, healthy
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,7 @@ from pipeline.errors import InputError
 from pipeline.redaction import scrubbed_output
 
 if TYPE_CHECKING:
-    from pipeline.prepare import PrepareSummary
+    from pipeline.data.prepare import PrepareSummary
 
 SHOWN_BAD_FILES = 20  # the rest are in manifest.json
 
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("pass --source to prepare a dataset, --stats to measure one, or both")
     from ray.data import DataContext  # once the flags are good: --help and a mistyped flag answer at once
 
-    from pipeline import cluster
-    from pipeline.prepare import prepare
+    from pipeline.cluster import connection
+    from pipeline.data.prepare import prepare
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # the bars and the summary say it
     context = DataContext.get_current()
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.data.stats import compute_stats
 
             context.enable_progress_bars = not args.no_progress
-            cluster.connect()
+            connection.connect()
             print(f"\ncomputing colour statistics over {args.out}/train ...", flush=True)
             stats = compute_stats(args.out)
             print(

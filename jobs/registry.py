@@ -27,9 +27,9 @@ from pipeline.errors import InputError
 from pipeline.redaction import redact, scrubbed_output
 
 if TYPE_CHECKING:
-    from pipeline.registry import Registry, Version
+    from pipeline.tracking.registry import Registry, Version
 
-CHAMPION = "champion"  # pipeline.registry.CHAMPION, without importing MLflow before the flags are read
+CHAMPION = "champion"  # pipeline.tracking.registry.CHAMPION, without importing MLflow before the flags are read
 
 PROVENANCE = ("dataset_hash", "dataset_root", "num_classes", "profile", "git_commit", "ray_version",
               "torch_version", "mlflow_version")  # fmt: skip
@@ -183,14 +183,14 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     scrubbed_output()
     args = parser.parse_args(argv)
-    from pipeline import tracking
-    from pipeline.registry import Registry
+    from pipeline.tracking import mlflow_client
+    from pipeline.tracking.registry import Registry
 
     handlers = {"list": cmd_list, "show": cmd_show, "diff": cmd_diff, "promote": cmd_promote,
                 "rollback": cmd_rollback, "unlock": cmd_unlock}  # fmt: skip
     try:
-        uri = tracking.resolve_tracking_uri(args.tracking_uri)
-        tracking.check_server(uri)
+        uri = mlflow_client.resolve_tracking_uri(args.tracking_uri)
+        mlflow_client.check_server(uri)
         data, text = handlers[args.command](Registry(uri), args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)

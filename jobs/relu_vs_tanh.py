@@ -43,28 +43,29 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.target_error < 1 or args.batch_size < 1 or (args.epochs is not None and args.epochs < 1):
         parser.error("--target-error must be in (0, 1), --batch-size and --epochs at least 1")
     sys.stdout.reconfigure(line_buffering=True)
-    from pipeline import relu_vs_tanh, tracking  # once the flags are good: --help answers at once
+    from pipeline.experiments import relu_vs_tanh  # once the flags are good: --help answers at once
+    from pipeline.tracking import mlflow_client
 
     try:
         if args.cifar10:
             images, labels = relu_vs_tanh.load_cifar10(args.cifar10)
             source, epochs = f"CIFAR-10 ({args.cifar10})", args.epochs or 40
         else:
-            from pipeline.prepare import sample_shards
+            from pipeline.data.prepare import sample_shards
 
             shards = args.data or str(sample_shards(args.sample_dir))
             images, labels = relu_vs_tanh.load_shards(shards)
             source, epochs = f"{shards} at 32×32", args.epochs or 30
         if args.tracking:
-            uri = tracking.resolve_tracking_uri()
-            tracking.check_server(uri)
+            uri = mlflow_client.resolve_tracking_uri()
+            mlflow_client.check_server(uri)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from pipeline import cluster
+    from pipeline.cluster import connection
 
-    cluster.connect(local_cpus=lambda: 2)  # one CPU per arm on a laptop; a cluster's own CPUs otherwise
+    connection.connect(local_cpus=lambda: 2)  # one CPU per arm on a laptop; a cluster's own CPUs otherwise
     lrs = {"relu": args.lr, "tanh": args.lr_tanh or args.lr}
     arms = relu_vs_tanh.run(images, labels, epochs, args.target_error, lrs, args.batch_size, args.seed)
     result = relu_vs_tanh.summary(arms, args.target_error, source)
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tracking:
         parent, children = relu_vs_tanh.log_to_mlflow(uri, result, files, args.experiment, args.batch_size, args.seed)
         print(f"MLflow: run {parent} in experiment {args.experiment!r} (child runs relu {children['relu']}, "
-              f"tanh {children['tanh']}) at {tracking.redact(uri)}")  # fmt: skip
+              f"tanh {children['tanh']}) at {mlflow_client.redact(uri)}")  # fmt: skip
     return 0
 
 

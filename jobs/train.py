@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             open_dataset(cfg.data)  # (train() checks the data again, fully)
         # Imported once the flags and the data are good: --help and a bad flag answer at once too.
         from pipeline.metrics import format_duration
-        from pipeline.training import per_epoch, train
+        from pipeline.train.driver import per_epoch, train
 
         summary = train(cfg)
     except InputError as exc:  # bad input: a message, not a traceback

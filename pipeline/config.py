@@ -19,7 +19,7 @@ from pipeline.schedules import SCHEDULES
 INITS = ("torchvision", "paper")  # AlexNet's initialisations (pipeline.model)
 NORMALIZATIONS = ("mean-std", "mean-image")
 PROMOTE_POLICIES = ("if-better", "always", "never")
-DECODE_ON = ("data", "train")  # pipeline.ingest
+DECODE_ON = ("data", "train")  # pipeline.train.ingest
 
 
 class ConfigError(InputError):

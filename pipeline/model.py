@@ -34,12 +34,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from pipeline.config import INITS
-from pipeline.data.device import as_nchw, normalize, to_float
-from pipeline.data.transforms import MIN_INPUT_SIZE  # noqa: F401 (part of this module's interface)
 
 LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0  # the paper's n, α, β, k
 PAPER_FC_WIDTH = 4096  # fc6 and fc7
@@ -122,6 +121,26 @@ def architecture(config: Mapping[str, Any]) -> dict[str, Any]:
     """The config fields that change the network's layers or shapes: what a checkpoint must match."""
     # Checkpoints from before fc_width existed have the paper's width.
     return {"lrn": config["lrn"], "fc_width": config.get("fc_width", PAPER_FC_WIDTH)}
+
+
+# --- the registered model's own preprocessing: training's device augmentation (pipeline.data.device)
+# runs the same two steps, so serving cannot drift from training ------------------------------------
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC → float32 NCHW in [0, 1]; the permute leaves it in channels_last memory."""
+    return images.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (x - mean) / std
+
+
+def as_nchw(values, device: torch.device | None = None) -> torch.Tensor:
+    """A per-channel (3,) or per-pixel (3, H, W) statistic, shaped to broadcast over NCHW batches."""
+    # A copy: a mean image from Ray's object store is a read-only array, which torch will not share.
+    t = torch.from_numpy(np.array(values, dtype=np.float32)).to(device)
+    return t.reshape(1, 3, *(t.shape[1:] or (1, 1)))
 
 
 class ImageClassifier(nn.Module):

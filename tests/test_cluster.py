@@ -316,7 +316,7 @@ def test_a_dead_recorded_cluster_is_named_in_seconds_not_waited_for(job, dead_re
 
 
 def test_a_dead_ray_address_is_named_too(monkeypatch):
-    from pipeline.cluster import ClusterUnreachable, check_answers
+    from pipeline.cluster.connection import ClusterUnreachable, check_answers
 
     address = f"127.0.0.1:{_free_port()}"
     monkeypatch.setenv("RAY_ADDRESS", address)
@@ -328,7 +328,7 @@ def test_a_dead_ray_address_is_named_too(monkeypatch):
 def test_ray_address_local_starts_a_local_ray_whatever_is_recorded(dead_record):
     env, _, _ = dead_record
     joined = subprocess.run(
-        [sys.executable, "-c", "from pipeline import cluster; cluster.connect(local_cpus=lambda: 1)"],
+        [sys.executable, "-c", "from pipeline.cluster import connection; connection.connect(local_cpus=lambda: 1)"],
         env={**env, "RAY_ADDRESS": "local"}, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert joined.returncode == 0, joined.stderr[-3000:]

@@ -16,8 +16,8 @@ CHANCE = 0.75  # top-1 error of a guess among 4 classes
 @pytest.fixture(scope="module")
 def learnable_shards(ray_cluster, tmp_path_factory):
     """4 sample classes × (60 train + 40 val) at 72 px: small enough for minutes, big enough to learn."""
+    from pipeline.data.prepare import prepare
     from pipeline.data.sample import make_sample
-    from pipeline.prepare import prepare
 
     root = tmp_path_factory.mktemp("learnable")
     make_sample(root / "raw", num_classes=4, train_per_class=60, val_per_class=40, seed=3)
@@ -29,7 +29,7 @@ def learnable_shards(ray_cluster, tmp_path_factory):
 def test_decoding_on_the_train_worker_trains_as_well_as_decoding_in_ray_data(learnable_shards, tmp_path):
     """16 epochs of the light AlexNet (the lr ÷10 after 12), the same seed, either side decoding: both
     learn (val error far below chance) and end within a few points of each other, in error and loss."""
-    from pipeline import checkpoint, training
+    from pipeline.train import checkpoint, driver
 
     final = {}
     for decode_on in ("data", "train"):
@@ -38,7 +38,7 @@ def test_decoding_on_the_train_worker_trains_as_well_as_decoding_in_ray_data(lea
             batch_size=8, lr=0.16, dropout=0.0, tracking=False, storage_path=str(tmp_path / "runs"),
             name=f"decode-on-{decode_on}",
         )  # fmt: skip
-        summary = training.train(cfg, log=lambda line: None)
+        summary = driver.train(cfg, log=lambda line: None)
         kept = [p for p in Path(summary.checkpoint).parent.glob("checkpoint_*") if p.is_dir()]
         latest = max(kept, key=lambda p: checkpoint.read_meta(p).epoch)
         meta = checkpoint.read_meta(latest)

@@ -11,8 +11,8 @@ from pipeline.data.device import (
     DeviceAugment,
     decode_crops,
     lighting_shift,
-    to_float,
 )
+from pipeline.model import to_float
 
 
 def _images(n=4, size=8):

@@ -10,12 +10,13 @@ import torch
 from conftest import FC_WIDTH, SECRET, job_env, light, run_job
 from mlflow import MlflowClient
 
-from pipeline import evaluation, inference, registration, serving
 from pipeline.data.device import DeviceAugment
 from pipeline.errors import TrainingDiverged
 from pipeline.model import AlexNet
-from pipeline.registry import Registry
+from pipeline.scoring import evaluation, inference, loading
 from pipeline.step import train_step
+from pipeline.tracking.registry import Registry
+from pipeline.train import registration
 
 
 def _model_and_step(lr: float):
@@ -71,7 +72,7 @@ def test_probabilities_that_are_not_finite_are_error_rows_and_never_hits():
     probs = torch.full((3, 1, 4), 0.25)
     probs[1, 0, 2] = math.nan
     batch = {"path": np.array(["a.jpg", "b.jpg", "c.jpg"], dtype=object), "error": np.array(["", "", "bad file"])}
-    ref = serving.ModelRef(uri="x", crop=64, wnids=["a", "b", "c", "d"], run_id=None, tracking_uri="", names=("A",) * 4)
+    ref = loading.ModelRef(uri="x", crop=64, wnids=["a", "b", "c", "d"], run_id=None, tracking_uri="", names=("A",) * 4)
     rows = inference.top_five(probs, batch, ref, "").to_pylist()
     assert [r["error"] for r in rows] == [None, inference.NONFINITE, "bad file"]
     assert rows[1]["top5_probs"] is None and rows[0]["top1_prob"] == pytest.approx(0.25)
@@ -111,7 +112,7 @@ def test_a_run_with_an_absurd_lr_stops_with_the_divergence_named_and_registers_n
     assert mlflow_run.info.status == "FAILED" and mlflow_run.data.tags["diverged"].startswith("training diverged")
     # Every checkpoint kept holds finite weights: the one the error names loads and is finite.
     named = error.split("the last finite checkpoint is ", 1)[1].split(" ", 1)[0].rstrip(".;,")
-    from pipeline import checkpoint
+    from pipeline.train import checkpoint
 
     net, meta = checkpoint.load_model(named)
     assert all(torch.isfinite(t).all() for t in net.state_dict().values()) and meta.progress.step_in_epoch >= 1

@@ -28,11 +28,13 @@ import torch
 from conftest import assert_registered, light
 from mlflow import MlflowClient
 
-from pipeline import checkpoint, config, run, tracking, training
+from pipeline import config
 from pipeline.data.imagenet import ClassInfo
 from pipeline.model import AlexNet
-from pipeline.run import RUN_RECORD, UNSENT_FILE
-from pipeline.spec import CheckpointMeta
+from pipeline.tracking import mlflow_client
+from pipeline.train import checkpoint, driver, run
+from pipeline.train.run import RUN_RECORD, UNSENT_FILE
+from pipeline.train.spec import CheckpointMeta
 
 KEYS = ("train_loss", "train_top1_error", "train_top5_error", "val_top1_error", "val_top5_error", "lr", "images_per_s")
 
@@ -52,7 +54,7 @@ def outage(mlflow_server):
 
 
 class Job(threading.Thread):
-    """training.train(cfg) in a thread: what `python jobs/train.py` runs, on the session's Ray."""
+    """driver.train(cfg) in a thread: what `python jobs/train.py` runs, on the session's Ray."""
 
     def __init__(self, cfg) -> None:
         super().__init__()
@@ -61,7 +63,7 @@ class Job(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.summary = training.train(self.cfg, log=self.lines.append)
+            self.summary = driver.train(self.cfg, log=self.lines.append)
         except BaseException as exc:  # noqa: BLE001 (re-raised by result())
             self.error = exc
 
@@ -191,7 +193,7 @@ def test_metrics_the_server_never_got_are_sent_by_resume_which_then_registers_th
     _wait_for(lambda: (run_dir / RUN_RECORD).is_file() or not job.is_alive(), "the job's run record")
     run_id = _run_id(run_dir)
     outage.stop()  # gone before epoch 1's metrics, and still gone when training ends
-    with pytest.raises(tracking.TrackingError) as failed:
+    with pytest.raises(mlflow_client.TrackingError) as failed:
         job.result()
     assert UNSENT_FILE in str(failed.value) and "--resume late" in str(failed.value)
     assert "registers the model" in str(failed.value)
@@ -200,7 +202,7 @@ def test_metrics_the_server_never_got_are_sent_by_resume_which_then_registers_th
 
     outage.start()
     lines: list[str] = []
-    summary = training.train(config.resolve(resume="late", storage_path=str(tmp_path / "runs")), log=lines.append)
+    summary = driver.train(config.resolve(resume="late", storage_path=str(tmp_path / "runs")), log=lines.append)
     assert "sent 1 epoch(s) of metrics kept from the last attempt" in lines
     assert not (run_dir / UNSENT_FILE).exists()
     _assert_each_epoch_once(client, run_id, 1)
@@ -212,7 +214,7 @@ def test_metrics_the_server_never_got_are_sent_by_resume_which_then_registers_th
 
 def test_resume_without_a_stopped_run_says_so(tmp_path):
     with pytest.raises(config.ConfigError, match="nothing to resume"):
-        training.train(config.resolve("sample", resume="nope", storage_path=str(tmp_path)))
+        driver.train(config.resolve("sample", resume="nope", storage_path=str(tmp_path)))
 
 
 def test_a_checkpoint_for_another_model_fails_saying_what_differs(tmp_path):
@@ -235,8 +237,8 @@ def test_a_checkpoint_for_another_model_fails_saying_what_differs(tmp_path):
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one_and_says_so(tmp_path):
-    from pipeline.spec import Progress
     from pipeline.storage import locate
+    from pipeline.train.spec import Progress
 
     cfg = light()
     classes = tuple(ClassInfo(i, f"n{i:08d}", f"class {i}") for i in range(4))
@@ -279,8 +281,8 @@ def test_a_run_that_stops_on_a_failure_says_what_failed_where_its_checkpoint_is_
     from ray.exceptions import OutOfMemoryError
     from ray.train import ControllerError, WorkerGroupError
 
-    from pipeline.fit import explain_failure
     from pipeline.storage import locate
+    from pipeline.train.fit import explain_failure
 
     run_dir = tmp_path / "runs" / "big"
     for name in ("checkpoint_2026-11-30_10-00-00.000001", "checkpoint_2026-11-30_11-00-00.000002", "unsent"):
@@ -387,7 +389,7 @@ def test_resume_logs_to_this_environments_server_not_the_one_its_record_names(tm
         "environment (set MLFLOW_TRACKING_URI to the record's server if that is where the run lives)"
     ]
     with pytest.raises(
-        tracking.TrackingError,
+        mlflow_client.TrackingError,
         match=f"MLflow run 0123 is not on the server at {here}; its run record names http://mlflow.attacker",
     ):
-        tracking.reopen_run(here, "0123", record["tracking_uri"])
+        mlflow_client.reopen_run(here, "0123", record["tracking_uri"])

@@ -21,10 +21,10 @@ from conftest import REGISTERED_MODEL, S3_ENV, S3_KEY_ID, S3_SECRET, SECRET, cal
 from mlflow import MlflowClient
 from PIL import Image
 
-from pipeline import inference, serving
 from pipeline.data.transforms import center_crop, load_square, ten_crop
-from pipeline.mlflow_server import free_port
+from pipeline.scoring import inference, loading
 from pipeline.storage import locate
+from pipeline.tracking.server import free_port
 
 
 def _photo(width: int, height: int, seed: int) -> Image.Image:
@@ -77,8 +77,8 @@ def image_dir(image_files, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def model(trained):
     """The session's first registered version, resolved and loaded once for the module."""
-    ref = serving.resolve(f"models:/{REGISTERED_MODEL}/{trained.first.model_version}", trained.tracking_uri)
-    return ref, serving.load(ref)
+    ref = loading.resolve(f"models:/{REGISTERED_MODEL}/{trained.first.model_version}", trained.tracking_uri)
+    return ref, loading.load(ref)
 
 
 def _run(ref, input_uri: str, output_uri: str, **options) -> inference.InferenceSummary:
@@ -195,10 +195,10 @@ def test_the_job_reads_and_writes_s3_and_replaces_an_output_only_with_overwrite(
 @pytest.mark.slow
 def test_an_alias_is_resolved_once_to_the_version_every_model_actor_loads(trained):
     champion = MlflowClient(trained.tracking_uri).get_model_version_by_alias(REGISTERED_MODEL, "champion")
-    ref = serving.resolve(f"models:/{REGISTERED_MODEL}@champion", trained.tracking_uri)
+    ref = loading.resolve(f"models:/{REGISTERED_MODEL}@champion", trained.tracking_uri)
     assert ref.uri == f"models:/{REGISTERED_MODEL}@champion"  # what tables and rows show, as the user named it
     assert ref.version == champion.version and ref.version_uri == f"models:/{REGISTERED_MODEL}/{champion.version}"
-    version = serving.resolve(ref.version_uri, trained.tracking_uri)
+    version = loading.resolve(ref.version_uri, trained.tracking_uri)
     assert (version.run_id, version.crop, version.wnids, version.image_size) == (
         ref.run_id,
         ref.crop,
@@ -210,13 +210,13 @@ def test_an_alias_is_resolved_once_to_the_version_every_model_actor_loads(traine
 @pytest.mark.slow
 def test_model_actors_load_the_files_the_driver_shipped_and_never_log_in_to_mlflow(ray_cluster, model):
     ref, loaded = model
-    shipped = serving.ship(ref)
+    shipped = loading.ship(ref)
     views = np.random.default_rng(0).integers(0, 255, (2, 1, ref.crop, ref.crop, 3), dtype=np.uint8)
 
     # A worker whose node's MLflow login is wrong: it would get HTTP 401 from the server if it asked.
     @ray.remote(runtime_env={"env_vars": {"MLFLOW_TRACKING_PASSWORD": "not-the-password"}})
     def score(model_ref, batch):
-        return serving.Predictor(model_ref, lambda probs, _: probs.numpy())({"image": batch})
+        return loading.Predictor(model_ref, lambda probs, _: probs.numpy())({"image": batch})
 
     with torch.no_grad():
         expected = torch.softmax(loaded(torch.from_numpy(views[:, 0])).float(), dim=1).numpy()
@@ -412,8 +412,8 @@ def test_a_version_whose_loading_would_run_code_is_refused_before_any_cluster_wo
         assert refused.returncode == 2, refused.stderr[-2000:]
         assert f"error: {version} is saved in pickle format, whose loading runs code from the file" in refused.stderr
         assert "model.pth" in refused.stderr
-    with pytest.raises(serving.ModelError, match="pickle format"):
-        serving.resolve(version, mlflow.get_tracking_uri())
+    with pytest.raises(loading.ModelError, match="pickle format"):
+        loading.resolve(version, mlflow.get_tracking_uri())
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
@@ -469,7 +469,7 @@ def test_a_version_holding_more_than_a_program_and_its_metadata_is_refused(tmp_p
     """Checked on the files themselves: links, a code/ folder, strays beside the program."""
     from mlflow.models import Model
 
-    from pipeline import model_files
+    from pipeline.scoring import model_files
 
     def version(*extra: str) -> Path:
         root = tmp_path / f"v{len(list(tmp_path.iterdir()))}"
@@ -489,15 +489,15 @@ def test_a_version_holding_more_than_a_program_and_its_metadata_is_refused(tmp_p
         ("loader.py",): "holds files a version jobs/train.py registers does not (loader.py)",
     }
     for extra, message in cases.items():
-        with pytest.raises(serving.ModelError, match=re.escape(message)):
+        with pytest.raises(loading.ModelError, match=re.escape(message)):
             model_files.check(version(*extra), "models:/x/1")
     linked = version()
     (linked / "extra_files").mkdir()
     (linked / "extra_files" / "classes.json").symlink_to("/etc/hostname")
-    with pytest.raises(serving.ModelError, match="extra_files/classes.json is not a regular file"):
+    with pytest.raises(loading.ModelError, match="extra_files/classes.json is not a regular file"):
         model_files.check(linked, "models:/x/1")
     with pytest.raises(
-        serving.ModelError, match="is not a torch.export archive"
+        loading.ModelError, match="is not a torch.export archive"
     ):  # b"PK" is no archive: refused, not read
         model_files.check(version(), "models:/x/1")
 

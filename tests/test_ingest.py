@@ -2,8 +2,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import ingest
 from pipeline.data.transforms import center_crop, decode
+from pipeline.train import ingest
 
 
 def test_train_stream_gives_every_image_once_per_epoch_in_a_new_order(tiny_shards, ray_cluster):

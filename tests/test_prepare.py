@@ -17,10 +17,10 @@ from imagenet_layouts import as_devkit, jpeg, kaggle_truth, png, red
 from PIL import Image
 
 from pipeline.data import imagenet, shards
+from pipeline.data.prepare import prepare
 from pipeline.data.sample import SYNSETS
 from pipeline.errors import InputError
-from pipeline.mlflow_server import free_port
-from pipeline.prepare import prepare
+from pipeline.tracking.server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

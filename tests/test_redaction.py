@@ -9,9 +9,9 @@ import os
 import pytest
 from conftest import S3_SECRET, SECRET, job_env, run_job
 
-from pipeline import tracking
-from pipeline.mlflow_server import free_port, healthy
 from pipeline.redaction import ScrubbedStream, redact, scrub
+from pipeline.tracking import mlflow_client
+from pipeline.tracking.server import free_port, healthy
 
 
 def test_the_scrub_masks_logins_in_uris_headers_secret_values_and_key_value_secrets(monkeypatch):
@@ -53,14 +53,14 @@ def test_a_login_in_the_tracking_uri_is_honoured_and_never_shown(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:{SECRET}@127.0.0.1:5000")
-    assert tracking.resolve_tracking_uri(os.environ["MLFLOW_TRACKING_URI"]) == "http://127.0.0.1:5000"
+    assert mlflow_client.resolve_tracking_uri(os.environ["MLFLOW_TRACKING_URI"]) == "http://127.0.0.1:5000"
     assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("alice", SECRET)
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"  # what a local Ray's workers inherit
     # Two different logins, or a user without a password, are refused with where to put the login instead.
-    with pytest.raises(tracking.TrackingError, match="carries a login and MLFLOW_TRACKING_PASSWORD says another"):
-        tracking.resolve_tracking_uri("http://alice:other@127.0.0.1:5000")
-    with pytest.raises(tracking.TrackingError, match="names a user but no password; put the login in"):
-        tracking.resolve_tracking_uri("http://alice@127.0.0.1:5000")
+    with pytest.raises(mlflow_client.TrackingError, match="carries a login and MLFLOW_TRACKING_PASSWORD says another"):
+        mlflow_client.resolve_tracking_uri("http://alice:other@127.0.0.1:5000")
+    with pytest.raises(mlflow_client.TrackingError, match="names a user but no password; put the login in"):
+        mlflow_client.resolve_tracking_uri("http://alice@127.0.0.1:5000")
     assert redact("http://u:p@[::1]:5000/x") == "http://[::1]:5000/x"
 
 

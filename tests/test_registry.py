@@ -23,15 +23,19 @@ from conftest import S3_ENV, S3_SECRET, SECRET, call_job, job_env, run_job
 from mlflow import MlflowClient
 from PIL import Image
 
-from pipeline import checkpoint, cluster, config, registration, registry, serving, tracking
+from pipeline import config
+from pipeline.cluster import connection
 from pipeline.data.shards import open_dataset
 from pipeline.data.stats import PUBLISHED
 from pipeline.data.transforms import eval_batch
 from pipeline.errors import InputError
-from pipeline.mlflow_server import MlflowServer, free_port, request_status
 from pipeline.model import AlexNet, ImageClassifier
-from pipeline.registry import Registry, RegistryError
-from pipeline.run_logger import RunLogger
+from pipeline.scoring import loading
+from pipeline.tracking import mlflow_client, registry
+from pipeline.tracking.registry import Registry, RegistryError
+from pipeline.tracking.run_logger import RunLogger
+from pipeline.tracking.server import MlflowServer, free_port, request_status
+from pipeline.train import checkpoint, registration
 
 
 def registry_cli(uri: str, *args: str) -> subprocess.CompletedProcess:
@@ -298,25 +302,27 @@ def test_workers_get_where_mlflow_and_s3_are_and_credentials_only_where_named(mo
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "t0ken")
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": {"AWS_REGION": "x"}}}))
-    env = tracking.worker_env("https://bob:pw@10.0.0.5:5000")
+    env = mlflow_client.worker_env("https://bob:pw@10.0.0.5:5000")
     assert env["MLFLOW_TRACKING_URI"] == "https://10.0.0.5:5000"  # a password in the URI is a credential too
     assert env["AWS_ENDPOINT_URL"] == S3_ENV["AWS_ENDPOINT_URL"]
-    assert not set(env) & set(tracking.CREDENTIALS_ENV), env
+    assert not set(env) & set(mlflow_client.CREDENTIALS_ENV), env
     assert SECRET not in json.dumps(env) and S3_SECRET not in json.dumps(env)
     assert "AWS_REGION" not in env  # Ray refuses a driver runtime env repeating a key of the job's
-    note = tracking.credentials_note()
+    note = mlflow_client.credentials_note()
     assert "MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY" in note
     assert SECRET not in note and "--forward-env" in note
 
-    named = cluster.env_names(" MLFLOW_TRACKING_USERNAME,MLFLOW_TRACKING_PASSWORD ,")
-    env = tracking.worker_env("https://10.0.0.5:5000", named)
+    named = connection.env_names(" MLFLOW_TRACKING_USERNAME,MLFLOW_TRACKING_PASSWORD ,")
+    env = mlflow_client.worker_env("https://10.0.0.5:5000", named)
     assert (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]) == ("alice", SECRET)
-    assert "AWS_SECRET_ACCESS_KEY" not in env and "MLFLOW_TRACKING_PASSWORD" not in tracking.credentials_note(named)
+    assert "AWS_SECRET_ACCESS_KEY" not in env and "MLFLOW_TRACKING_PASSWORD" not in mlflow_client.credentials_note(
+        named
+    )
     with pytest.raises(InputError, match="names NOT_SET_HERE, which this environment does not set"):
-        tracking.worker_env(None, ("NOT_SET_HERE",))
+        mlflow_client.worker_env(None, ("NOT_SET_HERE",))
     with pytest.raises(InputError, match="'B=1' is not the name of an environment variable"):
-        cluster.env_names("A,B=1")
-    assert tracking.redact("https://bob:pw@mlflow.example.com:443/x") == "https://mlflow.example.com:443/x"
+        connection.env_names("A,B=1")
+    assert mlflow_client.redact("https://bob:pw@mlflow.example.com:443/x") == "https://mlflow.example.com:443/x"
 
 
 @pytest.mark.slow  # a server of its own
@@ -351,7 +357,7 @@ def test_the_papers_full_width_alexnet_registers_and_loads_for_any_batch_size(ti
     best = {"epoch": 1, "val_top1_error": 0.5, "val_top5_error": 0.0}
     version = registration.log_and_register(uri, run_id, model, images[:2], cfg, data, best)
     assert (mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")) == (global_uri, env_uri), "left as it was"
-    loaded = serving.load(serving.resolve(f"models:/{name}/{version}", uri))
+    loaded = loading.load(loading.resolve(f"models:/{name}/{version}", uri))
     assert loaded.state_dict()["net.classifier.1.weight"].shape == (4096, 9216)
     with torch.no_grad():
         for batch in (1, 5):

@@ -12,7 +12,7 @@ from conftest import call_job
 from mlflow import MlflowClient
 from PIL import Image
 
-from pipeline import relu_vs_tanh
+from pipeline.experiments import relu_vs_tanh
 
 EPOCHS, TARGET = 4, 0.5  # 96 tiny images: the plumbing of the experiment, not its result (README: the sample)
 

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
+from pipeline.cluster.resources import ClusterState, Plan, describe_stall, refusal
+from pipeline.cluster.watchdog import Heartbeat, Watchdog
 from pipeline.config import resolve
-from pipeline.resources import ClusterState, Plan, describe_stall, refusal
-from pipeline.watchdog import Heartbeat, Watchdog
 
 FOUR_CPUS = ({"CPU": 4.0, "memory": 8e9},)
 

@@ -12,12 +12,12 @@ import pytest
 import ray
 from conftest import S3_KEY_ID, S3_SECRET
 
-from pipeline import ingest
 from pipeline.data import shards
+from pipeline.data.prepare import prepare
 from pipeline.data.stats import compute_stats
 from pipeline.errors import InputError
-from pipeline.prepare import prepare
 from pipeline.storage import locate
+from pipeline.train import ingest
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +103,9 @@ def test_an_s3_location_travels_without_credentials_and_finds_them_where_it_runs
 
 
 def test_a_run_name_on_s3_is_claimed_by_one_job_only_and_given_back_if_the_run_never_starts(s3_server):
-    from pipeline import config, run
+    from pipeline import config
     from pipeline.config import ConfigError
+    from pipeline.train import run
 
     s3_server.create_dir("runs-bucket")
     cfg = config.resolve("sample", storage_path="s3://runs-bucket/runs", name="claimed")

@@ -22,16 +22,18 @@ from conftest import REGISTERED_MODEL, call_job, light, run_job
 from mlflow import MlflowClient
 from PIL import Image
 
-from pipeline import checkpoint, config, evaluation, serving, training
+from pipeline import config
 from pipeline.config import ConfigError
 from pipeline.data.device import DeviceAugment
 from pipeline.data.shards import DataError
 from pipeline.data.transforms import eval_batch
-from pipeline.mlflow_server import free_port
 from pipeline.model import AlexNet, ImageClassifier
-from pipeline.run import claim, free_name, new_name
+from pipeline.scoring import evaluation, loading
 from pipeline.step import train_step
-from pipeline.train_loop import rank_seed
+from pipeline.tracking.server import free_port
+from pipeline.train import checkpoint, driver
+from pipeline.train.run import claim, free_name, new_name
+from pipeline.train.worker import rank_seed
 
 METRICS = [
     "train_loss", "train_top1_error", "val_top1_error", "val_top5_error", "images_per_s", "data_wait_fraction",
@@ -235,20 +237,20 @@ def test_bad_data_fails_before_any_cluster_work(tmp_path):
     ]
     for path, message in cases:
         with pytest.raises(DataError, match=message):
-            training.load_data(config.resolve("sample", data=str(path)))
+            driver.load_data(config.resolve("sample", data=str(path)))
     _fake_dataset(tmp_path / "good", _shard(0))
-    assert training.load_data(config.resolve("sample", data=str(tmp_path / "good"))).num_classes == 1
+    assert driver.load_data(config.resolve("sample", data=str(tmp_path / "good"))).num_classes == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without GPUs")
 def test_gpu_training_on_a_local_ray_without_gpus_is_refused():
     with pytest.raises(ConfigError, match="--gpu asks for 2 GPU\\(s\\) but this machine has 0"):
-        training.check_local_gpus(config.resolve("sample", gpu=True, workers=2))
+        driver.check_local_gpus(config.resolve("sample", gpu=True, workers=2))
 
 
 def test_a_crop_bigger_than_the_shards_says_which_flag_to_change(tiny_shards):
     with pytest.raises(ConfigError, match="--crop 72"):
-        training.load_data(config.resolve("sample", data=str(tiny_shards), crop=96))
+        driver.load_data(config.resolve("sample", data=str(tiny_shards), crop=96))
 
 
 def test_the_train_job_reports_a_missing_data_dir_without_starting_ray(tmp_path):
@@ -352,7 +354,7 @@ def test_the_evaluate_job_matches_a_direct_pytorch_ten_crop_computation_and_logs
         assert metrics[f"eval_{name}_top5_error"] == pytest.approx(1 - top5 / n, abs=1e-9), name
 
     # The checkpoint evaluates as its registered program does, whatever the batch size.
-    results = evaluation.evaluate(serving.resolve(summary.checkpoint, uri), str(measured_shards), ten_crop=True,
+    results = evaluation.evaluate(loading.resolve(summary.checkpoint, uri), str(measured_shards), ten_crop=True,
                                   batch_size=5)  # fmt: skip
     for name, (top1, top5) in correct.items():
         assert results[name]["images"] == n
@@ -362,12 +364,12 @@ def test_the_evaluate_job_matches_a_direct_pytorch_ten_crop_computation_and_logs
 
 def test_evaluating_an_unknown_model_fails_before_any_cluster_work(tiny_shards, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with pytest.raises(serving.ModelError, match=f"cannot load models:/{REGISTERED_MODEL}/99"):
-        serving.resolve(f"models:/{REGISTERED_MODEL}/99", uri)
-    with pytest.raises(serving.ModelError, match="neither a models:/ URI nor a checkpoint"):
-        serving.resolve("/no/such/checkpoint", uri)
-    with pytest.raises(serving.ModelError, match="write models:/NAME/VERSION or models:/NAME@ALIAS"):
-        serving.resolve(f"models:/{REGISTERED_MODEL}/latest", uri)
+    with pytest.raises(loading.ModelError, match=f"cannot load models:/{REGISTERED_MODEL}/99"):
+        loading.resolve(f"models:/{REGISTERED_MODEL}/99", uri)
+    with pytest.raises(loading.ModelError, match="neither a models:/ URI nor a checkpoint"):
+        loading.resolve("/no/such/checkpoint", uri)
+    with pytest.raises(loading.ModelError, match="write models:/NAME/VERSION or models:/NAME@ALIAS"):
+        loading.resolve(f"models:/{REGISTERED_MODEL}/latest", uri)
 
 
 @pytest.mark.slow
@@ -382,7 +384,7 @@ def test_a_run_without_tracking_checkpointing_to_s3_repeats_every_epochs_metrics
     )
     mlflow.set_tracking_uri(f"http://127.0.0.1:{free_port()}")
     try:
-        again = training.train(repeat, log=lambda m: None)
+        again = driver.train(repeat, log=lambda m: None)
     finally:
         mlflow.set_tracking_uri(uri)
     assert again.run_id is None and again.model_version is None
@@ -413,17 +415,17 @@ def test_local_paths_are_refused_where_train_workers_cannot_reach_them():
     laptop, head_only = [node("a", 2)], [node("head", 0)]
     cluster = [node("head", 0), node("gpu-1", 8), {"NodeID": "gone", "Alive": False, "Resources": {}}]
     cfg = config.resolve("sample", storage_path="runs")
-    training.check_reachable(cfg, "/data/shards", laptop, "a")
+    driver.check_reachable(cfg, "/data/shards", laptop, "a")
     for nodes, where in ((cluster, "2 nodes"), (head_only, "a head node that runs no train workers")):
         with pytest.raises(
             ConfigError, match=f"--storage-path /.*/runs is a local path, and this Ray cluster has {where}"
         ):
-            training.check_reachable(cfg, "/data/shards", nodes, "head")
+            driver.check_reachable(cfg, "/data/shards", nodes, "head")
     remote = dataclasses.replace(cfg, storage_path="s3://bucket/runs")
     with pytest.raises(ConfigError, match="--data /data/shards is a local path.*pass --shared-storage"):
-        training.check_reachable(remote, "/data/shards", cluster, "head")
-    training.check_reachable(remote, "s3://bucket/shards", cluster, "head")
-    training.check_reachable(dataclasses.replace(cfg, shared_storage=True), "/mnt/efs/shards", cluster, "head")
+        driver.check_reachable(remote, "/data/shards", cluster, "head")
+    driver.check_reachable(remote, "s3://bucket/shards", cluster, "head")
+    driver.check_reachable(dataclasses.replace(cfg, shared_storage=True), "/mnt/efs/shards", cluster, "head")
 
 
 @pytest.mark.parametrize(
@@ -454,10 +456,10 @@ def test_paths_a_datasets_json_files_name_stay_inside_the_dataset(tiny_shards, t
     with pytest.raises(
         DataError, match=r"manifest.json names '../../../etc/passwd', which is not a file inside .*/val/"
     ):
-        training.load_data(config.resolve("sample", data=str(escaped)))
+        driver.load_data(config.resolve("sample", data=str(escaped)))
 
     measured = shutil.copytree(tiny_shards, tmp_path / "measured")
-    dataset = training.load_data(config.resolve("sample", data=str(measured)))
+    dataset = driver.load_data(config.resolve("sample", data=str(measured)))
     stats = {"mean": [0.5] * 3, "std": [0.2] * 3, "eigenvalues": [0.1] * 3, "eigenvectors": np.eye(3).tolist(),
              "dataset_hash": dataset.dataset_hash}  # fmt: skip
     for where in ("/etc/passwd", "../outside.npy"):

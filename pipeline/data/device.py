@@ -2,7 +2,7 @@
 
 Batches arrive as uint8 NHWC (4× smaller than float32 on the wire and in the object store);
 here they become float, get the paper's PCA colour augmentation and are normalised. The same
-``to_float`` and ``normalize`` run inside the registered model, so serving cannot drift from
+``to_float`` and ``normalize`` (pipeline.model) run inside the registered model, so serving cannot drift from
 training.
 
 With ``--decode-on train`` the batches arrive as the stored JPEG bytes instead, and
@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from pipeline.model import as_nchw, normalize, to_float
+
 # Published ImageNet statistics for pixels in [0, 1].
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,22 +30,6 @@ IMAGENET_EIGVEC = (
     (-0.5808, -0.0045, -0.8140),
     (-0.5836, -0.6948, 0.4203),
 )
-
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC → float32 NCHW in [0, 1]; the permute leaves it in channels_last memory."""
-    return images.permute(0, 3, 1, 2).float().div_(255.0)
-
-
-def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return (x - mean) / std
-
-
-def as_nchw(values, device: torch.device | None = None) -> torch.Tensor:
-    """A per-channel (3,) or per-pixel (3, H, W) statistic, shaped to broadcast over NCHW batches."""
-    # A copy: a mean image from Ray's object store is a read-only array, which torch will not share.
-    t = torch.from_numpy(np.array(values, dtype=np.float32)).to(device)
-    return t.reshape(1, 3, *(t.shape[1:] or (1, 1)))
 
 
 def lighting_shift(

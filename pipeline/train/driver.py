@@ -1,7 +1,7 @@
 """The driver of a training job: check inputs, connect Ray, fit, register the model.
 
-    inputs checked → Ray → the run (pipeline.run) → fit (pipeline.fit) → best checkpoint
-                   → registered and promoted (pipeline.registration) → the run closed
+    inputs checked → Ray → the run (pipeline.train.run) → fit (pipeline.train.fit) → best checkpoint
+                   → registered and promoted (pipeline.train.registration) → the run closed
 
 Everything that can be wrong with the inputs (config, data directory, shard columns, crop size,
 the MLflow server) is checked before the cluster does any work.
@@ -20,17 +20,19 @@ from typing import Any
 import ray
 import torch
 
-from pipeline import checkpoint, cluster, run, tracking
+from pipeline.cluster import connection
+from pipeline.cluster.resources import ClusterState, Plan, refusal
 from pipeline.config import ConfigError, TrainConfig
+from pipeline.data.prepare import sample_shards
 from pipeline.data.shards import PreparedDataset, open_dataset
 from pipeline.data.stats import normalization, read_stats
 from pipeline.errors import TrainingDiverged
-from pipeline.fit import fit
-from pipeline.prepare import sample_shards
-from pipeline.registration import register
-from pipeline.resources import ClusterState, Plan, refusal
-from pipeline.spec import RunSpec
 from pipeline.storage import Location, locate
+from pipeline.tracking import mlflow_client
+from pipeline.train import checkpoint, run
+from pipeline.train.fit import fit
+from pipeline.train.registration import register
+from pipeline.train.spec import RunSpec
 
 
 @dataclass
@@ -58,8 +60,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
     data = load_data(cfg)  # fails fast, before Ray starts
     uri = run.tracking_uri(cfg, record, log)  # an unreachable server fails here, before the cluster does anything
     name = cfg.resume or run.free_name(cfg)  # a taken name fails here too
-    forward = cluster.env_names(cfg.forward_env)
-    if connect_ray(cfg, log, tracking.worker_env(uri, forward), tracking.credentials_note(forward)):
+    forward = connection.env_names(cfg.forward_env)
+    if connect_ray(cfg, log, mlflow_client.worker_env(uri, forward), mlflow_client.credentials_note(forward)):
         check_resources(cfg, log)  # a plan that would wait forever is refused before anything starts
     if not cfg.resume:
         run.claim(cfg, name)  # the run directory, this job's alone, before anything is written
@@ -73,7 +75,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
     status = "FAILED"
     try:
         outcome, best = fit(spec, data, log)
-        cluster.reenter_working_dir(cwd)
+        connection.reenter_working_dir(cwd)
         summary.restarts = outcome.restarts
         summary.world_sizes = outcome.world_sizes
         summary.global_batches = tuple(cfg.global_batch_at(world) for world in outcome.world_sizes)
@@ -166,7 +168,7 @@ def connect_ray(
 
     # A local Ray also gets the custom resources the train workers ask for (e.g. mock_gpu).
     local_resources = {name: amount * cfg.workers for name, amount in cfg.resources_per_worker.items() if name != "CPU"}
-    return cluster.connect(log, env, local_cpus, local_resources, note)
+    return connection.connect(log, env, local_cpus, local_resources, note)
 
 
 def check_reachable(cfg: TrainConfig, data_uri: str, nodes: list[dict[str, Any]], driver_node: str) -> None:
@@ -194,7 +196,7 @@ def check_reachable(cfg: TrainConfig, data_uri: str, nodes: list[dict[str, Any]]
 
 
 def check_resources(cfg: TrainConfig, log: Callable[[str], None] = print) -> None:
-    """On a cluster with no autoscaler, refuse a plan that can never run (pipeline.resources)."""
+    """On a cluster with no autoscaler, refuse a plan that can never run (pipeline.cluster.resources)."""
     if cfg.skip_resource_check:
         return
     try:

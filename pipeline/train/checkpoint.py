@@ -2,7 +2,7 @@
 
     model.pt       AlexNet state_dict (torchvision key names)
     optimizer.pt   SGD state (momentum buffers)
-    meta.json      pipeline.spec.CheckpointMeta: progress (epoch, step in epoch, validation
+    meta.json      pipeline.train.spec.CheckpointMeta: progress (epoch, step in epoch, validation
                    history), the epoch's metrics, config, classes, colour statistics, MLflow run
                    id, dataset hash
 
@@ -30,8 +30,8 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.errors import InputError
 from pipeline.model import AlexNet, architecture
-from pipeline.spec import CheckpointMeta
 from pipeline.storage import Location
+from pipeline.train.spec import CheckpointMeta
 
 MODEL_FILE, OPTIMIZER_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
 SCORE = "val_top1_error"  # what Ray Train keeps the best checkpoints by (lowest first)

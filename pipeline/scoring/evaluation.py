@@ -24,7 +24,7 @@ from ray.data import ActorPoolStrategy
 from pipeline.data.shards import PreparedDataset, open_dataset, read_shards
 from pipeline.data.transforms import eval_batch, ten_crop_batch
 from pipeline.errors import InputError
-from pipeline.serving import ModelRef, Predictor, ship
+from pipeline.scoring.loading import ModelRef, Predictor, ship
 
 CENTRE_VIEW = 4  # the centre crop's index among ten_crop's views
 VIEW_BATCH = 32  # images per decode task: 10 views of 224 pixels are 1.5 MB per image

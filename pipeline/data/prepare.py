@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.data import TaskPoolStrategy
 
-from pipeline import cluster
+from pipeline.cluster import connection
 from pipeline.data import imagenet, shards
 from pipeline.data.sample import SAMPLE_IMAGE_SIZE, make_sample
 from pipeline.data.shards import DEFAULT_SHARD_SIZE
@@ -103,7 +103,7 @@ def prepare(
     if overwrite:
         owned = _owned(dest, previous)  # what it would delete, all of it this job's, or InputError
         # Nothing goes before the cluster answers: a dead RAY_ADDRESS leaves the old dataset whole.
-        cluster.connect()
+        connection.connect()
         _clear(dest, owned)
         previous = None
     elif previous and previous.get("plan") != plan_id:
@@ -207,7 +207,7 @@ def _run(
     """Results of the shard tasks, streamed back to the driver as each one finishes."""
     if not todo:
         return []
-    cluster.connect()  # the cluster this job runs on (or a local Ray): a dead one is named, not waited for
+    connection.connect()  # the cluster this job runs on (or a local Ray): a dead one is named, not waited for
     results = ray.data.from_items(todo, override_num_blocks=len(todo)).map(
         _write_shard,
         fn_kwargs={"src": src, "dest": dest, "size": size, "wnids": wnids, "plan_id": plan_id, "max_bytes": max_bytes},

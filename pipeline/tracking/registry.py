@@ -28,7 +28,7 @@ from mlflow.exceptions import MlflowException
 from pipeline.config import PROMOTE_POLICIES
 from pipeline.errors import InputError
 from pipeline.redaction import redact, scrub
-from pipeline.run_logger import login_refused
+from pipeline.tracking.run_logger import login_refused
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 LOCK_TAG = "promotion_lock"  # on the registered model while a promotion runs: "<token> <unix time>"

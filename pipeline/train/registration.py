@@ -2,7 +2,7 @@
 
 best checkpoint → ImageClassifier (normalises as training did) → torch.export program (pt2)
                 → MLflow run artifact + registered version (description, provenance tags)
-                → @champion or @challenger (pipeline.registry decides)
+                → @champion or @challenger (pipeline.tracking.registry decides)
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ from mlflow import MlflowClient
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from pipeline import checkpoint
 from pipeline.config import TrainConfig
 from pipeline.data.shards import CLASSES_FILE, MANIFEST_FILE, PreparedDataset, inside
 from pipeline.data.transforms import eval_batch
 from pipeline.errors import TrainingDiverged
 from pipeline.model import ImageClassifier
-from pipeline.registry import Registry
-from pipeline.spec import RunSpec
-from pipeline.tracking import provenance
+from pipeline.tracking.mlflow_client import provenance
+from pipeline.tracking.registry import Registry
+from pipeline.train import checkpoint
+from pipeline.train.spec import RunSpec
 
 MODEL_ARTIFACT = "model"
 CURVES_FILE = "training_curves.png"
@@ -98,7 +98,7 @@ resized so its short side is the dataset's image size (see preprocessing.json in
 Normalisation happens inside the model. Output: float32 logits (N, classes) in the order of
 classes.json; apply softmax for probabilities. Any batch size.
 
-Load: this project's pipeline.serving (resolve, then load) checks the version's files (data/model.pt2
+Load: this project's pipeline.scoring.loading (resolve, then load) checks the version's files (data/model.pt2
 alone, no code) and loads the checked bytes with torch.export.load. mlflow.pytorch.load_model imports
 modules a version's files name: use it only for versions you trust. The @champion alias is the
 version in production; @challenger is the latest that did not beat it on the same dataset."""

@@ -1,4 +1,4 @@
-"""Fitting: the TorchTrainer that runs pipeline.train_loop on every worker, fed by pipeline.ingest.
+"""Fitting: the TorchTrainer that runs pipeline.train.worker on every worker, fed by pipeline.train.ingest.
 
     RunSpec ──► TorchTrainer(train_loop_per_worker, scaling, run config, datasets)
             ──► rank 0's Outcome, and the best checkpoint Ray Train kept
@@ -28,15 +28,15 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 
-from pipeline import ingest
-from pipeline.checkpoint import SCORE, complete
+from pipeline.cluster.resources import Plan
+from pipeline.cluster.watchdog import Watchdog
 from pipeline.data.shards import PreparedDataset
 from pipeline.errors import TrainingFailed
-from pipeline.resources import Plan
-from pipeline.spec import Outcome, RunSpec
 from pipeline.storage import Location, locate
-from pipeline.train_loop import train_loop_per_worker
-from pipeline.watchdog import Watchdog
+from pipeline.train import ingest
+from pipeline.train.checkpoint import SCORE, complete
+from pipeline.train.spec import Outcome, RunSpec
+from pipeline.train.worker import train_loop_per_worker
 
 
 def fit(spec: RunSpec, data: PreparedDataset, log: Callable[[str], None] = print) -> tuple[Outcome, Location | None]:

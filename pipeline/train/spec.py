@@ -37,7 +37,7 @@ class RunSpec:
     run_dir: Location  # carries the driver's S3 settings to the workers
     run_id: str | None  # None with --no-tracking
     tracking_uri: str | None
-    watchdog: Any = None  # the driver's pipeline.watchdog.LastBatch actor: told when batches arrive
+    watchdog: Any = None  # the driver's pipeline.cluster.watchdog.LastBatch actor: told when batches arrive
 
 
 @dataclass(frozen=True)

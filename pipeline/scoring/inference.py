@@ -44,7 +44,7 @@ from pipeline.data.transforms import (
     ten_crop,
 )
 from pipeline.errors import InputError
-from pipeline.serving import ModelRef, Predictor, ship
+from pipeline.scoring.loading import ModelRef, Predictor, ship
 from pipeline.storage import DEFAULT_MAX_FILE_BYTES, Location, StorageError, UnreadableFile, check_apart
 
 DECODE_BATCH = 32  # files per decode task

@@ -2,7 +2,7 @@
 
     resolve(spec)   driver, once    → ModelRef: a registered version (an alias is resolved here to its
                                       version, so every actor of a job loads the same one), its files
-                                      downloaded once and checked (pipeline.model_files), or a
+                                      downloaded once and checked (pipeline.scoring.model_files), or a
                                       checkpoint directory, with what serving needs to know of it
     ship(ref)       driver, once    → the checked program's bytes in Ray's object store: actors need
                                       no MLflow login and load exactly the bytes that were checked
@@ -30,12 +30,13 @@ import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline import checkpoint, model_files
 from pipeline.data.stats import normalization
 from pipeline.model import ImageClassifier
-from pipeline.model_files import ModelError
 from pipeline.redaction import redact, scrub, scrubbed_output
+from pipeline.scoring import model_files
+from pipeline.scoring.model_files import ModelError
 from pipeline.step import predict
+from pipeline.train import checkpoint
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 

@@ -2,7 +2,7 @@
 
     train workers ── Heartbeat() per batch (at most every few seconds) ──► LastBatch actor
     driver thread ── every few seconds: how long since the last batch? ──► past --stall-warning:
-                     what waits for resources, what is reserved, what to change (pipeline.resources),
+                     what waits for resources, what is reserved, what to change (pipeline.cluster.resources),
                      again every --stall-warning seconds until batches flow
 
 On an autoscaling cluster a run may rightly wait for nodes; on any cluster a plan can wait
@@ -19,7 +19,7 @@ from collections.abc import Callable
 import ray
 import ray.exceptions
 
-from pipeline.resources import ClusterState, Plan, describe_stall
+from pipeline.cluster.resources import ClusterState, Plan, describe_stall
 
 HEARTBEAT_EVERY_S = 5.0  # a train worker tells the watchdog about its batches at most this often
 

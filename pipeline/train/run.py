@@ -20,13 +20,13 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipeline import tracking
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.data.shards import PreparedDataset
 from pipeline.data.stats import ColourStats
 from pipeline.redaction import redact, scrub
-from pipeline.run_logger import UNREACHABLE
 from pipeline.storage import Location, locate
+from pipeline.tracking import mlflow_client
+from pipeline.tracking.run_logger import UNREACHABLE
 
 RUN_RECORD = "alexnet_run.json"
 UNSENT_FILE = "unsent_metrics.json"
@@ -143,14 +143,14 @@ def tracking_uri(cfg: TrainConfig, record: dict[str, Any] | None, log: Callable[
     """
     if not cfg.tracking:
         return None
-    uri = tracking.resolve_tracking_uri()
+    uri = mlflow_client.resolve_tracking_uri()
     recorded = (record or {}).get("tracking_uri")
     if recorded and recorded != uri:
         log(
             f"the run record names MLflow at {redact(recorded)}; this job uses {uri} from this environment "
             "(set MLFLOW_TRACKING_URI to the record's server if that is where the run lives)"
         )
-    tracking.check_server(uri)
+    mlflow_client.check_server(uri)
     return uri
 
 
@@ -175,7 +175,7 @@ class Run:
     @property
     def shown_uri(self) -> str | None:
         """The tracking URI without credentials: what logs, records and summaries show."""
-        return tracking.redact(self.tracking_uri) if self.tracking_uri else None
+        return mlflow_client.redact(self.tracking_uri) if self.tracking_uri else None
 
     @classmethod
     def begin(
@@ -193,10 +193,10 @@ class Run:
         if record:
             run = cls(name, directory, record["run_id"], uri)
             if run.run_id:
-                tracking.reopen_run(uri, run.run_id, record.get("tracking_uri"))
+                mlflow_client.reopen_run(uri, run.run_id, record.get("tracking_uri"))
                 run._send_unsent(log)
         else:
-            run = cls(name, directory, tracking.start_run(uri, cfg, data, name, colour) if uri else None, uri)
+            run = cls(name, directory, mlflow_client.start_run(uri, cfg, data, name, colour) if uri else None, uri)
             record = {
                 "run_id": run.run_id,
                 "tracking_uri": run.shown_uri,
@@ -218,10 +218,10 @@ class Run:
             return 0
         log(f"sending {len(pending)} metric batches the MLflow server missed ...")
         try:
-            return tracking.log_pending(self.tracking_uri, self.run_id, pending)
-        except tracking.TrackingError as exc:
+            return mlflow_client.log_pending(self.tracking_uri, self.run_id, pending)
+        except mlflow_client.TrackingError as exc:
             self.directory.join(UNSENT_FILE).write_text(json.dumps(pending) + "\n")
-            raise tracking.TrackingError(
+            raise mlflow_client.TrackingError(
                 f"{exc}. Training finished and its checkpoints are in {self.directory.uri}; the metrics are kept "
                 f"in {UNSENT_FILE} there. When the server is back, `python jobs/train.py --resume {self.name}` "
                 "sends them and registers the model"
@@ -231,7 +231,7 @@ class Run:
         """A tag on the MLflow run (nothing without tracking); an unreachable server loses it, nothing else."""
         if self.run_id:
             try:
-                tracking.set_run_tag(self.tracking_uri, self.run_id, key, value)
+                mlflow_client.set_run_tag(self.tracking_uri, self.run_id, key, value)
             except UNREACHABLE:
                 pass
 
@@ -240,13 +240,13 @@ class Run:
         if not self.run_id:
             return
         try:
-            tracking.finish_run(self.tracking_uri, self.run_id, status)
+            mlflow_client.finish_run(self.tracking_uri, self.run_id, status)
         except UNREACHABLE as exc:  # the run stays RUNNING in the UI; its data is complete
             log(f"could not mark MLflow run {self.run_id} {status}: {scrub(str(exc))}")
 
     def _send_unsent(self, log: Callable[[str], None]) -> None:
         unsent = self.directory.join(UNSENT_FILE)
         if unsent.is_file():
-            sent = tracking.log_pending(self.tracking_uri, self.run_id, json.loads(unsent.read_text()))
+            sent = mlflow_client.log_pending(self.tracking_uri, self.run_id, json.loads(unsent.read_text()))
             unsent.fs.delete_file(unsent.path)
             log(f"sent {sent} epoch(s) of metrics kept from the last attempt")

@@ -1,8 +1,8 @@
 """MLflow on the driver: which server, whether it answers, and the job's run from creation to close.
 
 One run per training job: the driver creates it and logs the config as params (``start_run``),
-rank 0 logs each epoch into it by id (pipeline.run_logger), the driver sends what rank 0 could not
-(``log_pending``), registers the model (pipeline.registration) and closes the run. Every function
+rank 0 logs each epoch into it by id (pipeline.tracking.run_logger), the driver sends what rank 0 could not
+(``log_pending``), registers the model (pipeline.train.registration) and closes the run. Every function
 takes the tracking URI it uses; none changes MLflow's global one.
 """
 
@@ -28,9 +28,9 @@ from pipeline.config import TrainConfig
 from pipeline.data.shards import STATS_FILE, PreparedDataset
 from pipeline.data.stats import ColourStats
 from pipeline.errors import InputError
-from pipeline.mlflow_server import healthy
 from pipeline.redaction import credentials_of, redact, scrub
-from pipeline.run_logger import RunLogger, login_refused
+from pipeline.tracking.run_logger import RunLogger, login_refused
+from pipeline.tracking.server import healthy
 
 # Where MLflow and S3 are, never who the job is: sent to every worker, on every node, through the
 # job's runtime env.

@@ -3,7 +3,7 @@
     Plan          the train workers' bundles (Ray Train's placement group) + a CPU for Ray Data
     ClusterState  nodes, resources in use, what waits for resources, the autoscaler's launches
     refusal()     on a cluster that cannot add nodes: a plan that can never run, with the numbers
-    describe_stall()  what the watchdog (pipeline.watchdog) says when no batch arrives
+    describe_stall()  what the watchdog (pipeline.cluster.watchdog) says when no batch arrives
 
 Ray Train reserves the train workers' resources for the whole run; Ray Data's read-and-decode
 tasks take one CPU each from what is left. A plan that leaves Ray Data no CPU, or asks for a GPU or

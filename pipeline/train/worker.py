@@ -40,16 +40,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline import checkpoint, ingest, schedules
+from pipeline import schedules
+from pipeline.cluster.watchdog import HEARTBEAT_EVERY_S, Heartbeat
 from pipeline.config import TrainConfig
 from pipeline.data.device import DeviceAugment
 from pipeline.metrics import format_duration, topk_correct
 from pipeline.model import AlexNet
 from pipeline.redaction import scrubbed_output
-from pipeline.run_logger import NullLogger, RunLogger
-from pipeline.spec import CheckpointMeta, Outcome, Progress, RunSpec
 from pipeline.step import eval_logits, train_step
-from pipeline.watchdog import HEARTBEAT_EVERY_S, Heartbeat
+from pipeline.tracking.run_logger import NullLogger, RunLogger
+from pipeline.train import checkpoint, ingest
+from pipeline.train.spec import CheckpointMeta, Outcome, Progress, RunSpec
 
 # Ray 2.60 logs every ray.train.report at INFO through a logger named after its own file
 # (ray/train/v2/_internal/execution/context.py), not under "ray.train": RunConfig's LoggingConfig

@@ -2,7 +2,7 @@
 
 Other ranks, and every rank with --no-tracking, get ``NullLogger``, so the training loop has no
 rank branches. The driver's side (creating, resuming and closing the run, registration) is
-pipeline.tracking and pipeline.registration.
+pipeline.tracking.mlflow_client and pipeline.train.registration.
 """
 
 from __future__ import annotations
