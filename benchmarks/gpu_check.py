@@ -52,7 +52,7 @@ from pipeline.data.sample import render
 from pipeline.data.shards import SCHEMA
 from pipeline.data.transforms import encode_jpeg, square_image
 from pipeline.model import AlexNet, ImageClassifier
-from pipeline.step import predict, train_step
+from pipeline.step import StepPlan, predict, train_step
 
 # What "the same result" means between the device and the CPU (float32 on both unless it says bf16).
 LOGITS_RTOL = 0.02  # of the largest |logit|: cuDNN's convolution algorithms (TF32 included) sum in other orders
@@ -121,7 +121,7 @@ def check_train_step(args, device: torch.device, results: Check) -> None:
         losses = []
 
         def step(model=model, optimizer=optimizer, augment=augment, precision=precision, losses=losses) -> int:
-            loss, _ = train_step(model, optimizer, augment, host, labels, bf16=precision == "bf16")
+            loss, _ = train_step(model, optimizer, augment, host, labels, StepPlan(bf16=precision == "bf16"))
             losses.append(loss.detach())
             return args.batch_size
 
@@ -151,7 +151,9 @@ def _one_step_agrees(args, device: torch.device) -> tuple[bool, str]:
         net = AlexNet(args.classes, fc_width=args.fc_width, dropout=0.0).to(where)
         net.load_state_dict(cpu.state_dict())
         optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True)
-        loss, logits = train_step(net, optimizer, DeviceAugment(where, 0.0), images, labels.to(where), bf16=False)
+        loss, logits = train_step(
+            net, optimizer, DeviceAugment(where, 0.0), images, labels.to(where), StepPlan(bf16=False)
+        )
         out[where.type] = (loss.item(), logits.detach().cpu(), [p.detach().cpu() for p in net.parameters()])
     (loss_cpu, logits_cpu, weights_cpu), (loss_dev, logits_dev, weights_dev) = out["cpu"], out[device.type]
     logit_error = (logits_dev - logits_cpu).abs().max().item() / max(logits_cpu.abs().max().item(), 1e-6)

@@ -13,10 +13,20 @@ Ray or MLflow), as it does the device code in pipeline.data.device: none of them
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How every step of a run is taken."""
+
+    clip_grad_norm: float = 0.0  # clip the global gradient norm to this; 0: off
+    accumulate: int = 1  # micro-batches per optimizer step (an elastic run on fewer workers than its most)
+    bf16: bool | None = None  # bf16 autocast; None: on CUDA only
 
 
 def train_step(
@@ -25,26 +35,24 @@ def train_step(
     augment,
     images: torch.Tensor,
     labels: torch.Tensor,
-    clip_grad_norm: float = 0.0,
+    plan: StepPlan = StepPlan(),
     micro: int = 0,
-    accumulate: int = 1,
-    bf16: bool | None = None,
     nonfinite: torch.Tensor | None = None,
 ):
-    """Micro-batch `micro` of an SGD step of `accumulate` on a uint8 NHWC batch: to the device,
-    augment and normalise there, forward (bf16 autocast on CUDA unless `bf16` says otherwise),
-    backward (its share of the step's gradient); on the last micro-batch DDP all-reduces, then
-    optional clipping and the update. Returns (loss, logits) of this micro-batch.
+    """Micro-batch `micro` of an SGD step of `plan.accumulate` on a uint8 NHWC batch: to the
+    device, augment and normalise there, forward (bf16 autocast on CUDA unless `plan.bf16` says
+    otherwise), backward (its share of the step's gradient); on the last micro-batch DDP
+    all-reduces, then optional clipping and the update. Returns (loss, logits) of this micro-batch.
 
     `nonfinite`, when given, is a device tensor of two counters this step adds to: a loss that is
     not finite, and (with clipping, whose norm comes free) a gradient norm that is not finite.
     They stay on the device: the caller reads them where it syncs anyway, never per step."""
-    device = labels.device
+    device, accumulate, clip_grad_norm = labels.device, plan.accumulate, plan.clip_grad_norm
     images = augment(images.to(device, non_blocking=True), train=True)
     last = micro == accumulate - 1
     in_step = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
     with in_step:  # DDP skips its all-reduce until the step's last micro-batch
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=_bf16(bf16, device)):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=_bf16(plan.bf16, device)):
             logits = model(images)
             loss = F.cross_entropy(logits, labels)
         (loss / accumulate if accumulate > 1 else loss).backward()

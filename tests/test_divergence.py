@@ -14,7 +14,7 @@ from pipeline.data.device import DeviceAugment
 from pipeline.errors import TrainingDiverged
 from pipeline.model import AlexNet
 from pipeline.scoring import evaluation, inference, loading
-from pipeline.step import train_step
+from pipeline.step import StepPlan, train_step
 from pipeline.tracking.registry import Registry
 from pipeline.train import registration
 
@@ -31,11 +31,11 @@ def _model_and_step(lr: float):
 def test_a_loss_or_gradient_that_is_not_finite_is_counted_on_the_device():
     model, optimizer, augment, images, labels = _model_and_step(lr=0.01)
     counts = torch.zeros(2, dtype=torch.float64)
-    train_step(model, optimizer, augment, images, labels, clip_grad_norm=5.0, nonfinite=counts)
+    train_step(model, optimizer, augment, images, labels, StepPlan(clip_grad_norm=5.0), nonfinite=counts)
     assert counts.tolist() == [0.0, 0.0]
     with torch.no_grad():  # what an absurd lr leaves behind after a few steps
         model.classifier[-1].weight.fill_(math.inf)
-    train_step(model, optimizer, augment, images, labels, clip_grad_norm=5.0, nonfinite=counts)
+    train_step(model, optimizer, augment, images, labels, StepPlan(clip_grad_norm=5.0), nonfinite=counts)
     assert counts.tolist() == [1.0, 1.0]  # the loss, and the clipped gradient's norm
 
 

@@ -29,7 +29,7 @@ from pipeline.data.shards import DataError
 from pipeline.data.transforms import eval_batch
 from pipeline.model import AlexNet, ImageClassifier
 from pipeline.scoring import evaluation, loading
-from pipeline.step import train_step
+from pipeline.step import StepPlan, train_step
 from pipeline.tracking.server import free_port
 from pipeline.train import checkpoint, driver
 from pipeline.train.run import claim, free_name, new_name
@@ -271,7 +271,7 @@ def test_a_training_step_is_a_function_of_the_seed():
         model = AlexNet.from_config(4, cfg.to_dict())
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         augment = DeviceAugment(torch.device("cpu"), alpha_std=0.1, seed=seed)
-        loss, _ = train_step(model, optimizer, augment, images, labels, clip_grad_norm=5.0)
+        loss, _ = train_step(model, optimizer, augment, images, labels, StepPlan(clip_grad_norm=5.0))
         return loss.item(), model.state_dict()
 
     (loss_a, weights_a), (loss_b, weights_b), (loss_c, weights_c) = one_step(0), one_step(0), one_step(1)
@@ -293,7 +293,7 @@ def test_accumulated_micro_batches_make_the_same_step_as_one_batch_of_their_size
         augment = DeviceAugment(torch.device("cpu"), alpha_std=0.0, seed=0)
         for micro, (x, y) in enumerate(zip(images.chunk(chunks), labels.chunk(chunks), strict=True)):
             before = model.features[0].weight.detach().clone()
-            train_step(model, optimizer, augment, x, y, clip_grad_norm=5.0, micro=micro, accumulate=chunks)
+            train_step(model, optimizer, augment, x, y, StepPlan(clip_grad_norm=5.0, accumulate=chunks), micro=micro)
             updated = not torch.equal(before, model.features[0].weight)
             assert updated == (micro == chunks - 1), "the weights move once, after the last micro-batch"
         return model.state_dict()

@@ -47,7 +47,7 @@ from pipeline.data.device import DeviceAugment
 from pipeline.metrics import format_duration, topk_correct
 from pipeline.model import AlexNet
 from pipeline.redaction import scrubbed_output
-from pipeline.step import eval_logits, train_step
+from pipeline.step import StepPlan, eval_logits, train_step
 from pipeline.tracking.run_logger import NullLogger, RunLogger
 from pipeline.train import checkpoint, ingest
 from pipeline.train.spec import CheckpointMeta, Outcome, Progress, RunSpec
@@ -60,79 +60,243 @@ REPORT_LOGGER = str(Path(ray.train.__file__).parent / "v2" / "_internal" / "exec
 
 def train_loop_per_worker(spec: RunSpec) -> Outcome:
     scrubbed_output()  # what this worker prints reaches Ray's log files and `ray job logs`
-    cfg = spec.config
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    say = print if rank == 0 else _silent
-    logger = _open_logger(spec, rank)
-    model, optimizer, progress = _build(spec, device, logger, say)
-    mean, std = spec.normalization
-    colour = spec.colour
-    augment = DeviceAugment(
-        device, cfg.lighting_std, seed=cfg.seed * 1000 + rank, mean=mean, std=std,
-        eigval=colour.eigenvalues, eigvec=colour.eigenvectors,
-    )  # fmt: skip
-    feed = ingest.Feed(cfg.decode_on, cfg.crop, cfg.seed, device)
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-    beat = Heartbeat(spec.watchdog, every=min(HEARTBEAT_EVERY_S, cfg.stall_warning / 4))
-    accumulate, global_batch = cfg.accumulation(world), cfg.global_batch_at(world)
-    steps_per_epoch = spec.train_images // global_batch  # equal splits, full batches
-    if progress.step_in_epoch and progress.step_batch and progress.step_batch != global_batch:
-        # A mid-epoch checkpoint from another world size whose global batch differed: the same images done.
-        progress = replace(progress, step_in_epoch=progress.step_in_epoch * progress.step_batch // global_batch)
-    if cfg.elastic:
-        say(f"{world} train worker(s) of {cfg.min_workers}..{cfg.workers}: global batch {global_batch} "
-            f"({world} × {cfg.batch_size} × {accumulate} micro-batch(es) per step), lr {cfg.lr_at(world):.3g}",
-            flush=True)  # fmt: skip
+    return WorkerLoop(spec).run()
 
-    def save_mid_epoch(epoch: int, step_in_epoch: int, partial: torch.Tensor, first_bad: torch.Tensor) -> None:
+
+class WorkerLoop:
+    """One Ray Train worker's run: its model, optimizer, batches and progress, and the epoch loop.
+
+    An epoch is `train_epoch` (the steps, mid-epoch checkpoints), `validate`, then `end_epoch`
+    (metrics, checkpoint, MLflow, the epoch's line).
+    """
+
+    def __init__(self, spec: RunSpec) -> None:
+        self.spec = spec
+        cfg = self.cfg = spec.config
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        self.say = print if self.rank == 0 else _silent
+        if self.rank == 0:
+            checkpoint.staging_root()  # rank 0 writes the checkpoints: a staging folder it cannot trust fails now
+        self.logger = _open_logger(spec, self.rank)
+        self.model, self.optimizer, progress = _build(spec, self.device, self.logger, self.say)
+        self.augment = _augment(spec, self.device, self.rank)
+        self.feed = ingest.Feed(cfg.decode_on, cfg.crop, cfg.seed, self.device)
+        self.train_shard, self.val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+        self.beat = Heartbeat(spec.watchdog, every=min(HEARTBEAT_EVERY_S, cfg.stall_warning / 4))
+        self.accumulate, self.global_batch = cfg.accumulation(self.world), cfg.global_batch_at(self.world)
+        self.steps_per_epoch = spec.train_images // self.global_batch  # equal splits, full batches
+        self.progress = _rescaled(progress, self.global_batch)
+        self.preempted = PreemptionNotice(cfg.preemption_check_steps, self.say)
+        self.epoch_seconds: list[float] = []
+        if cfg.elastic:
+            self.say(
+                f"{self.world} train worker(s) of {cfg.min_workers}..{cfg.workers}: global batch "
+                f"{self.global_batch} ({self.world} × {cfg.batch_size} × {self.accumulate} micro-batch(es) "
+                f"per step), lr {cfg.lr_at(self.world):.3g}",
+                flush=True,
+            )
+
+    def run(self) -> Outcome:
+        diverged = None
+        try:
+            for epoch in range(self.progress.epoch + 1, self.cfg.epochs + 1):
+                self.run_epoch(epoch)
+        except Diverged as stop:  # every rank at the same point: all return, none waits on the others
+            diverged = str(stop)
+            self.say(f"stopping: {diverged}", flush=True)
+        self.logger.flush()
+        self.logger.close()
+        logger, progress = self.logger, self.progress
+        return Outcome(logger.restarts, logger.pending(), logger.delayed, progress.world_sizes, diverged)
+
+    def run_epoch(self, epoch: int) -> None:
+        cfg = self.cfg
+        torch.manual_seed(rank_seed(cfg.seed, self.rank, epoch))  # dropout: other masks on every rank and epoch
+        lr = _set_lr(self.optimizer, cfg, epoch, self.progress, self.world)
+        warm = _warmup(self.optimizer, cfg.warmup_epochs, lr, epoch, self.steps_per_epoch)
+        started = time.perf_counter()
+        train = self.train_epoch(epoch, warm)
+        val = self.validate()
+        self.epoch_seconds.append(time.perf_counter() - started)
+        self.end_epoch(epoch, train, val)
+
+    def train_epoch(self, epoch: int, warm=None) -> dict[str, float]:
+        """The epoch's steps (or their rest, after a mid-epoch checkpoint), checkpointing every
+        --checkpoint-every-steps and when a node announces its preemption; `warm(step)`, during
+        warmup, sets each step's lr. A step takes `accumulate` micro-batches on each worker."""
+        cfg, model, feed, optimizer, augment = self.cfg, self.model, self.feed, self.optimizer, self.augment
+        plan, accumulate = StepPlan(cfg.clip_grad_norm, self.accumulate), self.accumulate
+        model.train()
+        optimizer.zero_grad(set_to_none=True)  # nothing left over from a step an earlier epoch did not finish
+        partial = self.progress.partial_sums if self.rank == 0 else None  # counted once, on rank 0
+        sums = EpochSums(self.device, partial)
+        step, micro = self.progress.step_in_epoch, 0
+        for batch, waited in _timed(feed.batches(self.train_shard, cfg.batch_size, drop_last=True)):
+            if step >= self.steps_per_epoch:  # a resumed epoch ends where an uninterrupted one would
+                break
+            sums.waited(waited)
+            self.beat()
+            if warm and micro == 0:
+                warm(step)
+            images, labels = feed.tensors(batch, epoch)
+            loss, logits = train_step(model, optimizer, augment, images, labels, plan, micro, sums.nonfinite)
+            sums.add(loss, logits, labels)
+            micro = (micro + 1) % accumulate
+            if micro:
+                continue
+            step += 1
+            sums.stepped(step)
+            notice = self.preempted(step)  # every rank asks at the same steps: a barrier
+            due = notice or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0)
+            if due and step < self.steps_per_epoch:  # at the epoch's end its own checkpoint follows at once
+                self.save_mid_epoch(epoch, step, sums)
+        totals = sums.reduce(epoch)
+        if totals["images"] == 0:
+            raise RuntimeError("a training epoch produced no full batch: lower --batch-size or add training images")
+        return _train_results(totals, self.world)
+
+    def save_mid_epoch(self, epoch: int, step_in_epoch: int, sums: EpochSums) -> None:
         """A checkpoint inside `epoch`: the epochs before it are done, `step_in_epoch` steps of it."""
-        sums = tuple(_all_reduce(partial.clone()).tolist())  # every rank's share of the epoch so far
-        check_sums(sums, first_bad, epoch)
-        check_finite(model, epoch, step_in_epoch)
-        state = replace(progress, step_in_epoch=step_in_epoch, global_step=progress.global_step + step_in_epoch,
-                        partial_sums=sums, step_batch=global_batch)  # fmt: skip
+        partial = sums.reduce(epoch, keep=True)  # every rank's share of the epoch so far
+        check_finite(self.model, epoch, step_in_epoch)
+        state = replace(
+            self.progress,
+            step_in_epoch=step_in_epoch,
+            step_batch=self.global_batch,
+            global_step=self.progress.global_step + step_in_epoch,
+            partial_sums=tuple(partial.values()),
+        )
         metrics = {
             "epoch": epoch - 1,
             "step_in_epoch": step_in_epoch,
             checkpoint.SCORE: math.inf,
         }  # kept as latest only
-        report(spec, rank, model, optimizer, metrics, state, None, logger.pending())
+        self.report(metrics, state, None)
 
-    preempted = PreemptionNotice(cfg.preemption_check_steps, say)
-    epoch_seconds: list[float] = []
-    diverged = None
-    try:
-        for epoch in range(progress.epoch + 1, cfg.epochs + 1):
-            torch.manual_seed(rank_seed(cfg.seed, rank, epoch))  # dropout: other masks on every rank and epoch
-            lr = _set_lr(optimizer, cfg, epoch, progress, world)
-            warm = _warmup(optimizer, cfg.warmup_epochs, lr, epoch, steps_per_epoch)
-            started = time.perf_counter()
-            partial = progress.partial_sums if rank == 0 else None  # counted once, on rank 0
-            train = run_train_epoch(
-                model, optimizer, augment, feed, train_shard, cfg, device, epoch, steps_per_epoch,
-                progress.step_in_epoch, partial, save_mid_epoch, warm, beat, accumulate, preempted,
-            )  # fmt: skip
-            val = evaluate(model, augment, feed, val_shard, cfg, device, beat)
-            epoch_seconds.append(time.perf_counter() - started)
-            lr = optimizer.param_groups[0]["lr"]  # the epoch's last step's (warmup ramps it within the epoch)
-            metrics = {**_epoch_metrics(epoch, lr, train, val, epoch_seconds[-1]), "world_size": world,
-                       "global_batch": global_batch}  # fmt: skip
-            check_finite(model, epoch, steps_per_epoch, metrics)
-            progress = _after_epoch(progress, metrics, steps_per_epoch)
-            report(spec, rank, model, optimizer, metrics, progress, metrics, logger.pending())
-            logger.log_epoch(epoch, metrics)
-            eta = (cfg.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)
-            say(_epoch_line(cfg.epochs, metrics, eta), flush=True)
-    except Diverged as stop:  # every rank at the same point: all return, none waits on the others
-        diverged = str(stop)
-        say(f"stopping: {diverged}", flush=True)
-    logger.flush()
-    logger.close()
-    return Outcome(logger.restarts, logger.pending(), logger.delayed, progress.world_sizes, diverged)
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        self.model.eval()
+        sums = torch.zeros(4, device=self.device, dtype=torch.float64)  # loss·n, top-1, top-5, n
+        for batch in self.feed.batches(self.val_shard, self.cfg.batch_size):
+            self.beat()
+            images, labels = self.feed.tensors(batch)
+            logits = eval_logits(self.model, self.augment, images)
+            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+            top1, top5 = topk_correct(logits, labels)
+            sums[0] += loss
+            sums[1] += top1
+            sums[2] += top5
+            sums[3] += len(labels)
+        loss_sum, top1, top5, n = _all_reduce(sums).tolist()
+        return {"images": n, "loss": loss_sum / n, "top1_error": 1 - top1 / n, "top5_error": 1 - top5 / n}
+
+    def end_epoch(self, epoch: int, train: dict[str, float], val: dict[str, float]) -> None:
+        """The epoch's metrics checked, checkpointed with them, logged (rank 0) and printed."""
+        lr = self.optimizer.param_groups[0]["lr"]  # the epoch's last step's (warmup ramps it within the epoch)
+        metrics = {
+            **_epoch_metrics(epoch, lr, train, val, self.epoch_seconds[-1]),
+            "world_size": self.world,
+            "global_batch": self.global_batch,
+        }
+        check_finite(self.model, epoch, self.steps_per_epoch, metrics)
+        self.progress = _after_epoch(self.progress, metrics, self.steps_per_epoch)
+        self.report(metrics, self.progress, metrics)
+        self.logger.log_epoch(epoch, metrics)
+        eta = (self.cfg.epochs - epoch) * sum(self.epoch_seconds) / len(self.epoch_seconds)
+        self.say(_epoch_line(self.cfg.epochs, metrics, eta), flush=True)
+
+    def report(self, metrics: dict[str, float], progress: Progress, epoch_metrics: dict[str, float] | None) -> None:
+        """Report to Ray Train; rank 0 attaches the checkpoint (with the metrics MLflow has not had yet)."""
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        spec, unsent = self.spec, self.logger.pending()
+        with checkpoint.staging(spec.run_dir.name()) as tmp:
+            meta = CheckpointMeta.of(spec, progress, epoch_metrics, unsent)
+            checkpoint.save(tmp, _unwrap(self.model), self.optimizer, meta)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+class EpochSums:
+    """One training epoch's running sums, named, in one float64 tensor on the device: added to at
+    every step without a host sync, all-reduced once at a checkpoint or the epoch's end. A mid-epoch
+    checkpoint keeps them (in NAMES' order) so that a resumed epoch's metrics count every step once.
+
+    Besides the loss and the hits: seconds waiting for data and in all (this rank's), the micro-batches
+    whose loss and the steps whose gradient norm were not finite, and the first such step.
+    """
+
+    NAMES = ("loss_sum", "top1", "images", "wait_s", "busy_s", "top5", "nonfinite_losses", "nonfinite_grads")
+
+    def __init__(self, device: torch.device, start: tuple[float, ...] | None = None) -> None:
+        self.values = torch.zeros(len(self.NAMES), device=device, dtype=torch.float64)
+        if start:
+            self.values[: len(start)] += torch.tensor(start, dtype=torch.float64, device=device)
+        self.nonfinite = self.values[6:8]  # a view: train_step counts into it on the device
+        self.first_bad = torch.full((), math.inf, device=device, dtype=torch.float64)  # the first step not finite
+        self.started, self.wait = time.perf_counter(), 0.0
+
+    def waited(self, seconds: float) -> None:
+        self.wait += seconds
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        top1, top5 = topk_correct(logits.detach(), labels)
+        self.values[0] += loss.detach() * len(labels)  # device-side sums: no host sync per step
+        self.values[1] += top1
+        self.values[2] += len(labels)
+        self.values[5] += top5
+
+    def stepped(self, step: int) -> None:
+        """After an optimizer step: remember it if it was the first whose loss or gradient was not finite."""
+        self.first_bad = torch.where((self.nonfinite.sum() > 0) & self.first_bad.isinf(), float(step), self.first_bad)
+
+    def reduce(self, epoch: int, keep: bool = False) -> dict[str, float]:
+        """Every rank's sums so far (the times since the last call added first), by name; Diverged if
+        a loss or gradient norm was not finite on any rank. `keep`: the epoch goes on (a checkpoint)."""
+        self.values[3] += self.wait
+        self.values[4] += time.perf_counter() - self.started
+        self.started, self.wait = time.perf_counter(), 0.0
+        totals = dict(zip(self.NAMES, _all_reduce(self.values.clone() if keep else self.values).tolist(), strict=True))
+        check_sums(totals, self.first_bad, epoch)
+        return totals
+
+
+def _train_results(totals: dict[str, float], world: int) -> dict[str, float]:
+    n, elapsed = totals["images"], totals["busy_s"]
+    return {
+        "images": n,
+        "loss": totals["loss_sum"] / n,
+        "top1_error": 1 - totals["top1"] / n,
+        "top5_error": 1 - totals["top5"] / n,
+        "images_per_s": n / (elapsed / world),  # global throughput over the mean worker wall time
+        "data_wait_fraction": totals["wait_s"] / elapsed,
+    }
+
+
+def _augment(spec: RunSpec, device: torch.device, rank: int) -> DeviceAugment:
+    """The paper's PCA lighting and the normalisation, with the dataset's statistics, on the device."""
+    cfg, colour = spec.config, spec.colour
+    mean, std = spec.normalization
+    return DeviceAugment(
+        device,
+        cfg.lighting_std,
+        seed=cfg.seed * 1000 + rank,
+        mean=mean,
+        std=std,
+        eigval=colour.eigenvalues,
+        eigvec=colour.eigenvectors,
+    )
+
+
+def _rescaled(progress: Progress, global_batch: int) -> Progress:
+    """A mid-epoch checkpoint from another world size whose global batch differed: the same images done."""
+    if progress.step_in_epoch and progress.step_batch and progress.step_batch != global_batch:
+        return replace(progress, step_in_epoch=progress.step_in_epoch * progress.step_batch // global_batch)
+    return progress
 
 
 def rank_seed(seed: int, rank: int, epoch: int) -> int:
@@ -205,9 +369,15 @@ def _restore(spec: RunSpec, restored, model: AlexNet, say):
 
 def _set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int, progress: Progress, world: int) -> float:
     lr = schedules.learning_rate(
-        cfg.schedule, cfg.lr_at(world), epoch, progress.val_errors, patience=cfg.plateau_patience,
-        max_drops=cfg.lr_drops, step_epochs=cfg.step_epochs, warmup_epochs=cfg.warmup_epochs,
-    )  # fmt: skip
+        cfg.schedule,
+        cfg.lr_at(world),
+        epoch,
+        progress.val_errors,
+        patience=cfg.plateau_patience,
+        max_drops=cfg.lr_drops,
+        step_epochs=cfg.step_epochs,
+        warmup_epochs=cfg.warmup_epochs,
+    )
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
@@ -272,107 +442,20 @@ def _silent(*args, **kwargs) -> None:
     pass
 
 
-def run_train_epoch(
-    model,
-    optimizer,
-    augment,
-    feed,
-    shard,
-    cfg: TrainConfig,
-    device,
-    epoch,
-    steps_per_epoch,
-    resume_at,
-    partial,
-    save,
-    warm=None,
-    beat=None,
-    accumulate=1,
-    preempted=None,
-) -> dict[str, float]:
-    """One epoch (or its rest, from step `resume_at`), checkpointing every cfg.checkpoint_every_steps
-    and when `preempted(step)` says a node announced its preemption; `warm(step)`, when given, sets
-    each step's lr (warmup); `beat()` is told of every batch. A step takes `accumulate` batches
-    (micro-batches) on each worker."""
-    model.train()
-    optimizer.zero_grad(set_to_none=True)  # nothing left over from a step an earlier epoch did not finish
-    sums = torch.zeros(len(SUMS), device=device, dtype=torch.float64)  # named by SUMS
-    if partial:
-        sums[: len(partial)] += torch.tensor(partial, dtype=torch.float64, device=device)
-    nonfinite = sums[NONFINITE]  # a view: train_step counts into it on the device
-    first_bad = torch.full((), math.inf, device=device, dtype=torch.float64)  # the first step that was not finite
-    started, wait = time.perf_counter(), 0.0
-    step, micro = resume_at, 0
-    for batch, waited in _timed(feed.batches(shard, cfg.batch_size, drop_last=True)):
-        if step >= steps_per_epoch:  # a resumed epoch ends where an uninterrupted one would
-            break
-        wait += waited
-        if beat:
-            beat()
-        if warm and micro == 0:
-            warm(step)
-        images, labels = feed.tensors(batch, epoch)
-        loss, logits = train_step(
-            model, optimizer, augment, images, labels, cfg.clip_grad_norm, micro=micro, accumulate=accumulate,
-            nonfinite=nonfinite,
-        )  # fmt: skip
-        top1, top5 = topk_correct(logits.detach(), labels)
-        sums[0] += loss.detach() * len(labels)  # device-side sums: no host sync per step
-        sums[1] += top1
-        sums[2] += len(labels)
-        sums[5] += top5
-        micro = (micro + 1) % accumulate
-        if micro:
-            continue
-        step += 1
-        first_bad = torch.where((nonfinite.sum() > 0) & first_bad.isinf(), float(step), first_bad)  # no sync
-        notice = preempted(step) if preempted else False  # every rank asks at the same steps: a barrier
-        due = notice or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0)
-        if due and step < steps_per_epoch:  # at the epoch's end its own checkpoint follows at once
-            sums[3] += wait
-            sums[4] += time.perf_counter() - started
-            save(epoch, step, sums, first_bad)
-            started, wait = time.perf_counter(), 0.0
-    sums[3] += wait
-    sums[4] += time.perf_counter() - started
-    totals = _all_reduce(sums).tolist()
-    check_sums(totals, first_bad, epoch)
-    loss_sum, correct, n, wait_total, elapsed_total, correct5 = totals[:6]
-    if n == 0:
-        raise RuntimeError("a training epoch produced no full batch: lower --batch-size or add training images")
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    return {
-        "images": n,
-        "loss": loss_sum / n,
-        "top1_error": 1 - correct / n,
-        "top5_error": 1 - correct5 / n,
-        "images_per_s": n / (elapsed_total / world),  # global throughput over the mean worker wall time
-        "data_wait_fraction": wait_total / elapsed_total,
-    }
-
-
-# The epoch's device-side sums (all-reduced at the epoch's end and at mid-epoch checkpoints; a
-# mid-epoch checkpoint keeps them in this order): loss·n, top-1 correct, n, seconds waiting for
-# data, seconds in all, top-5 correct, and the micro-batches whose loss and the steps whose
-# gradient norm were not finite.
-SUMS = ("loss_sum", "top1", "images", "wait_s", "busy_s", "top5", "nonfinite_losses", "nonfinite_grads")
-NONFINITE = slice(6, 8)
-
-
 class Diverged(Exception):
     """Training stopped being finite; raised on every rank at the same point (from all-reduced sums,
     or from weights that DDP keeps identical on every rank)."""
 
 
-def check_sums(sums, first_bad: torch.Tensor, epoch: int) -> None:
-    """Diverged when the all-reduced `sums` count a loss or gradient norm that was not finite; the
+def check_sums(totals: dict[str, float], first_bad: torch.Tensor, epoch: int) -> None:
+    """Diverged when the all-reduced `totals` count a loss or gradient norm that was not finite; the
     step named is the first on any rank (one more all-reduce, on this path only)."""
-    losses, grads = sums[NONFINITE]
+    losses, grads = totals["nonfinite_losses"], totals["nonfinite_grads"]
     if not (losses or grads):
         return
     first = _all_reduce(first_bad.clone(), dist.ReduceOp.MIN).item()
     where = f"step {int(first)}" if math.isfinite(first) else "its last step"
-    what = f"loss {sums[0] / max(sums[2], 1):.3g}" if losses else "gradient norm not finite"
+    what = f"loss {totals['loss_sum'] / max(totals['images'], 1):.3g}" if losses else "gradient norm not finite"
     raise Diverged(f"training diverged at epoch {epoch}, {where} ({what})")
 
 
@@ -407,38 +490,10 @@ class PreemptionNotice:
         self.seen.add(tuple(info.preempted_node_ids))
         left = f"{info.deadline_ms / 1000 - time.time():.0f} s left" if info.deadline_ms else "no deadline given"
         nodes = ", ".join(info.preempted_node_ids)
-        self.say(f"node {nodes} announced its preemption (ranks {info.preempted_ranks}, {left}): checkpoint now",
-                 flush=True)  # fmt: skip
+        self.say(
+            f"node {nodes} announced its preemption (ranks {info.preempted_ranks}, {left}): checkpoint now", flush=True
+        )
         return True
-
-
-@torch.no_grad()
-def evaluate(model, augment, feed, shard, cfg: TrainConfig, device, beat=None) -> dict[str, float]:
-    model.eval()
-    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss·n, top-1, top-5, n
-    for batch in feed.batches(shard, cfg.batch_size):
-        if beat:
-            beat()
-        images, labels = feed.tensors(batch)
-        logits = eval_logits(model, augment, images)
-        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-        top1, top5 = topk_correct(logits, labels)
-        sums[0] += loss
-        sums[1] += top1
-        sums[2] += top5
-        sums[3] += len(labels)
-    loss_sum, top1, top5, n = _all_reduce(sums).tolist()
-    return {"images": n, "loss": loss_sum / n, "top1_error": 1 - top1 / n, "top5_error": 1 - top5 / n}
-
-
-def report(spec: RunSpec, rank: int, model, optimizer, metrics, progress: Progress, epoch_metrics, unsent) -> None:
-    """Report to Ray Train; rank 0 attaches the checkpoint (with the metrics MLflow has not had yet)."""
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    with checkpoint.staging(spec.run_dir.name()) as tmp:
-        checkpoint.save(tmp, _unwrap(model), optimizer, CheckpointMeta.of(spec, progress, epoch_metrics, unsent))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def _timed(iterable) -> Iterator[tuple[Any, float]]:
