@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.data and not cfg.resume:  # a wrong --data answers before torch, Ray and MLflow load
             open_dataset(cfg.data)  # (train() checks the data again, fully)
         # Imported once the flags and the data are good: --help and a bad flag answer at once too.
-        from pipeline.metrics import format_duration
-        from pipeline.train.driver import per_epoch, train
+        from pipeline.metrics import format_duration, per_epoch
+        from pipeline.train.driver import train
 
         summary = train(cfg)
     except InputError as exc:  # bad input: a message, not a traceback

@@ -15,12 +15,13 @@ import importlib.util
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from pipeline.tracking.server import free_port  # the one free-port helper of the tests
 
 # Set before any Ray starts, so that every Ray process of the session (and of the clusters tests
 # start) has them: workers print their epoch lines themselves; Ray Train's controller polls its
@@ -41,14 +42,8 @@ FC_WIDTH = 64  # fc6/fc7 width of the light AlexNet that plumbing tests train
 S3_KEY_ID, S3_SECRET = "AKIATESTSESSION", "s3-secret-do-not-send"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 S3_ENV = {
-    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}",
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
     "AWS_ACCESS_KEY_ID": S3_KEY_ID,
     "AWS_SECRET_ACCESS_KEY": S3_SECRET,
     "AWS_REGION": "us-east-1",
@@ -102,8 +97,9 @@ class _Captured(io.StringIO):
 
 
 def job_env(ray=None, tracking_uri: str | None = None) -> dict[str, str]:
-    """This environment for a job: on the session's Ray (or none: RAY_ADDRESS removed) and MLflow server."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    """This environment for a job (or a Ray of a test's own): on the session's Ray (or none: RAY_ADDRESS
+    and any job's RAY_JOB_* settings removed) and MLflow server."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_JOB"))}
     if ray is not None:
         env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     if tracking_uri:
@@ -128,7 +124,7 @@ def ray_cluster():
 
     # Generous logical CPUs on a 2-core machine: train workers and Ray Data time-share the cores.
     # The dashboard (127.0.0.1, a free port) serves the state API that Ray Train's cleaner polls.
-    ray.init(num_cpus=6, dashboard_host="127.0.0.1", dashboard_port=_free_port())
+    ray.init(num_cpus=6, dashboard_host="127.0.0.1", dashboard_port=free_port())
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -16,25 +16,20 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FC_WIDTH, assert_registered, job_env, run_job
+from cluster_harness import CLUSTER, ROOT, FakeMetadataService, LocalCluster, epochs_printed, wait_for
+from conftest import FC_WIDTH, assert_registered, free_port, job_env, run_job
 from mlflow import MlflowClient
 
 from pipeline.data.stats import compute_stats
-
-ROOT = Path(__file__).resolve().parents[1]
-CLUSTER = ROOT / "cluster"
-GCS_PORT = 6379  # the fake multi-node provider joins new nodes to this port (DESIGN: fake multinode)
 
 
 def _pinned(package: str) -> str:
@@ -291,11 +286,11 @@ def dead_record():
     The temp dir is short: a local Ray started under it puts its sockets there (107 bytes at most).
     """
     temp = Path(tempfile.mkdtemp(prefix="rdr", dir="/tmp"))
-    address = f"127.0.0.1:{_free_port()}"  # bound once and released: nothing listens there
+    address = f"127.0.0.1:{free_port()}"  # bound once and released: nothing listens there
     record = temp / "ray" / "ray_current_cluster"
     record.parent.mkdir()
     record.write_text(address)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = job_env()
     yield {**env, "RAY_TMPDIR": str(temp)}, address, record
     shutil.rmtree(temp, ignore_errors=True)
 
@@ -318,7 +313,7 @@ def test_a_dead_recorded_cluster_is_named_in_seconds_not_waited_for(job, dead_re
 def test_a_dead_ray_address_is_named_too(monkeypatch):
     from pipeline.cluster.connection import ClusterUnreachable, check_answers
 
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     monkeypatch.setenv("RAY_ADDRESS", address)
     with pytest.raises(ClusterUnreachable, match=f"the Ray cluster at {address} \\(from RAY_ADDRESS\\)"):
         check_answers(timeout=2)
@@ -336,64 +331,6 @@ def test_ray_address_local_starts_a_local_ray_whatever_is_recorded(dead_record):
 
 
 # --- a real autoscaling cluster on this machine -------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class FakeMetadataService:
-    """EC2's instance metadata service (IMDSv2) as spot_notice.py reads it, on 127.0.0.1: a session
-    token, then `spot/instance-action` (404 until `announce` schedules the reclaim)."""
-
-    def __init__(self) -> None:
-        import http.server
-        import threading
-
-        service = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_PUT(self):
-                if self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
-                    return self._reply(200, b"a-session-token")
-                return self._reply(400, b"")
-
-            def do_GET(self):
-                if self.headers.get("X-aws-ec2-metadata-token") != "a-session-token":
-                    return self._reply(401, b"")
-                if self.path == "/latest/meta-data/spot/instance-action" and service.action:
-                    return self._reply(200, json.dumps(service.action).encode())
-                return self._reply(404, b"")
-
-            def _reply(self, code: int, body: bytes) -> None:
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.action: dict | None = None
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def announce(self, action: str, seconds: int) -> float:
-        """EC2 schedules this instance's `action` in `seconds`; returns that moment (time.time())."""
-        when = time.time() + seconds
-        self.action = {"action": action, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))}
-        return when
-
-    def __enter__(self) -> FakeMetadataService:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def test_spot_notice_reads_ec2s_interruption_notice_and_the_seconds_left():
@@ -436,7 +373,7 @@ def test_spot_notice_survives_malformed_notices_and_retries_the_drain_until_the_
         started = time.monotonic()
         proc = subprocess.run(
             [sys.executable, str(CLUSTER / "spot_notice.py"), "--metadata-url", imds.url, "--address",
-             f"127.0.0.1:{_free_port()}", "--node-id", "ab" * 28, "--interval", "0.2", "--drain-timeout", "3"],
+             f"127.0.0.1:{free_port()}", "--node-id", "ab" * 28, "--interval", "0.2", "--drain-timeout", "3"],
             capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
     out = proc.stdout + proc.stderr
@@ -444,178 +381,6 @@ def test_spot_notice_survives_malformed_notices_and_retries_the_drain_until_the_
     assert "EC2 will terminate this node in" in out and f"draining node {'ab' * 28}" in out
     assert "drain try 1 failed (no answer in 3 s)" in out and "gave up: node" in out, out
     assert time.monotonic() - started < 30
-
-
-class LocalCluster:
-    """cluster/local.yaml's fake multi-node cluster with its autoscaler: `ray start --head --block`
-    in a session of its own, as cluster/README.md starts it.
-
-    Its own temp dir (so it never becomes the machine's "current" cluster that `address="auto"`
-    finds) and dashboard port; the worker "nodes" the autoscaler launches are processes in the
-    same process group, all stopped through it.
-    """
-
-    def __init__(self, workdir: Path) -> None:
-        self.temp_dir = Path(tempfile.mkdtemp(prefix="rfk", dir="/tmp"))  # short: Ray's socket paths
-        self.dashboard = f"http://127.0.0.1:{_free_port()}"
-        self.gcs_address = f"127.0.0.1:{GCS_PORT}"
-        venv_bin = str(Path(sys.executable).parent)
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_JOB"))}
-        # The job CLI sends the token only with RAY_AUTH_MODE=token; `python` in entrypoints is this venv's.
-        self.env.update(RAY_AUTH_MODE="token", PATH=f"{venv_bin}:{os.environ.get('PATH', '')}")
-        self.log_path = workdir / "head.log"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> LocalCluster:
-        port = self.gcs_address.rsplit(":", 1)[1]
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", int(port))) == 0:
-                pytest.fail(f"port {port} is taken: the fake multi-node cluster needs it for its GCS")
-        command = [
-            str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "0",
-            "--port", port, "--dashboard-port", self.dashboard.rsplit(":", 1)[1],
-            # the session's own Ray holds the default agent port (52365): the job agent needs another
-            "--dashboard-agent-listen-port", str(_free_port()), "--temp-dir", str(self.temp_dir),
-        ]  # fmt: skip
-        # A stopped job gets 30 s to abort its run and withdraw its node request (cluster/README.md).
-        command += ["--autoscaling-config", str(CLUSTER / "local.yaml")]
-        env = {
-            **self.env,
-            # Ray Train watches for node drains (preemption notices) here, every second; a node
-            # that dies is known to be gone within about a second (the default takes ~15 s).
-            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1",
-            "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1",
-            "RAY_health_check_period_ms": "500",
-            "RAY_health_check_failure_threshold": "2",
-            "RAY_JOB_STOP_WAIT_TIME_S": "30",
-            "RAY_FAKE_CLUSTER": "1",
-            "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-        }
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=log, start_new_session=True)
-        _wait_for(lambda: self._get("/api/version") is not None, "the head's job server", 90, self)
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            # Job drivers run in sessions of their own: a job still running (a failed test) is stopped
-            # through the job server before the head goes, or its driver would outlive the cluster.
-            running = [
-                j["submission_id"] for j in self._get("/api/jobs/") or [] if j.get("status") in ("PENDING", "RUNNING")
-            ]
-            for job_id in running:
-                self._get(f"/api/jobs/{job_id}/stop", method="POST")
-            deadline = time.monotonic() + 40
-            while (
-                running
-                and time.monotonic() < deadline
-                and any(self.job_status(j) in ("PENDING", "RUNNING") for j in running)
-            ):
-                time.sleep(1)
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
-        if self.process is not None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)  # worker "nodes" the head did not take down
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def _get(self, path: str, method: str = "GET"):
-        token = (Path.home() / ".ray" / "auth_token").read_text().strip()
-        headers = {"Authorization": f"Bearer {token}"}
-        request = urllib.request.Request(self.dashboard + path, headers=headers, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return json.loads(response.read())
-        except OSError:
-            return None
-
-    def worker_nodes(self) -> dict[str, int] | None:
-        """Alive worker nodes by type, told apart by their resources (Ray's state API, as `ray list nodes`);
-        None when the head did not answer."""
-        reply = self._get("/api/v0/nodes?limit=100&detail=1")
-        if reply is None:
-            return None
-        counts: dict[str, int] = {}
-        for node in reply["data"]["result"]["result"]:
-            if node["state"] == "ALIVE" and not node["is_head_node"]:
-                kind = "gpu" if node["resources_total"].get("mock_gpu") else "cpu"
-                counts[kind] = counts.get(kind, 0) + 1
-        return counts
-
-    def job_logs(self, job_id: str) -> str:
-        return (self._get(f"/api/jobs/{job_id}/logs") or {}).get("logs", "")
-
-    def train_worker_nodes(self) -> list[str]:
-        """The ids of the nodes that hold a live Ray Train worker, sorted."""
-        reply = self._get("/api/v0/actors?limit=1000&detail=1") or {"data": {"result": {"result": []}}}
-        return sorted(
-            {
-                a["node_id"]
-                for a in reply["data"]["result"]["result"]
-                if a["state"] == "ALIVE" and a["class_name"] == "RayTrainWorker"
-            }
-        )
-
-    def kill_node(self, node_id: str) -> None:
-        """What a reclaimed spot instance does: every process of that fake node (raylet, workers) dies."""
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if f"RAY_OVERRIDE_NODE_ID_FOR_TESTING={node_id}".encode() in environ:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-
-    def job_status(self, job_id: str) -> str:
-        return (self._get(f"/api/jobs/{job_id}") or {}).get("status", "UNKNOWN")
-
-    def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        """The `ray` CLI against this cluster's job server, as a user types it.
-
-        Right after start the head's job agent may not be registered yet ("No available agent to
-        submit job, please try again later"): that one answer is retried, as the message says.
-        """
-        command = [str(Path(sys.executable).parent / "ray"), *args]
-        deadline = time.monotonic() + 60
-        while True:
-            done = subprocess.run(
-                command, env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
-            )
-            if "No available agent" not in done.stderr or time.monotonic() > deadline:
-                return done
-            time.sleep(2)
-
-
-def _epochs_printed(log: str) -> set[int]:
-    return {int(n) for n in re.findall(r"epoch +(\d+)/\d+ +lr", log)}
-
-
-def _wait_for(predicate, what: str, timeout: float, cluster: LocalCluster | None = None, job: str = "") -> None:
-    """Until `predicate()`; on a timeout the failure says what it waited for (and `job`'s log so far)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if cluster is not None and not cluster.alive():
-            pytest.fail(f"the fake cluster's head exited:\n{cluster.log_path.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            lines = cluster.job_logs(job).splitlines() if cluster is not None and job else []
-            log = "\n".join(line for line in lines if "row/s]" not in line and "Dataset" not in line)[-8000:]
-            pytest.fail(
-                f"timed out after {timeout:.0f}s waiting for {what}" + (f"; {job}'s log:\n{log}" if job else "")
-            )
-        time.sleep(1)
 
 
 @pytest.mark.slow
@@ -651,7 +416,7 @@ def test_train_workers_that_leave_ray_data_no_cpu_are_refused_in_seconds_or_expl
             env=env, stdout=stdout, stderr=stderr, start_new_session=True,
         )  # fmt: skip
     try:
-        _wait_for(lambda: out.read_text().count("Ray Data has no free CPU") >= 2 or job.poll() is not None,
+        wait_for(lambda: out.read_text().count("Ray Data has no free CPU") >= 2 or job.poll() is not None,
                   "two watchdog reports", 180)  # fmt: skip
     finally:
         job.send_signal(signal.SIGTERM)
@@ -668,7 +433,7 @@ def test_train_workers_that_leave_ray_data_no_cpu_are_refused_in_seconds_or_expl
     (run,) = client.search_runs([client.get_experiment_by_name("waiting").experiment_id])
     assert run.info.status == "KILLED" and "MLFLOW_TRACKING_URI" not in json.dumps(run.data.params)
     # The stopped job's workers and Ray Data's tasks leave the session's cluster to the tests after it.
-    _wait_for(lambda: ray_cluster.available_resources().get("CPU", 0) == cpus, "the stopped job's CPUs", 60)
+    wait_for(lambda: ray_cluster.available_resources().get("CPU", 0) == cpus, "the stopped job's CPUs", 60)
 
 
 @pytest.fixture(scope="module")
@@ -741,7 +506,7 @@ def test_a_submitted_elastic_job_scales_up_survives_a_spot_preemption_registers_
         two = logs.find("2 train worker(s) of 1..2")
         return ended_or_logged() or (two >= 0 and re.search(r"epoch +\d+/12 +lr", logs[two:]) is not None)
 
-    _wait_for(training_on_two, "an epoch on two train workers", 300, cluster, "train-1")
+    wait_for(training_on_two, "an epoch on two train workers", 300, cluster, "train-1")
     assert cluster.job_status("train-1") == "RUNNING", cluster.job_logs("train-1")[-4000:]
 
     # 2. A spot reclaim: EC2's metadata service (a stand-in on 127.0.0.1) announces it for the node of a
@@ -761,21 +526,21 @@ def test_a_submitted_elastic_job_scales_up_survives_a_spot_preemption_registers_
             notice.kill()
     assert notice.returncode == 0 and "EC2 will terminate this node in" in out, out
     # The workers see the notice at their next step (not while they wait for data or validate).
-    _wait_for(lambda: ended_or_logged("announced its preemption"), "the preemption checkpoint", 30, cluster, "train-1")
+    wait_for(lambda: ended_or_logged("announced its preemption"), "the preemption checkpoint", 30, cluster, "train-1")
     assert time.time() < deadline and cluster.job_status("train-1") == "RUNNING", cluster.job_logs("train-1")[-4000:]
     # The checkpoint reaches --storage-path, and the instance goes at once (before its deadline: the test
     # need not wait for it), while the run has epochs left to train on the worker that remains.
-    _wait_for(lambda: ended_or_logged() or _mid_epoch_checkpoint(storage / "on-cluster"), "the preemption checkpoint on storage",
+    wait_for(lambda: ended_or_logged() or _mid_epoch_checkpoint(storage / "on-cluster"), "the preemption checkpoint on storage",
               30, cluster, "train-1")  # fmt: skip
     time.sleep(1)
     cluster.kill_node(node)
 
-    _wait_for(ended_or_logged, "the job to finish", 600, cluster, "train-1")
+    wait_for(ended_or_logged, "the job to finish", 600, cluster, "train-1")
     logs = cluster.job_logs("train-1")
     (tmp_path / "train-1.log").write_text(logs)
     assert cluster.job_status("train-1") == "SUCCEEDED", logs[-4000:]
     assert seen.get("gpu", 0) >= 2 and seen.get("cpu", 0) >= 1, seen
-    assert _epochs_printed(logs) == set(range(1, 13)), logs[-4000:]
+    assert epochs_printed(logs) == set(range(1, 13)), logs[-4000:]
     # While the nodes started, the watchdog said every 10 s (--stall-warning) what the run had and
     # waited for (which, depends on the moment: tests/test_resources.py checks each report), then that
     # batches arrived.
@@ -804,4 +569,4 @@ def test_a_submitted_elastic_job_scales_up_survives_a_spot_preemption_registers_
     assert_registered(client, "alexnet-cluster", run.info.run_id)
 
     # 4. Idle: the autoscaler removes every worker node after the idle timeout (0.1 min).
-    _wait_for(lambda: cluster.worker_nodes() == {}, "the idle worker nodes to be removed", 120, cluster)
+    wait_for(lambda: cluster.worker_nodes() == {}, "the idle worker nodes to be removed", 120, cluster)

@@ -18,14 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FC_WIDTH, job_env, run_job
+from conftest import FC_WIDTH, free_port, job_env, run_job
 from mlflow import MlflowClient
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RayHead:
@@ -35,7 +29,7 @@ class RayHead:
 
     def __init__(self, cpus: int, resources: dict[str, float]) -> None:
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rel", dir="/tmp"))  # short: Ray's socket paths
-        self.address = f"127.0.0.1:{_free_port()}"
+        self.address = f"127.0.0.1:{free_port()}"
         self.cpus, self.resources = cpus, resources
         self.process: subprocess.Popen | None = None
 
@@ -43,10 +37,10 @@ class RayHead:
         command = [
             str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", str(self.cpus),
             "--resources", json.dumps(self.resources), "--port", self.address.rsplit(":", 1)[1],
-            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(_free_port()),
-            "--dashboard-agent-listen-port", str(_free_port()), "--temp-dir", str(self.temp_dir),
+            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port()),
+            "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", str(self.temp_dir),
         ]  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_JOB"))}
+        env = job_env()
         log = (self.temp_dir / "head.log").open("wb")
         self.process = subprocess.Popen(command, env=env, stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + 60

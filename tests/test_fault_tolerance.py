@@ -102,7 +102,7 @@ def _checkpointed_epoch(run_dir: Path) -> int:
     epochs = []
     for meta in run_dir.glob("checkpoint_*/meta.json"):
         try:
-            epochs.append(json.loads(meta.read_text())["epoch"])
+            epochs.append(json.loads(meta.read_text())["progress"]["epoch"])
         except (OSError, ValueError):
             continue  # being written
     return max(epochs, default=0)

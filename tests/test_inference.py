@@ -17,14 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-from conftest import REGISTERED_MODEL, S3_ENV, S3_KEY_ID, S3_SECRET, SECRET, call_job, job_env, run_job
+from conftest import REGISTERED_MODEL, S3_ENV, S3_KEY_ID, S3_SECRET, SECRET, call_job, free_port, job_env, run_job
 from mlflow import MlflowClient
 from PIL import Image
 
 from pipeline.data.transforms import center_crop, load_square, ten_crop
 from pipeline.scoring import inference, loading
 from pipeline.storage import locate
-from pipeline.tracking.server import free_port
 
 
 def _photo(width: int, height: int, seed: int) -> Image.Image:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_job
+from conftest import free_port, run_job
 from imagenet_layouts import as_devkit, jpeg, kaggle_truth, png, red
 from PIL import Image
 
@@ -20,7 +20,6 @@ from pipeline.data import imagenet, shards
 from pipeline.data.prepare import prepare
 from pipeline.data.sample import SYNSETS
 from pipeline.errors import InputError
-from pipeline.tracking.server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,11 +7,11 @@ import io
 import os
 
 import pytest
-from conftest import S3_SECRET, SECRET, job_env, run_job
+from conftest import S3_SECRET, SECRET, free_port, job_env, run_job
 
 from pipeline.redaction import ScrubbedStream, redact, scrub
 from pipeline.tracking import mlflow_client
-from pipeline.tracking.server import free_port, healthy
+from pipeline.tracking.server import healthy
 
 
 def test_the_scrub_masks_logins_in_uris_headers_secret_values_and_key_value_secrets(monkeypatch):

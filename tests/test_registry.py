@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import REGISTERED_MODEL as MODEL
-from conftest import S3_ENV, S3_SECRET, SECRET, call_job, job_env, run_job
+from conftest import S3_ENV, S3_SECRET, SECRET, call_job, free_port, job_env, run_job
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -34,7 +34,7 @@ from pipeline.scoring import loading
 from pipeline.tracking import mlflow_client, registry
 from pipeline.tracking.registry import Registry, RegistryError
 from pipeline.tracking.run_logger import RunLogger
-from pipeline.tracking.server import MlflowServer, free_port, request_status
+from pipeline.tracking.server import MlflowServer, request_status
 from pipeline.train import checkpoint, registration
 
 

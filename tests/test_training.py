@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision.transforms.functional as TF
-from conftest import REGISTERED_MODEL, call_job, light, run_job
+from conftest import REGISTERED_MODEL, call_job, free_port, light, run_job
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -30,8 +30,7 @@ from pipeline.data.transforms import eval_batch
 from pipeline.model import AlexNet, ImageClassifier
 from pipeline.scoring import evaluation, loading
 from pipeline.step import StepPlan, train_step
-from pipeline.tracking.server import free_port
-from pipeline.train import checkpoint, driver
+from pipeline.train import checkpoint, driver, preflight
 from pipeline.train.run import claim, free_name, new_name
 from pipeline.train.worker import rank_seed
 
@@ -237,20 +236,20 @@ def test_bad_data_fails_before_any_cluster_work(tmp_path):
     ]
     for path, message in cases:
         with pytest.raises(DataError, match=message):
-            driver.load_data(config.resolve("sample", data=str(path)))
+            preflight.load_data(config.resolve("sample", data=str(path)))
     _fake_dataset(tmp_path / "good", _shard(0))
-    assert driver.load_data(config.resolve("sample", data=str(tmp_path / "good"))).num_classes == 1
+    assert preflight.load_data(config.resolve("sample", data=str(tmp_path / "good"))).num_classes == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without GPUs")
 def test_gpu_training_on_a_local_ray_without_gpus_is_refused():
     with pytest.raises(ConfigError, match="--gpu asks for 2 GPU\\(s\\) but this machine has 0"):
-        driver.check_local_gpus(config.resolve("sample", gpu=True, workers=2))
+        preflight.check_local_gpus(config.resolve("sample", gpu=True, workers=2))
 
 
 def test_a_crop_bigger_than_the_shards_says_which_flag_to_change(tiny_shards):
     with pytest.raises(ConfigError, match="--crop 72"):
-        driver.load_data(config.resolve("sample", data=str(tiny_shards), crop=96))
+        preflight.load_data(config.resolve("sample", data=str(tiny_shards), crop=96))
 
 
 def test_the_train_job_reports_a_missing_data_dir_without_starting_ray(tmp_path):
@@ -415,17 +414,17 @@ def test_local_paths_are_refused_where_train_workers_cannot_reach_them():
     laptop, head_only = [node("a", 2)], [node("head", 0)]
     cluster = [node("head", 0), node("gpu-1", 8), {"NodeID": "gone", "Alive": False, "Resources": {}}]
     cfg = config.resolve("sample", storage_path="runs")
-    driver.check_reachable(cfg, "/data/shards", laptop, "a")
+    preflight.check_reachable(cfg, "/data/shards", laptop, "a")
     for nodes, where in ((cluster, "2 nodes"), (head_only, "a head node that runs no train workers")):
         with pytest.raises(
             ConfigError, match=f"--storage-path /.*/runs is a local path, and this Ray cluster has {where}"
         ):
-            driver.check_reachable(cfg, "/data/shards", nodes, "head")
+            preflight.check_reachable(cfg, "/data/shards", nodes, "head")
     remote = dataclasses.replace(cfg, storage_path="s3://bucket/runs")
     with pytest.raises(ConfigError, match="--data /data/shards is a local path.*pass --shared-storage"):
-        driver.check_reachable(remote, "/data/shards", cluster, "head")
-    driver.check_reachable(remote, "s3://bucket/shards", cluster, "head")
-    driver.check_reachable(dataclasses.replace(cfg, shared_storage=True), "/mnt/efs/shards", cluster, "head")
+        preflight.check_reachable(remote, "/data/shards", cluster, "head")
+    preflight.check_reachable(remote, "s3://bucket/shards", cluster, "head")
+    preflight.check_reachable(dataclasses.replace(cfg, shared_storage=True), "/mnt/efs/shards", cluster, "head")
 
 
 @pytest.mark.parametrize(
@@ -456,10 +455,10 @@ def test_paths_a_datasets_json_files_name_stay_inside_the_dataset(tiny_shards, t
     with pytest.raises(
         DataError, match=r"manifest.json names '../../../etc/passwd', which is not a file inside .*/val/"
     ):
-        driver.load_data(config.resolve("sample", data=str(escaped)))
+        preflight.load_data(config.resolve("sample", data=str(escaped)))
 
     measured = shutil.copytree(tiny_shards, tmp_path / "measured")
-    dataset = driver.load_data(config.resolve("sample", data=str(measured)))
+    dataset = preflight.load_data(config.resolve("sample", data=str(measured)))
     stats = {"mean": [0.5] * 3, "std": [0.2] * 3, "eigenvalues": [0.1] * 3, "eigenvectors": np.eye(3).tolist(),
              "dataset_hash": dataset.dataset_hash}  # fmt: skip
     for where in ("/etc/passwd", "../outside.npy"):

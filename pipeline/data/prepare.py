@@ -162,9 +162,7 @@ def sample_shards(sample_dir: str, log: Callable[[str], None] = print) -> Path:
         log(f"generating the sample dataset in {raw} ...")
         make_sample(raw)
     log(f"preparing shards in {shard_dir} ...")
-    # A manifest from an older format cannot be resumed: the sample is cheap to make again.
-    stale = manifest is not None and manifest.get("format") != MANIFEST_FORMAT
-    summary = prepare(str(raw), str(shard_dir), size=SAMPLE_IMAGE_SIZE, shard_size=256, overwrite=stale, log=log)
+    summary = prepare(str(raw), str(shard_dir), size=SAMPLE_IMAGE_SIZE, shard_size=256, log=log)
     log(f"prepared {summary.images} images in {summary.seconds:.1f}s")
     return shard_dir
 
@@ -384,7 +382,7 @@ def _our_manifest(manifest: dict[str, Any]) -> bool:
         isinstance(manifest.get("plan"), str)
         and isinstance(manifest.get("splits"), dict)
         and isinstance(manifest.get("source"), str)
-        and manifest.get("format") in (1, MANIFEST_FORMAT)
+        and manifest.get("format") == MANIFEST_FORMAT
     )
 
 

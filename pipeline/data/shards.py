@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.data.imagenet import ClassInfo
-from pipeline.errors import InputError
+from pipeline.errors import DataError
 from pipeline.storage import Location, locate
 
 if TYPE_CHECKING:
@@ -46,10 +46,6 @@ SCHEMA = pa.schema(
 )
 CLASSES_FILE, MANIFEST_FILE, STATS_FILE = "classes.json", "manifest.json", "stats.json"
 DEFAULT_SHARD_SIZE = 1024  # images per shard: ~25-30 MB at 256 px, a good Ray Data block
-
-
-class DataError(InputError):
-    """A prepared dataset that cannot be used; the message says what is wrong and what to do."""
 
 
 @dataclass(frozen=True)

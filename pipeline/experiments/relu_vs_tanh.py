@@ -33,15 +33,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.errors import InputError
+from pipeline.errors import DataError
 from pipeline.storage import locate
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 SIZE = 32  # CIFAR-10's images; the sample is resized to it
-
-
-class DataError(InputError):
-    """A CIFAR-10 folder or shard directory that cannot be used; the message says what to do."""
 
 
 class FourLayerNet(nn.Module):

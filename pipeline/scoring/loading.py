@@ -15,7 +15,6 @@ Evaluation keeps hits at top-1 and top-5 per protocol; inference keeps each file
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import tempfile
 from collections.abc import Callable
@@ -80,7 +79,7 @@ def resolve(spec: str, tracking_uri: str) -> ModelRef:
         tracking_uri=tracking_uri,
         normalization=normalization(dataclasses.asdict(meta.colour), meta.config.normalize, crop),
         names=tuple(c.name for c in meta.classes),
-        image_size=meta.image_size or _default_size(crop),
+        image_size=meta.image_size,
     )
 
 
@@ -100,25 +99,18 @@ def _resolve_registered(spec: str, tracking_uri: str) -> ModelRef:
         artifacts = client.get_model_version_download_uri(match["name"], version.version)
         with tempfile.TemporaryDirectory() as tmp:
             program = model_files.check(Path(_download(artifacts, tracking_uri, tmp)), spec)
-        index = program.classes
-        if index is None:  # a version registered without its class index: the run's
-            with tempfile.TemporaryDirectory() as tmp:
-                index = json.loads(
-                    Path(_download(f"runs:/{version.run_id}/classes.json", tracking_uri, tmp)).read_text()
-                )
-        image_size = program.image_size or int(client.get_run(version.run_id).data.params.get("image_size") or 0)
     except MlflowException as exc:
         raise ModelError(f"cannot load {spec} from {redact(tracking_uri)}: {scrub(exc.message)}") from exc
     return ModelRef(
         uri=spec,
         crop=program.crop,
-        wnids=[c["wnid"] for c in index],
+        wnids=[c["wnid"] for c in program.classes],
         run_id=version.run_id,
         tracking_uri=tracking_uri,
-        names=tuple(c.get("name", c["wnid"]) for c in index),
+        names=tuple(c["name"] for c in program.classes),
         name=match["name"],
         version=str(version.version),
-        image_size=image_size or _default_size(program.crop),
+        image_size=program.image_size,
         program=program.data,
         digest=program.digest,
     )
@@ -127,11 +119,6 @@ def _resolve_registered(spec: str, tracking_uri: str) -> ModelRef:
 def _download(uri: str, tracking_uri: str, directory: str) -> str:
     """An artifact (runs:/… or a storage location) into `directory`, from the given tracking server."""
     return mlflow.artifacts.download_artifacts(uri, dst_path=directory, tracking_uri=tracking_uri)
-
-
-def _default_size(crop: int) -> int:
-    """The paper's ratio (256 for 224) when a model does not say what its images were resized to."""
-    return round(crop * 256 / 224)
 
 
 def ship(ref: ModelRef) -> ModelRef:

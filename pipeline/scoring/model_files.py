@@ -51,8 +51,8 @@ class Program:
     data: bytes  # the torch.export archive, as checked
     digest: str  # its SHA-256: what a model actor checks before loading
     crop: int  # the input's side (from the signature)
-    classes: list[dict[str, Any]] | None  # classes.json as registered with the program, if it was
-    image_size: int | None  # the short side images were resized to (preprocessing.json), if it says
+    classes: list[dict[str, Any]]  # classes.json as registered with the program: index, wnid, name
+    image_size: int  # the short side images were resized to (preprocessing.json)
 
 
 def check(root: Path, spec: str) -> Program:
@@ -81,13 +81,15 @@ def check(root: Path, spec: str) -> Program:
     signature = description.signature
     if signature is None or not signature.inputs.inputs:
         raise ModelError(f"{spec} has no input signature: it was not registered by jobs/train.py")
-    preprocessing = _json(root, PREPROCESSING_FILE) or {}
+    classes, preprocessing = _json(root, CLASSES_FILE), _json(root, PREPROCESSING_FILE)
+    if classes is None or not (preprocessing or {}).get("resize_short_side"):
+        raise ModelError(f"{spec} lacks the class index or preprocessing jobs/train.py registers with the program")
     return Program(
         data=program,
         digest=hashlib.sha256(program).hexdigest(),
         crop=int(signature.inputs.inputs[0].shape[1]),
-        classes=_json(root, CLASSES_FILE),
-        image_size=preprocessing.get("resize_short_side"),
+        classes=classes,
+        image_size=int(preprocessing["resize_short_side"]),
     )
 
 

@@ -2,6 +2,8 @@
 
 driver       (driver process) the sequence: inputs checked, Ray joined, the run begun, fit,
              the best checkpoint registered, the run closed
+preflight    (driver) the checks before any cluster work: data, crop, GPUs, the plan against the
+             cluster, local paths the workers must reach
 run          (driver) the run's name, directory, record, resume and close
 fit          (driver) the TorchTrainer, and what a failure past --max-failures says
 worker       (every Ray Train worker) the epoch loop: DDP steps, validation, checkpoints

@@ -18,18 +18,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-import torch
 
 from pipeline.cluster import connection
-from pipeline.cluster.resources import ClusterState, Plan, refusal
-from pipeline.config import ConfigError, TrainConfig
+from pipeline.config import TrainConfig
 from pipeline.data.prepare import sample_shards
 from pipeline.data.shards import PreparedDataset, open_dataset
 from pipeline.data.stats import normalization, read_stats
 from pipeline.errors import TrainingDiverged
-from pipeline.storage import Location, locate
+from pipeline.storage import Location
 from pipeline.tracking import mlflow_client
-from pipeline.train import checkpoint, run
+from pipeline.train import checkpoint, preflight, run
 from pipeline.train.fit import fit
 from pipeline.train.registration import register
 from pipeline.train.spec import RunSpec
@@ -57,12 +55,12 @@ class TrainSummary:
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
     started, cwd = time.time(), os.getcwd()
     cfg, record = run.resumed_config(cfg, log)  # --resume: the stopped run's own config, data and MLflow run
-    data = load_data(cfg)  # fails fast, before Ray starts
+    data = preflight.load_data(cfg)  # fails fast, before Ray starts
     uri = run.tracking_uri(cfg, record, log)  # an unreachable server fails here, before the cluster does anything
     name = cfg.resume or run.free_name(cfg)  # a taken name fails here too
     forward = connection.env_names(cfg.forward_env)
     if connect_ray(cfg, log, mlflow_client.worker_env(uri, forward), mlflow_client.credentials_note(forward)):
-        check_resources(cfg, log)  # a plan that would wait forever is refused before anything starts
+        preflight.check_resources(cfg, log)  # a plan that would wait forever is refused before anything starts
     if not cfg.resume:
         run.claim(cfg, name)  # the run directory, this job's alone, before anything is written
     try:
@@ -97,8 +95,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
 def _begin(cfg: TrainConfig, data: PreparedDataset | None, name: str, uri: str | None, record, log):
     """The data checked where the workers are (the sample built first if it is the data), the run begun:
     (run, spec, data)."""
-    data = data or _check_crop(cfg, open_dataset(str(sample_shards(cfg.sample_dir, log))))
-    check_reachable(cfg, data.uri, ray.nodes(), ray.get_runtime_context().get_node_id())
+    data = data or preflight.check_crop(cfg, open_dataset(str(sample_shards(cfg.sample_dir, log))))
+    preflight.check_reachable(cfg, data.uri, ray.nodes(), ray.get_runtime_context().get_node_id())
     spec = _spec(cfg, data, name, uri, log)  # a missing mean image fails here
     current = run.Run.begin(cfg, data, spec.colour, name, uri, record, log)
     return current, dataclasses.replace(spec, run_id=current.run_id), data
@@ -163,83 +161,9 @@ def connect_ray(
     """
 
     def local_cpus() -> int:
-        check_local_gpus(cfg)
+        preflight.check_local_gpus(cfg)
         return max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker) + cfg.data_cpus)
 
     # A local Ray also gets the custom resources the train workers ask for (e.g. mock_gpu).
     local_resources = {name: amount * cfg.workers for name, amount in cfg.resources_per_worker.items() if name != "CPU"}
     return connection.connect(log, env, local_cpus, local_resources, note)
-
-
-def check_reachable(cfg: TrainConfig, data_uri: str, nodes: list[dict[str, Any]], driver_node: str) -> None:
-    """Local paths only where every train worker can reach them: one node that trains, or --shared-storage.
-
-    `nodes` is ray.nodes(); `driver_node` the node this driver runs on. A head that keeps no CPUs
-    (the cluster definitions' layout) runs no train worker: its disk is unreachable to them even
-    before the autoscaler has added a node.
-    """
-    local = [(flag, uri) for flag, uri in (("--storage-path", cfg.storage_path), ("--data", data_uri))
-             if locate(uri).is_local]  # fmt: skip
-    if cfg.shared_storage or not local:
-        return
-    alive = [node for node in nodes if node.get("Alive")]
-    here = next((node for node in alive if node["NodeID"] == driver_node), {})
-    if len(alive) == 1 and here.get("Resources", {}).get("CPU", 0) > 0:
-        return
-    where = f"{len(alive)} nodes" if len(alive) > 1 else "a head node that runs no train workers"
-    flag, uri = local[0]
-    raise ConfigError(
-        f"{flag} {locate(uri).uri} is a local path, and this Ray cluster has {where}: the train workers on other "
-        "nodes cannot read or write it (checkpoints would fail at the first save). Use s3://bucket/prefix, or a "
-        "filesystem every node mounts at the same path and pass --shared-storage"
-    )
-
-
-def check_resources(cfg: TrainConfig, log: Callable[[str], None] = print) -> None:
-    """On a cluster with no autoscaler, refuse a plan that can never run (pipeline.cluster.resources)."""
-    if cfg.skip_resource_check:
-        return
-    try:
-        state = ClusterState.read()
-    except Exception as exc:  # noqa: BLE001 -- Ray's GCS calls changed or failed: the watchdog still reports
-        log(f"could not read the cluster's resources ({type(exc).__name__}: {exc}); starting without the check")
-        return
-    problem = refusal(Plan.of(cfg), state)
-    if problem:
-        raise ConfigError(problem)
-
-
-def check_local_gpus(cfg: TrainConfig) -> None:
-    """A local Ray has only this machine's GPUs: --gpu without enough of them would wait forever."""
-    if cfg.gpu and torch.cuda.device_count() < cfg.workers:
-        raise ConfigError(
-            f"--gpu asks for {cfg.workers} GPU(s) but this machine has {torch.cuda.device_count()}; "
-            "drop --gpu, lower --workers, or set RAY_ADDRESS to a cluster with GPU nodes"
-        )
-
-
-def load_data(cfg: TrainConfig) -> PreparedDataset | None:
-    """The prepared dataset named by cfg.data, fully checked; None for the sample (built later)."""
-    if not cfg.data:
-        return None
-    return _check_crop(cfg, open_dataset(cfg.data))
-
-
-def _check_crop(cfg: TrainConfig, data: PreparedDataset) -> PreparedDataset:
-    if cfg.crop > data.image_size:
-        raise ConfigError(
-            f"crop {cfg.crop} is larger than the {data.image_size}-pixel images in {data.uri}; "
-            f"pass --crop {min(data.image_size, 224)} or prepare shards with --size >= {cfg.crop}"
-        )
-    return data
-
-
-def per_epoch(values: tuple[int, ...]) -> str:
-    """A value per epoch, run-length: (2, 2, 1, 2, 2) → "2 (epochs 1-2), 1 (epoch 3), 2 (epochs 4-5)"."""
-    runs: list[tuple[int, int, int]] = []  # (value, first epoch, last epoch)
-    for epoch, value in enumerate(values, 1):
-        if runs and runs[-1][0] == value:
-            runs[-1] = (value, runs[-1][1], epoch)
-        else:
-            runs.append((value, epoch, epoch))
-    return ", ".join(f"{v} (epoch {a})" if a == b else f"{v} (epochs {a}-{b})" for v, a, b in runs)

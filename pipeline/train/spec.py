@@ -1,13 +1,10 @@
 """What the driver hands the train workers, and what every checkpoint says about itself.
 
-    RunSpec         driver → every train worker (frozen): the config, the dataset's classes and
-                    colour statistics, the normalisation, where the run lives, its MLflow run
-    Progress        where training stands: epochs done, steps into the next, validation history
-    CheckpointMeta  a checkpoint's meta.json: the model's description (from the RunSpec), the
-                    Progress, the epoch's metrics, and the metrics MLflow has not had yet
-
-meta.json keeps the flat layout of earlier checkpoints (config, classes, colour, progress, ...),
-so they still load, resume and evaluate.
+RunSpec         driver → every train worker (frozen): the config, the dataset's classes and
+                colour statistics, the normalisation, where the run lives, its MLflow run
+Progress        where training stands: epochs done, steps into the next, validation history
+CheckpointMeta  a checkpoint's meta.json: the model's description (from the RunSpec), the
+                Progress, the epoch's metrics, and the metrics MLflow has not had yet
 """
 
 from __future__ import annotations
@@ -52,27 +49,20 @@ class Progress:
     world_sizes: tuple[int, ...] = ()  # train workers per finished epoch (the last they had, if it changed)
 
     def to_dict(self) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
-        values["val_errors"] = list(self.val_errors)
-        values["world_sizes"] = list(self.world_sizes)
-        if self.partial_sums is None:
-            del values["partial_sums"]
-        else:
-            values["partial_sums"] = list(self.partial_sums)
-        return values
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Progress:
-        partial = values.get("partial_sums")
+        partial = values["partial_sums"]
         return cls(
             epoch=values["epoch"],
-            step_in_epoch=values.get("step_in_epoch", 0),
-            global_step=values.get("global_step", 0),
-            val_errors=tuple(values.get("val_errors", ())),
-            best=values.get("best"),
+            step_in_epoch=values["step_in_epoch"],
+            global_step=values["global_step"],
+            val_errors=tuple(values["val_errors"]),
+            best=values["best"],
             partial_sums=tuple(partial) if partial is not None else None,
-            step_batch=values.get("step_batch", 0),
-            world_sizes=tuple(values.get("world_sizes", ())),
+            step_batch=values["step_batch"],
+            world_sizes=tuple(values["world_sizes"]),
         )
 
 
@@ -84,7 +74,7 @@ class CheckpointMeta:
     colour: ColourStats = PUBLISHED
     run_id: str | None = None
     dataset_hash: str = ""
-    image_size: int = 0  # 0: not recorded (older checkpoints)
+    image_size: int = 0  # the stored squares' side: what inference resizes to
     epoch_metrics: dict[str, float] | None = None  # the epoch this checkpoint ends; None mid-epoch
     unsent_metrics: tuple[dict[str, Any], ...] = ()  # what the MLflow server missed before the checkpoint
 
@@ -101,10 +91,8 @@ class CheckpointMeta:
 
     def to_json(self) -> str:
         values = {
-            "epoch": self.epoch,
             "progress": self.progress.to_dict(),
             "epoch_metrics": self.epoch_metrics,
-            "best": self.progress.best,
             "config": self.config.to_dict(),
             "classes": [dataclasses.asdict(c) for c in self.classes],
             "colour": dataclasses.asdict(self.colour),
@@ -118,17 +106,16 @@ class CheckpointMeta:
     @classmethod
     def from_json(cls, text: str) -> CheckpointMeta:
         values = json.loads(text)
-        colour = values.get("colour")
         return cls(
             config=TrainConfig.from_dict(values["config"]),
             classes=tuple(ClassInfo(**c) for c in values["classes"]),
-            progress=Progress.from_dict(values.get("progress") or {"epoch": values.get("epoch", 0)}),
-            colour=ColourStats(**colour) if colour else PUBLISHED,
-            run_id=values.get("run_id"),
-            dataset_hash=values.get("dataset_hash", ""),
-            image_size=values.get("image_size") or 0,
-            epoch_metrics=values.get("epoch_metrics"),
-            unsent_metrics=tuple(values.get("unsent_metrics") or ()),
+            progress=Progress.from_dict(values["progress"]),
+            colour=ColourStats(**values["colour"]),
+            run_id=values["run_id"],
+            dataset_hash=values["dataset_hash"],
+            image_size=values["image_size"],
+            epoch_metrics=values["epoch_metrics"],
+            unsent_metrics=tuple(values["unsent_metrics"]),
         )
 
 
