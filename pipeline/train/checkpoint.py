@@ -64,7 +64,7 @@ def staging(key: str) -> Iterator[Path]:
     `ray job stop`) leaves it behind; the run's next checkpoint on that node removes the leftovers
     of its own processes that are gone, so kills do not pile models up in /tmp.
     """
-    base = private_dir(Path(tempfile.gettempdir()) / f"alexnet-checkpoints-{os.getuid()}") / key
+    base = staging_root() / key
     base.mkdir(mode=0o700, exist_ok=True)
     _remove_leftovers(base)
     path = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))
@@ -72,6 +72,11 @@ def staging(key: str) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def staging_root() -> Path:
+    """This user's checkpoint staging folder on this machine, made or checked (private_dir)."""
+    return private_dir(Path(tempfile.gettempdir()) / f"alexnet-checkpoints-{os.getuid()}")
 
 
 def private_dir(path: Path) -> Path:
