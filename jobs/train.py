@@ -36,7 +36,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     # Line by line even into a file or pipe (`ray job logs`, nohup): progress shows as it happens.
     sys.stdout.reconfigure(line_buffering=True)
-    print("config:\n" + cfg.to_json())
     from pipeline.data.shards import open_dataset
 
     try:
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.metrics import format_duration, per_epoch
         from pipeline.train.driver import train
 
-        summary = train(cfg)
+        summary = train(cfg, given=config.given(args))  # prints the config that runs, --resume's included
     except InputError as exc:  # bad input: a message, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2

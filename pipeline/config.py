@@ -253,6 +253,16 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
 }
 PROFILE_NAMES = tuple(PROFILES)
+DEFAULT_PROFILE = "sample"  # what `jobs/train.py` and resolve() start from when no profile is named
+
+# What a resumed run (--resume NAME) may change: how long, on what and how it is watched. The rest
+# (the data, the model, the recipe) would make it another run: given with another value, refused.
+CHANGEABLE_ON_RESUME = (
+    "epochs", "workers", "min_workers", "resize_interval", "gpu", "cpus_per_worker", "worker_resources", "data_cpus",
+    "data_cpu_limit", "decode_on", "compile", "max_failures", "stall_warning", "preemption_check_steps",
+    "checkpoint_every_steps", "keep_checkpoints", "system_metrics_interval", "skip_resource_check", "storage_path",
+    "shared_storage", "forward_env", "promote",
+)  # fmt: skip
 
 
 def parse_resources(text: str) -> dict[str, float]:
@@ -275,7 +285,7 @@ def parse_resources(text: str) -> dict[str, float]:
     return resources
 
 
-def resolve(profile: str = "imagenet", **overrides: Any) -> TrainConfig:
+def resolve(profile: str = DEFAULT_PROFILE, **overrides: Any) -> TrainConfig:
     """The profile's config with `overrides` applied; None values are ignored."""
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; choose one of {PROFILE_NAMES}")
@@ -284,32 +294,84 @@ def resolve(profile: str = "imagenet", **overrides: Any) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
+# String fields with a fixed set of values: --help lists them, argparse refuses others.
+CHOICES = {"schedule": SCHEDULES, "promote": PROMOTE_POLICIES, "decode_on": DECODE_ON, "init": INITS,
+           "normalize": NORMALIZATIONS}  # fmt: skip
+
+# --help's sections: every field but profile and min_workers (--workers MIN:MAX) in one of them.
+FLAG_GROUPS: dict[str, tuple[str, ...]] = {
+    "data": ("data", "sample_dir", "crop", "decode_on", "lighting_std", "normalize"),
+    "model": ("lrn", "init", "paper_bias", "dropout", "fc_width", "compile"),
+    "optimisation": ("epochs", "batch_size", "lr", "lr_batch", "schedule", "plateau_patience", "lr_drops",
+                     "step_epochs", "warmup_epochs", "momentum", "weight_decay", "clip_grad_norm", "seed"),
+    "cluster": ("workers", "resize_interval", "gpu", "cpus_per_worker", "worker_resources", "data_cpus",
+                "data_cpu_limit", "shared_storage", "skip_resource_check"),
+    "tracking": ("tracking", "experiment", "model_name", "promote", "system_metrics_interval", "forward_env"),
+    "run, checkpoints and fault tolerance": ("storage_path", "name", "resume", "keep_checkpoints",
+                                             "checkpoint_every_steps", "preemption_check_steps", "max_failures",
+                                             "stall_warning"),
+}  # fmt: skip
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field (`--batch-size`, `--lrn/--no-lrn`, …), defaults left to the profile."""
+    """One flag per config field (`--batch-size`, `--lrn/--no-lrn`, …), defaults left to the profile,
+    in FLAG_GROUPS' sections."""
     parser.add_argument(
-        "--profile", default="sample", choices=PROFILE_NAMES, help="preset to start from (default: sample)"
+        "--profile", default=None, choices=PROFILE_NAMES, help=f"preset to start from (default: {DEFAULT_PROFILE})"
     )
-    for f in fields(TrainConfig):
-        if f.name in ("profile", "min_workers"):  # min_workers: --workers MIN:MAX
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        defaults = ", ".join(f"{p}: {_profile_value(p, f.name)!r}" for p in PROFILE_NAMES)
-        help_text = f"{f.metadata['help'].replace('%', '%%')} [{defaults}]"
-        if f.name == "workers":
-            parser.add_argument(flag, dest=f.name, type=worker_range, default=None, metavar="N|MIN:MAX", help=help_text)
-        elif f.type == "bool":
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    for title, names in FLAG_GROUPS.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            _add_flag(group, by_name[name])
+
+
+def _add_flag(parser, f) -> None:
+    """The field's flag, its help ending with each profile's value; a string field with a fixed set
+    of values lists them (and refuses others)."""
+    flag = "--" + f.name.replace("_", "-")
+    defaults = ", ".join(f"{p}: {_profile_value(p, f.name)!r}" for p in PROFILE_NAMES)
+    help_text = f"{f.metadata['help'].replace('%', '%%')} [{defaults}]"
+    if f.name == "workers":
+        parser.add_argument(flag, dest=f.name, type=worker_range, default=None, metavar="N|MIN:MAX", help=help_text)
+    elif f.type == "bool":
+        parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+    else:
+        kind = {"int": int, "float": float, "str": str}[f.type]
+        parser.add_argument(flag, dest=f.name, type=kind, default=None, choices=CHOICES.get(f.name), help=help_text)
 
 
 def from_args(args: argparse.Namespace) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)} - {"profile", "min_workers", "workers"}
-    values = {name: getattr(args, name) for name in names}
+    values = given(args)
+    return resolve(values.pop("profile", DEFAULT_PROFILE), **values)
+
+
+def given(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields the command line set, and nothing else (a resumed run applies just these)."""
+    names = {f.name for f in fields(TrainConfig)} - {"min_workers", "workers"}
+    values = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     if args.workers is not None:
         values["min_workers"], values["workers"] = args.workers
-    return resolve(args.profile, **values)
+    return values
+
+
+def resumed(recorded: dict[str, Any], given: dict[str, Any], resume: str) -> tuple[TrainConfig, list[str]]:
+    """A stopped run's own config (`recorded`) with what the command line `given` may change on a
+    resumed run applied; (the config, the flags applied). A flag that may not change, given with
+    another value than the run's, is a ConfigError saying why."""
+    refused = sorted(k for k, v in given.items() if k not in (*CHANGEABLE_ON_RESUME, "resume") and recorded.get(k) != v)
+    if refused:
+        shown = ", ".join(f"--{k.replace('_', '-')} (the run's: {recorded.get(k)!r})" for k in refused)
+        raise ConfigError(
+            f"{shown} cannot change on a resumed run: the data, the model and the recipe make it the run it is. "
+            f"Start a new run (another --name) for that; --resume may change {', '.join(_flags(CHANGEABLE_ON_RESUME))}"
+        )
+    changes = {k: v for k, v in given.items() if k in CHANGEABLE_ON_RESUME and recorded.get(k) != v}
+    return TrainConfig.from_dict({**recorded, **changes, "resume": resume}), sorted(changes)
+
+
+def _flags(names) -> list[str]:
+    return [f"--{n.replace('_', '-')}" for n in names if n != "min_workers"]
 
 
 def positive_int(text: str) -> int:

@@ -87,7 +87,7 @@ def test_the_train_job_rejects_unknown_flags_and_bad_values_without_starting_ray
     for argv, message in (
         (["--bogus", "1"], "unrecognized arguments: --bogus"),
         (["--crop", "10"], "at least 63"),
-        (["--decode-on", "cpu"], "decode_on must be one of ('data', 'train')"),
+        (["--decode-on", "cpu"], "argument --decode-on: invalid choice: 'cpu' (choose from 'data', 'train')"),
     ):
         proc = run_job("jobs/train.py", *argv)
         assert proc.returncode == 2
@@ -152,3 +152,17 @@ def test_train_workers_ask_for_custom_resources_such_as_a_mock_gpu():
             config.resolve("sample", worker_resources=bad)
     with pytest.raises(ConfigError, match="data_cpu_limit must be >= 0"):
         config.resolve("sample", data_cpu_limit=-1)
+
+
+def test_trains_help_is_grouped_and_lists_the_choices_of_fixed_valued_flags():
+    grouped = [name for names in config.FLAG_GROUPS.values() for name in names]
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"profile", "min_workers"}
+    assert sorted(grouped) == sorted(fields)  # every field in exactly one section
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    text = parser.format_help()
+    for title in config.FLAG_GROUPS:
+        assert f"\n{title}:\n" in text, title
+    assert "--schedule {plateau,step,constant}" in text and "--decode-on {data,train}" in text
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--promote", "sometimes"])

@@ -10,6 +10,7 @@ tests/test_cluster.py.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -393,3 +394,29 @@ def test_resume_logs_to_this_environments_server_not_the_one_its_record_names(tm
         match=f"MLflow run 0123 is not on the server at {here}; its run record names http://mlflow.attacker",
     ):
         mlflow_client.reopen_run(here, "0123", record["tracking_uri"])
+
+
+def test_resume_applies_the_flags_a_resumed_run_may_change_and_refuses_the_others(tmp_path):
+    recorded = light(name="r", storage_path=str(tmp_path / "runs"), data=str(tmp_path / "shards"), epochs=2)
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    record = {"run_id": None, "tracking_uri": None, "config": recorded.to_dict(), "data": recorded.data}
+    (tmp_path / "runs" / "r" / RUN_RECORD).write_text(json.dumps(record))
+    said: list[str] = []
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+
+    def resume(*argv: str):
+        args = parser.parse_args(["--resume", "r", "--storage-path", str(tmp_path / "runs"), *argv])
+        return run.resumed_config(config.from_args(args), said.append, config.given(args))[0]
+
+    cfg = resume("--epochs", "5", "--max-failures", "7", "--stall-warning", "30")
+    assert (cfg.epochs, cfg.max_failures, cfg.stall_warning) == (5, 7, 30.0)
+    assert dataclasses.replace(cfg, epochs=2, max_failures=recorded.max_failures, stall_warning=recorded.stall_warning,
+                               resume="", storage_path=recorded.storage_path) == recorded  # fmt: skip
+    assert "(--epochs 5; --max-failures 7; --stall-warning 30.0)" in said[-1], said
+    assert resume().epochs == 2 and said[-1].endswith("with its own config (nothing changed)")
+    assert resume("--lr", str(recorded.lr)).lr == recorded.lr  # the run's own value: nothing to refuse
+    with pytest.raises(
+        config.ConfigError, match=r"--fc-width \(the run's: 64\), --lr \(the run's: 0.01\) cannot change"
+    ):
+        resume("--lr", "0.1", "--fc-width", "128")

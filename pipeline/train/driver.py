@@ -52,9 +52,12 @@ class TrainSummary:
     global_batches: tuple[int, ...] = ()  # the global batch per epoch
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainSummary:
+def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: dict[str, Any] | None = None) -> TrainSummary:
+    """Train `cfg`; with --resume, the stopped run's own config with what `given` (the command line's
+    flags) may change on a resumed run (pipeline.config.CHANGEABLE_ON_RESUME)."""
     started, cwd = time.time(), os.getcwd()
-    cfg, record = run.resumed_config(cfg, log)  # --resume: the stopped run's own config, data and MLflow run
+    cfg, record = run.resumed_config(cfg, log, given)  # --resume: the stopped run's own config, data and MLflow run
+    log("config:\n" + cfg.to_json())  # the config that runs
     data = preflight.load_data(cfg)  # fails fast, before Ray starts
     uri = run.tracking_uri(cfg, record, log)  # an unreachable server fails here, before the cluster does anything
     name = cfg.resume or run.free_name(cfg)  # a taken name fails here too

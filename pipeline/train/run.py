@@ -20,6 +20,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from pipeline import config
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.data.shards import PreparedDataset
 from pipeline.data.stats import ColourStats
@@ -38,8 +39,13 @@ def run_dir(storage_path: str, name: str) -> Location:
     return locate(storage_path).join(name)
 
 
-def resumed_config(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[TrainConfig, dict[str, Any] | None]:
-    """With --resume: the stopped run's own config, and its record; otherwise `cfg` as it is."""
+def resumed_config(
+    cfg: TrainConfig, log: Callable[[str], None], given: dict[str, Any] | None = None
+) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """With --resume: the stopped run's own config with what may change on a resumed run applied from
+    `given` (the command line's flags), and its record; otherwise `cfg` as it is. Whatever is given,
+    the run is where its record was found (--storage-path: it may have moved) and sends what this
+    shell's --forward-env names."""
     if not cfg.resume:
         return cfg, None
     record = run_dir(cfg.storage_path, cfg.resume).join(RUN_RECORD)
@@ -49,11 +55,12 @@ def resumed_config(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[TrainC
             f"with --storage-path {cfg.storage_path}"
         )
     values = json.loads(record.read_text())
-    log(f"resuming run {cfg.resume} (MLflow run {values['run_id']}) with its own config")
-    # Its own config, except where it is now: the --storage-path given (the run may have moved) and
-    # the credentials this shell sends (--forward-env).
-    own = {**values["config"], "resume": cfg.resume, "storage_path": cfg.storage_path, "forward_env": cfg.forward_env}
-    return TrainConfig.from_dict(own), values
+    here = {"storage_path": locate(cfg.storage_path).uri, "forward_env": cfg.forward_env}
+    given = {**(given or {}), **here}
+    resumed, changed = config.resumed(values["config"], given, cfg.resume)
+    applied = "; ".join(f"--{k.replace('_', '-')} {getattr(resumed, k)!r}" for k in changed) or "nothing changed"
+    log(f"resuming run {cfg.resume} (MLflow run {values['run_id']}) with its own config ({applied})")
+    return resumed, values
 
 
 def new_name(cfg: TrainConfig) -> str:
