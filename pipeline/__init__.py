@@ -1,6 +1,6 @@
 """AlexNet on Ray: the library the jobs in jobs/ call, laid out by what runs where.
 
-    config, errors, model, step, schedules, metrics, storage, redaction
+    config, errors, model, step, schedules, metrics, storage, outputs, redaction
                  shared by every wing and process: pure Python / PyTorch, no Ray, no MLflow
     data/        ImageNet layouts, Parquet shards, CPU and on-device transforms, colour statistics,
                  the sample, and preparation (driver + Ray Data tasks)

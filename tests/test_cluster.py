@@ -458,115 +458,141 @@ def _mid_epoch_checkpoint(run_dir: Path) -> bool:
     return False
 
 
-@pytest.mark.slow
-def test_a_submitted_elastic_job_scales_up_survives_a_spot_preemption_registers_and_the_nodes_go_away(
-    fake_cluster, tiny_shards, mlflow_server, tmp_path
-):
-    cluster = fake_cluster
-    assert cluster.worker_nodes() == {}, "every worker type starts at zero"
-    # The paper's normalisation (the dataset's mean image), which every node must find.
-    data = shutil.copytree(tiny_shards, tmp_path / "shards")
-    compute_stats(str(data))
-    storage = tmp_path / "runs"
-    runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server.url}})
-    # 1 to 2 train workers (one per mock-GPU node), batch 4 each: a global batch of 8 whatever the
-    # world size, 12 steps per epoch. A node that dies before its announced deadline is a failure to
-    # Ray 2.60 (its workers stop answering before the death is recorded as a preemption): one allowed.
-    train = [
-        "python", "jobs/train.py", "--data", str(data), "--epochs", "12", "--batch-size", "4", "--fc-width", str(FC_WIDTH),
-        "--workers", "1:2", "--cpus-per-worker", "1", "--worker-resources", "mock_gpu=1", "--data-cpu-limit", "2",
-        "--normalize", "mean-image", "--stall-warning", "10", "--resize-interval", "5", "--preemption-check-steps", "1",
-        "--max-failures", "1", "--storage-path", str(storage), "--experiment", "cluster", "--model-name", "alexnet-cluster",
-    ]  # fmt: skip
-    submit = ["job", "submit", "--address", cluster.dashboard, "--working-dir", ".", "--runtime-env-json", runtime_env]
+class ElasticJob:
+    """The scenario's job on the fake cluster, phase by phase: an elastic training run (1 to 2 train
+    workers, one per mock-GPU node, batch 4 each: a global batch of 8 whatever the world size, 12
+    steps per epoch) submitted with `ray job submit`, and what it is expected to do and leave behind."""
 
-    # 0. The head trains nothing, so local paths are refused in seconds, before any node is bought;
-    # this cluster's "nodes" share this machine's disk, which --shared-storage says.
-    refused = cluster.ray(*submit, "--submission-id", "refused", "--", *train, "--name", "refused")
-    assert cluster.job_status("refused") == "FAILED", refused.stdout[-3000:] + refused.stderr[-3000:]
-    assert "is a local path" in refused.stdout and "pass --shared-storage" in refused.stdout, refused.stdout[-3000:]
-    assert cluster.worker_nodes() == {}
-    train.append("--shared-storage")
+    ID = "train-1"
 
-    # 1. Submitted: the head has no CPUs, so nothing runs until the autoscaler launches nodes: mock-GPU
-    # nodes for the train workers (it starts with the first, grows to two), a CPU node for Ray Data.
-    first = cluster.ray(*submit, "--submission-id", "train-1", "--no-wait", "--", *train, "--name", "on-cluster")
-    assert first.returncode == 0, first.stderr
-    seen: dict[str, int] = {}
+    def __init__(self, cluster: LocalCluster, data: Path, storage: Path, tracking_uri: str) -> None:
+        self.cluster, self.storage, self.seen = cluster, storage, {}
+        runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri}})
+        # A node that dies before its announced deadline is a failure to Ray 2.60 (its workers stop
+        # answering before the death is recorded as a preemption): one allowed.
+        self.train = [
+            "python", "jobs/train.py", "--data", str(data), "--epochs", "12", "--batch-size", "4", "--fc-width",
+            str(FC_WIDTH), "--workers", "1:2", "--cpus-per-worker", "1", "--worker-resources", "mock_gpu=1",
+            "--data-cpu-limit", "2", "--normalize", "mean-image", "--stall-warning", "10", "--resize-interval", "5",
+            "--preemption-check-steps", "1", "--max-failures", "1", "--storage-path", str(storage),
+            "--experiment", "cluster", "--model-name", "alexnet-cluster",
+        ]  # fmt: skip
+        self.submit = ["job", "submit", "--address", cluster.dashboard, "--working-dir", ".",
+                       "--runtime-env-json", runtime_env]  # fmt: skip
 
-    def ended_or_logged(text: str | None = None) -> bool:  # also counts the nodes seen of each type
-        for kind, count in (cluster.worker_nodes() or {}).items():
-            seen[kind] = max(seen.get(kind, 0), count)
-        if cluster.job_status("train-1") in ("SUCCEEDED", "FAILED", "STOPPED"):
+    def refused_without_shared_storage(self) -> None:
+        """The head trains nothing, so local paths are refused in seconds, before any node is bought;
+        this cluster's "nodes" share this machine's disk, which --shared-storage then says."""
+        refused = self.cluster.ray(*self.submit, "--submission-id", "refused", "--", *self.train, "--name", "refused")
+        assert self.cluster.job_status("refused") == "FAILED", refused.stdout[-3000:] + refused.stderr[-3000:]
+        assert "is a local path" in refused.stdout and "pass --shared-storage" in refused.stdout, refused.stdout[-3000:]
+        assert self.cluster.worker_nodes() == {}
+        self.train.append("--shared-storage")
+
+    def scales_up_and_trains_on_two(self) -> None:
+        """Submitted: the head has no CPUs, so nothing runs until the autoscaler launches nodes:
+        mock-GPU nodes for the train workers (it starts with the first, grows to two), a CPU node for
+        Ray Data; then an epoch on two workers."""
+        first = self.cluster.ray(*self.submit, "--submission-id", self.ID, "--no-wait", "--", *self.train,
+                                 "--name", "on-cluster")  # fmt: skip
+        assert first.returncode == 0, first.stderr
+
+        def training_on_two() -> bool:
+            logs = self.cluster.job_logs(self.ID)
+            two = logs.find("2 train worker(s) of 1..2")
+            return self.ended_or_logged() or (two >= 0 and re.search(r"epoch +\d+/12 +lr", logs[two:]) is not None)
+
+        wait_for(training_on_two, "an epoch on two train workers", 300, self.cluster, self.ID)
+        assert self.cluster.job_status(self.ID) == "RUNNING", self.cluster.job_logs(self.ID)[-4000:]
+
+    def loses_a_spot_node(self) -> None:
+        """EC2's metadata service (a stand-in on 127.0.0.1) announces the reclaim of a train worker's
+        node 30 s ahead; cluster/spot_notice.py, as aws.yaml runs it on spot nodes, drains the node
+        (reason preemption); the run checkpoints at once; the node dies as soon as that checkpoint is
+        on storage, while the run has epochs left to train on the worker that remains."""
+        node = self.cluster.train_worker_nodes()[-1]
+        with FakeMetadataService() as imds:
+            notice = subprocess.Popen(
+                [sys.executable, str(CLUSTER / "spot_notice.py"), "--metadata-url", imds.url, "--address",
+                 self.cluster.gcs_address, "--node-id", node, "--interval", "1"],
+                env=self.cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )  # fmt: skip
+            try:
+                deadline = imds.announce("terminate", seconds=30)
+                out, _ = notice.communicate(timeout=60)
+            finally:
+                notice.kill()
+        assert notice.returncode == 0 and "EC2 will terminate this node in" in out, out
+        # The workers see the notice at their next step (not while they wait for data or validate).
+        wait_for(lambda: self.ended_or_logged("announced its preemption"), "the preemption checkpoint", 30,
+                 self.cluster, self.ID)  # fmt: skip
+        assert time.time() < deadline and self.cluster.job_status(self.ID) == "RUNNING"
+        wait_for(lambda: self.ended_or_logged() or _mid_epoch_checkpoint(self.storage / "on-cluster"),
+                 "the preemption checkpoint on storage", 30, self.cluster, self.ID)  # fmt: skip
+        time.sleep(1)
+        self.cluster.kill_node(node)
+
+    def finishes(self) -> str:
+        """The job ends, SUCCEEDED; its log."""
+        wait_for(self.ended_or_logged, "the job to finish", 600, self.cluster, self.ID)
+        logs = self.cluster.job_logs(self.ID)
+        assert self.cluster.job_status(self.ID) == "SUCCEEDED", logs[-4000:]
+        return logs
+
+    def ended_or_logged(self, text: str | None = None) -> bool:
+        """The job ended, or its log holds `text`; counts the nodes seen of each type on the way."""
+        for kind, count in (self.cluster.worker_nodes() or {}).items():
+            self.seen[kind] = max(self.seen.get(kind, 0), count)
+        if self.cluster.job_status(self.ID) in ("SUCCEEDED", "FAILED", "STOPPED"):
             return True
-        return text is not None and text in cluster.job_logs("train-1")
+        return text is not None and text in self.cluster.job_logs(self.ID)
 
-    def training_on_two() -> bool:  # an epoch finished by two workers: the steps are flowing
-        logs = cluster.job_logs("train-1")
-        two = logs.find("2 train worker(s) of 1..2")
-        return ended_or_logged() or (two >= 0 and re.search(r"epoch +\d+/12 +lr", logs[two:]) is not None)
 
-    wait_for(training_on_two, "an epoch on two train workers", 300, cluster, "train-1")
-    assert cluster.job_status("train-1") == "RUNNING", cluster.job_logs("train-1")[-4000:]
-
-    # 2. A spot reclaim: EC2's metadata service (a stand-in on 127.0.0.1) announces it for the node of a
-    # train worker, 30 s ahead; cluster/spot_notice.py, as aws.yaml runs it on spot nodes, drains the
-    # node (reason preemption); the run checkpoints at once; then the node dies.
-    node = cluster.train_worker_nodes()[-1]
-    with FakeMetadataService() as imds:
-        notice = subprocess.Popen(
-            [sys.executable, str(CLUSTER / "spot_notice.py"), "--metadata-url", imds.url, "--address",
-             cluster.gcs_address, "--node-id", node, "--interval", "1"],
-            env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        try:
-            deadline = imds.announce("terminate", seconds=30)
-            out, _ = notice.communicate(timeout=60)
-        finally:
-            notice.kill()
-    assert notice.returncode == 0 and "EC2 will terminate this node in" in out, out
-    # The workers see the notice at their next step (not while they wait for data or validate).
-    wait_for(lambda: ended_or_logged("announced its preemption"), "the preemption checkpoint", 30, cluster, "train-1")
-    assert time.time() < deadline and cluster.job_status("train-1") == "RUNNING", cluster.job_logs("train-1")[-4000:]
-    # The checkpoint reaches --storage-path, and the instance goes at once (before its deadline: the test
-    # need not wait for it), while the run has epochs left to train on the worker that remains.
-    wait_for(lambda: ended_or_logged() or _mid_epoch_checkpoint(storage / "on-cluster"), "the preemption checkpoint on storage",
-              30, cluster, "train-1")  # fmt: skip
-    time.sleep(1)
-    cluster.kill_node(node)
-
-    wait_for(ended_or_logged, "the job to finish", 600, cluster, "train-1")
-    logs = cluster.job_logs("train-1")
-    (tmp_path / "train-1.log").write_text(logs)
-    assert cluster.job_status("train-1") == "SUCCEEDED", logs[-4000:]
-    assert seen.get("gpu", 0) >= 2 and seen.get("cpu", 0) >= 1, seen
+def _assert_the_log_tells_the_story(logs: str) -> None:
+    """Every epoch once; the watchdog's reports while the nodes started (which, depends on the moment:
+    tests/test_resources.py checks each), then that batches arrived; the restart on one worker at the
+    same global batch, from the checkpoint taken on the notice (or a later one)."""
     assert epochs_printed(logs) == set(range(1, 13)), logs[-4000:]
-    # While the nodes started, the watchdog said every 10 s (--stall-warning) what the run had and
-    # waited for (which, depends on the moment: tests/test_resources.py checks each report), then that
-    # batches arrived.
     assert "watchdog: no training batch yet" in logs and "in use (reserved): CPU" in logs, logs[-3000:]
     assert "training batches are arriving again" in logs, logs[-3000:]
     assert "1 train worker(s) of 1..2: global batch 8 (1 × 4 × 2 micro-batch(es) per step)" in logs, logs[-4000:]
-    assert "resumed from epoch" in logs, logs[-4000:]  # the checkpoint taken on the notice, or a later one
+    assert "resumed from epoch" in logs, logs[-4000:]
     assert re.search(r"train workers     .*; global batch 8 throughout", logs), logs[-3000:]
 
-    # 3. One MLflow run, finished, registered: every epoch once, at the same global batch, on two
-    # workers before the preemption and one after it; the job's server came from the runtime env.
-    client = MlflowClient(mlflow_server.url)
+
+def _assert_one_registered_mlflow_run(tracking_uri: str) -> None:
+    """One MLflow run, finished, registered: every epoch once, at the same global batch; the job's
+    server came from the runtime env. world_size is the epoch's world at its end (the metric's
+    definition): whether an epoch ends while the run is on one worker depends on how soon the
+    autoscaler brings a node back and Ray Train grows the run again, a race on this machine; the
+    restart on one worker is in the log."""
+    client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("cluster").experiment_id])
     assert run.info.status == "FINISHED" and "MLFLOW_TRACKING_URI" not in json.dumps(run.data.params)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1_error")] == list(range(1, 13))
     assert {m.value for m in client.get_metric_history(run.info.run_id, "global_batch")} == {8}
-    # world_size is the epoch's world at its end (the metric's definition): whether an epoch ends while
-    # the run is on one worker depends on how soon the autoscaler brings a node back and Ray Train
-    # grows the run again (--resize-interval 5), a race on this machine. The restart on one worker is
-    # in the log above ("1 train worker(s) of 1..2"); the metric gives each epoch's world, 1 or 2.
-    worlds = [
-        int(m.value) for m in sorted(client.get_metric_history(run.info.run_id, "world_size"), key=lambda m: m.step)
-    ]
+    history = sorted(client.get_metric_history(run.info.run_id, "world_size"), key=lambda m: m.step)
+    worlds = [int(m.value) for m in history]
     assert 2 in worlds and set(worlds) <= {1, 2}, worlds
     assert int(run.data.tags["restarts"]) >= 1
     assert_registered(client, "alexnet-cluster", run.info.run_id)
 
-    # 4. Idle: the autoscaler removes every worker node after the idle timeout (0.1 min).
-    wait_for(lambda: cluster.worker_nodes() == {}, "the idle worker nodes to be removed", 120, cluster)
+
+@pytest.mark.slow
+def test_a_submitted_elastic_job_scales_up_survives_a_spot_preemption_registers_and_the_nodes_go_away(
+    fake_cluster, tiny_shards, mlflow_server, tmp_path
+):
+    assert fake_cluster.worker_nodes() == {}, "every worker type starts at zero"
+    data = shutil.copytree(tiny_shards, tmp_path / "shards")
+    compute_stats(str(data))  # the paper's normalisation (the dataset's mean image), which every node must find
+    job = ElasticJob(fake_cluster, data, tmp_path / "runs", mlflow_server.url)
+    job.refused_without_shared_storage()
+    job.scales_up_and_trains_on_two()
+    job.loses_a_spot_node()
+    logs = job.finishes()
+    (tmp_path / "train-1.log").write_text(logs)
+    assert job.seen.get("gpu", 0) >= 2 and job.seen.get("cpu", 0) >= 1, job.seen
+    _assert_the_log_tells_the_story(logs)
+    _assert_one_registered_mlflow_run(mlflow_server.url)
+    # Idle: the autoscaler removes every worker node after the idle timeout (0.1 min).
+    wait_for(lambda: fake_cluster.worker_nodes() == {}, "the idle worker nodes to be removed", 120, fake_cluster)

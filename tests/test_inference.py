@@ -21,6 +21,7 @@ from conftest import REGISTERED_MODEL, S3_ENV, S3_KEY_ID, S3_SECRET, SECRET, cal
 from mlflow import MlflowClient
 from PIL import Image
 
+from pipeline import outputs
 from pipeline.data.transforms import center_crop, load_square, ten_crop
 from pipeline.scoring import inference, loading
 from pipeline.storage import locate
@@ -141,7 +142,7 @@ def test_every_local_image_gets_one_row_equal_to_a_direct_ten_crop_forward(model
     errors = {Path(r["path"]).name: r["error"] for r in table.to_pylist() if r["error"]}
     assert errors["empty.jpg"] == "empty file (0 bytes)"
     assert errors["not-an-image.jpeg"].startswith("cannot decode: UnidentifiedImageError")
-    assert (tmp_path / "preds" / inference.SUCCESS_FILE).is_file()
+    assert (tmp_path / "preds" / outputs.SUCCESS_FILE).is_file()
     assert not list(tmp_path.glob("preds.tmp-*"))  # the staging location is gone
 
 
@@ -318,7 +319,7 @@ def _finished(location, tag: str) -> None:
         table = pa.table({"path": [f"{tag}/{part}/{i}.jpg" for i in range(4)], "error": [None, None, None, "bad"]})
         with location.fs.open_output_stream(f"{location.path}/{tag}-part-{part}.parquet") as f:
             pq.write_table(table, f)
-    location.join(inference.SUCCESS_FILE).write_text(f'{{"run": "{tag}"}}\n')
+    location.join(outputs.SUCCESS_FILE).write_text(f'{{"run": "{tag}"}}\n')
 
 
 def _contents(location) -> dict[str, bytes]:
@@ -340,18 +341,18 @@ def test_a_failed_s3_replacement_keeps_the_new_predictions_whole_where_the_error
     _finished(staging, "new")
     new = _contents(staging)
     refusing = dataclasses.replace(output, fs=_Refusing(output.fs, operation, at))
-    with pytest.raises(inference.OutputNotReplaced) as failed:
-        inference._move_into_place(staging, refusing, overwrite=True)
+    with pytest.raises(outputs.OutputNotReplaced) as failed:
+        outputs.move_into_place(staging, refusing, overwrite=True)
     message = str(failed.value)
     assert f"the store refused this {operation}" in message
-    assert f"whole at {staging.uri}" in message and f"marked {inference.REPLACING_FILE}" in message
+    assert f"whole at {staging.uri}" in message and f"marked {outputs.REPLACING_FILE}" in message
     assert _contents(staging) == new, "the new predictions survive, whole"
     left = _contents(output)
-    assert inference.REPLACING_FILE in left and inference.SUCCESS_FILE not in left, "never a complete-looking mixture"
+    assert outputs.REPLACING_FILE in left and outputs.SUCCESS_FILE not in left, "never a complete-looking mixture"
 
     # The partial output is this job's: --overwrite replaces it, and the result is the new predictions alone.
     inference.prepare_output(output, True, locate(f"s3://{bucket}/photos"))
-    inference._move_into_place(staging, output, overwrite=True)
+    outputs.move_into_place(staging, output, overwrite=True)
     assert _contents(output) == new
 
 
@@ -361,12 +362,12 @@ def test_a_failed_local_replacement_leaves_the_previous_output_as_it_was(tmp_pat
     _finished(staging, "new")
     old, new = _contents(output), _contents(staging)
     refusing = dataclasses.replace(output, fs=_Refusing(output.fs, "move", 2))  # the old one aside, then the new one in
-    with pytest.raises(inference.OutputNotReplaced, match=f"{output.uri} is as it was. The new predictions are whole"):
-        inference._move_into_place(staging, refusing, overwrite=True)
+    with pytest.raises(outputs.OutputNotReplaced, match=f"{output.uri} is as it was. The new predictions are whole"):
+        outputs.move_into_place(staging, refusing, overwrite=True)
     assert _contents(output) == old and _contents(staging) == new
     assert sorted(p.name for p in tmp_path.iterdir()) == ["preds", "preds.tmp-0123abcd"]
 
-    inference._move_into_place(staging, output, overwrite=True)
+    outputs.move_into_place(staging, output, overwrite=True)
     assert _contents(output) == new and sorted(p.name for p in tmp_path.iterdir()) == ["preds"]
 
 

@@ -21,7 +21,6 @@ crops, softmax averaged). A file that cannot be decoded gets a row with its `err
 from __future__ import annotations
 
 import json
-import posixpath
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import ray
 import torch
 from ray.data import ActorPoolStrategy
 
+from pipeline import outputs
 from pipeline.data.transforms import (
     IMAGE_EXTENSIONS,
     center_crop,
@@ -44,13 +44,12 @@ from pipeline.data.transforms import (
     ten_crop,
 )
 from pipeline.errors import InputError
+from pipeline.outputs import REPLACING_FILE, SUCCESS_FILE, OutputNotReplaced  # noqa: F401 (this job's names)
 from pipeline.scoring.loading import ModelRef, Predictor, ship
-from pipeline.storage import DEFAULT_MAX_FILE_BYTES, Location, StorageError, UnreadableFile, check_apart
+from pipeline.storage import DEFAULT_MAX_FILE_BYTES, Location, UnreadableFile, check_apart
 
 DECODE_BATCH = 32  # files per decode task
-SUCCESS_FILE = "_SUCCESS.json"  # written last: the output is complete
 NONFINITE = "the model gave probabilities that are not finite (NaN or inf): the model is broken, not the image"
-REPLACING_FILE = "_REPLACING.json"  # an S3 output whose objects this job was replacing when it stopped
 SCHEMA = pa.schema(
     [
         ("path", pa.string()),
@@ -135,24 +134,10 @@ def prepare_output(output: Location, overwrite: bool, source: Location) -> None:
     existing output is refused, or with --overwrite replaced only if this job wrote it."""
     check_apart(output, "--output", {"--input": source})
     output.check_writable()
-    if _exists(output):
+    if outputs.exists(output):
         if not overwrite:
             raise InferenceError(f"output {output.uri} already exists; pass --overwrite to replace it whole")
-        _check_ours(output)
-
-
-def _check_ours(output: Location) -> None:
-    """--overwrite deletes only a prediction output (it holds SUCCESS_FILE, or REPLACING_FILE where a
-    replacement stopped half way), never other files."""
-    if not (output.join(SUCCESS_FILE).is_file() or output.join(REPLACING_FILE).is_file()):
-        raise InferenceError(
-            f"--overwrite replaces only predictions jobs/infer.py wrote (they hold {SUCCESS_FILE}); {output.uri} "
-            "holds other files: choose another --output, or move them away yourself"
-        )
-
-
-class OutputNotReplaced(InferenceError):
-    """The predictions are whole in their staging location, which is kept; the message says where."""
+        outputs.check_ours(output)
 
 
 def views_batch(
@@ -260,10 +245,10 @@ def infer(
         summary.seconds = time.time() - started
         staging.join(SUCCESS_FILE).write_text(_success_record(ref, source, listing, summary, ten_crop_views))
     except BaseException:
-        _delete(staging)
+        outputs.delete(staging)
         raise
-    _move_into_place(staging, output, overwrite)  # on a failure staging is kept whole, and the error names it
-    _delete(staging)
+    outputs.move_into_place(staging, output, overwrite)  # on a failure staging is kept whole, and the error names it
+    outputs.delete(staging)
     return summary
 
 
@@ -285,7 +270,7 @@ def _success_record(
 
 
 def read_predictions(output: Location) -> pa.Table:
-    files = sorted(e.path for e in _files(output) if e.path.endswith(".parquet"))
+    files = sorted(e.path for e in outputs.files(output) if e.path.endswith(".parquet"))
     return pa.concat_tables([pq.read_table(f, filesystem=output.fs) for f in files])
 
 
@@ -294,101 +279,12 @@ def _blocks(n: int) -> int:
     return max(1, min(n // DECODE_BATCH, 200))
 
 
-def _files(location: Location) -> list[pafs.FileInfo]:
-    try:
-        entries = location.fs.get_file_info(pafs.FileSelector(location.path, recursive=True, allow_not_found=True))
-    except OSError as exc:
-        raise StorageError(f"cannot list {location.uri}: {exc}") from exc
-    return [e for e in entries if e.type == pafs.FileType.File]
-
-
-def _exists(location: Location) -> bool:
-    kind = location.info().type
-    return kind == pafs.FileType.File or (kind == pafs.FileType.Directory and bool(_files(location)))
-
-
 def _count(location: Location) -> tuple[int, int]:
     """Rows and error rows in the Parquet files under `location`."""
     rows = errors = 0
-    for entry in _files(location):
+    for entry in outputs.files(location):
         if entry.path.endswith(".parquet"):
             column = pq.read_table(entry.path, columns=["error"], filesystem=location.fs)["error"]
             rows += len(column)
             errors += len(column) - column.null_count
     return rows, errors
-
-
-def _move_into_place(staging: Location, output: Location, overwrite: bool) -> None:
-    """Put the finished predictions in `staging` (SUCCESS_FILE included) at `output`, whole.
-
-    On any failure OutputNotReplaced says where the new predictions are (staging, kept) and what
-    is at `output`: locally the previous output, untouched; on S3 a partial output marked with
-    REPLACING_FILE, which a later --overwrite replaces.
-    """
-    replacing = _exists(output)
-    if replacing:
-        if not overwrite:
-            raise OutputNotReplaced(
-                f"output {output.uri} appeared while the job ran; nothing was replaced. The predictions are "
-                f"whole at {staging.uri}: move them yourself, or rerun with another --output"
-            )
-        _check_ours(output)
-    try:
-        if output.is_local:
-            _rename_into_place(staging, output, replacing)
-        else:
-            _copy_into_place(staging, output, replacing)
-    except (OSError, StorageError) as exc:
-        if output.is_local:
-            left = f"{output.uri} is as it was" if replacing else f"nothing was written at {output.uri}"
-        else:
-            left = f"{output.uri} is partial (marked {REPLACING_FILE}: --overwrite replaces it)"
-        raise OutputNotReplaced(
-            f"could not put the predictions at {output.uri} ({_first_line(exc)}): {left}. The new predictions "
-            f"are whole at {staging.uri}: move them there yourself, or rerun with --overwrite"
-        ) from exc
-
-
-def _rename_into_place(staging: Location, output: Location, replacing: bool) -> None:
-    """Local disk: the previous output renamed aside, the new one renamed in, then the old one deleted."""
-    fs = output.fs
-    fs.create_dir(posixpath.dirname(output.path.rstrip("/")), recursive=True)
-    aside = output.at(f"{output.path.rstrip('/')}.old-{uuid.uuid4().hex[:8]}")
-    if replacing:
-        fs.move(output.path, aside.path)
-    try:
-        fs.move(staging.path, output.path)
-    except OSError:
-        if replacing:
-            fs.move(aside.path, output.path)
-        raise
-    if replacing:
-        _delete(aside)
-
-
-def _copy_into_place(staging: Location, output: Location, replacing: bool) -> None:
-    """S3: the output marked REPLACING_FILE, the old objects deleted (their SUCCESS_FILE first), the new
-    ones copied (theirs last), the mark removed. Readers never see a SUCCESS_FILE over mixed objects."""
-    marker = output.join(REPLACING_FILE)
-    marker.write_text(json.dumps({"staging": staging.uri}) + "\n")
-    if replacing:
-        old = [e.path for e in _files(output) if e.path != marker.path]
-        for path in sorted(old, key=lambda p: not p.endswith(SUCCESS_FILE)):
-            output.fs.delete_file(path)
-    new = sorted((e.path for e in _files(staging)), key=lambda p: p.endswith(SUCCESS_FILE))
-    for path in new:
-        output.fs.copy_file(path, output.path + path[len(staging.path) :])
-    output.fs.delete_file(marker.path)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _delete(location: Location) -> None:
-    kind = location.info().type
-    if kind == pafs.FileType.Directory:
-        location.fs.delete_dir(location.path)
-    elif kind == pafs.FileType.File:
-        location.fs.delete_file(location.path)
