@@ -124,7 +124,9 @@ def test_the_checkpoint_describes_itself(run):
     assert meta.epoch == summary.best["epoch"] == meta.epoch_metrics["epoch"] and meta.progress.step_in_epoch == 0
     assert meta.image_size == 72 and meta.unsent_metrics == ()
     stored = json.loads((Path(summary.checkpoint) / checkpoint.META_FILE).read_text())  # the file's own layout
-    assert stored["config"] == cfg.to_dict() and stored["progress"]["epoch"] == stored["epoch"] == meta.epoch
+    assert stored["config"] == cfg.to_dict() and stored["progress"]["epoch"] == meta.epoch
+    assert set(stored) == {"progress", "epoch_metrics", "config", "classes", "colour", "run_id", "dataset_hash",
+                           "image_size", "unsent_metrics"}  # every key read back, none twice  # fmt: skip
     assert set(checkpoint.load_state(summary.checkpoint, checkpoint.OPTIMIZER_FILE)) == {"state", "param_groups"}
     net, _ = checkpoint.load_model(summary.checkpoint)
     assert net.classifier[1].out_features == net.classifier[4].out_features == cfg.fc_width == 64
