@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     # Line by line even into a file or pipe (`ray job logs`, nohup): progress shows as it happens.
     sys.stdout.reconfigure(line_buffering=True)
+    from pipeline.train import reports
+
+    reports.keep_whole()  # before Ray is imported: each epoch's line in the log, restarts included
     from pipeline.data.shards import open_dataset
 
     try:

@@ -21,6 +21,7 @@ import torchvision.transforms.functional as TF
 from conftest import REGISTERED_MODEL, call_job, free_port, light, run_job
 from mlflow import MlflowClient
 from PIL import Image
+from ray._private.ray_logging import LogDeduplicator
 
 from pipeline import config
 from pipeline.config import ConfigError
@@ -30,7 +31,7 @@ from pipeline.data.transforms import eval_batch
 from pipeline.model import AlexNet, ImageClassifier
 from pipeline.scoring import evaluation, loading
 from pipeline.step import StepPlan, train_step
-from pipeline.train import checkpoint, driver, preflight
+from pipeline.train import checkpoint, driver, preflight, reports
 from pipeline.train.run import claim, free_name, new_name
 from pipeline.train.worker import rank_seed
 
@@ -319,6 +320,35 @@ def test_dropout_differs_between_ranks_and_epochs_and_repeats_with_the_seed():
     assert not torch.equal(forward(0, 1), forward(1, 1))  # ranks differ
     assert not torch.equal(forward(0, 1), forward(0, 2))  # epochs differ
     assert len({rank_seed(0, r, e) for r in range(64) for e in range(1, 91)}) == 64 * 90
+
+
+def test_every_line_rank_0_prints_reaches_the_log_when_a_restart_prints_from_new_processes():
+    """Ray's driver folds lines that differ only in numbers, from different processes within 5 s, into
+    "[repeated Nx]": after a restart each epoch comes from a new worker process. The train job exempts
+    its report lines; the other lines of the workers are still folded."""
+    cfg = config.TrainConfig(workers=2, min_workers=1, batch_size=4)
+    metrics = dict.fromkeys(METRICS + ["val_loss", "lr", "epoch_seconds"], 0.5)
+    lines = [
+        reports.world_line(cfg, 1),
+        reports.resumed_line(3, 5, "/runs/r/checkpoint_000003", 1),
+        *(reports.epoch_line(12, {**metrics, "epoch": epoch}, 1.0) for epoch in range(4, 13)),
+        reports.preemption_line(["a1b2", "c3d4"], [1], None),
+        reports.stopping_line("training diverged at epoch 12, step 3 (loss not finite)"),
+    ]
+    environ = {reports.ALLOW_ENV: "^mine"}
+    reports.keep_whole(environ)
+    reports.keep_whole(environ)
+    assert environ[reports.ALLOW_ENV] == f"(?:^mine)|{reports.REPORT_LINES}"
+
+    def printed(allow: str | None, lines: list[str]) -> list[str]:
+        ray_driver = LogDeduplicator(5, allow, None, _timesource=lambda: 0.0)
+        batches = [{"ip": "10.0.0.1", "pid": pid, "lines": [line]} for pid, line in enumerate(lines)]
+        return [out for batch in batches for b in ray_driver.deduplicate(batch) for out in b["lines"]]
+
+    assert printed(environ[reports.ALLOW_ENV], lines) == lines
+    assert len(printed(None, lines)) < len(lines)  # what Ray does to them unexempted
+    others = [f"Dataset train_{n} execution finished in 0.{n} seconds" for n in range(5)]
+    assert printed(environ[reports.ALLOW_ENV], others) == others[:1]
 
 
 @pytest.mark.slow

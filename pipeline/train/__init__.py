@@ -8,6 +8,7 @@ run          (driver) the run's name, directory, record, resume and close
 fit          (driver) the TorchTrainer, and what a failure past --max-failures says
 worker       (every Ray Train worker) the epoch loop: DDP steps, validation, checkpoints
 ingest       (driver builds, Ray Data tasks and workers run) the training and validation streams
+reports      (driver) the lines rank 0 prints, kept whole in the driver's log
 spec         what the driver hands the workers, and what a checkpoint says about itself
 checkpoint   (workers write, driver and model actors read) checkpoint directories
 registration (driver) the best checkpoint logged, registered and promoted

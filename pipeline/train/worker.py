@@ -44,12 +44,12 @@ from pipeline import schedules
 from pipeline.cluster.watchdog import HEARTBEAT_EVERY_S, Heartbeat
 from pipeline.config import TrainConfig
 from pipeline.data.device import DeviceAugment
-from pipeline.metrics import format_duration, topk_correct
+from pipeline.metrics import topk_correct
 from pipeline.model import AlexNet
 from pipeline.redaction import scrubbed_output
 from pipeline.step import StepPlan, eval_logits, train_step
 from pipeline.tracking.run_logger import NullLogger, RunLogger
-from pipeline.train import checkpoint, ingest
+from pipeline.train import checkpoint, ingest, reports
 from pipeline.train.spec import CheckpointMeta, Outcome, Progress, RunSpec
 
 # Ray 2.60 logs every ray.train.report at INFO through a logger named after its own file
@@ -93,12 +93,7 @@ class WorkerLoop:
         self.preempted = PreemptionNotice(cfg.preemption_check_steps, self.say)
         self.epoch_seconds: list[float] = []
         if cfg.elastic:
-            self.say(
-                f"{self.world} train worker(s) of {cfg.min_workers}..{cfg.workers}: global batch "
-                f"{self.global_batch} ({self.world} × {cfg.batch_size} × {self.accumulate} micro-batch(es) "
-                f"per step), lr {cfg.lr_at(self.world):.3g}",
-                flush=True,
-            )
+            self.say(reports.world_line(cfg, self.world), flush=True)
 
     def run(self) -> Outcome:
         diverged = None
@@ -107,7 +102,7 @@ class WorkerLoop:
                 self.run_epoch(epoch)
         except Diverged as stop:  # every rank at the same point: all return, none waits on the others
             diverged = str(stop)
-            self.say(f"stopping: {diverged}", flush=True)
+            self.say(reports.stopping_line(diverged), flush=True)
         self.logger.flush()
         self.logger.close()
         logger, progress = self.logger, self.progress
@@ -207,7 +202,7 @@ class WorkerLoop:
         self.report(metrics, self.progress, metrics)
         self.logger.log_epoch(epoch, metrics)
         eta = (self.cfg.epochs - epoch) * sum(self.epoch_seconds) / len(self.epoch_seconds)
-        self.say(_epoch_line(self.cfg.epochs, metrics, eta), flush=True)
+        self.say(reports.epoch_line(self.cfg.epochs, metrics, eta), flush=True)
 
     def report(self, metrics: dict[str, float], progress: Progress, epoch_metrics: dict[str, float] | None) -> None:
         """Report to Ray Train; rank 0 attaches the checkpoint (with the metrics MLflow has not had yet)."""
@@ -329,9 +324,7 @@ def _build(spec: RunSpec, device: torch.device, logger, say) -> tuple[torch.nn.M
         logger.log_epoch(progress.epoch, meta.epoch_metrics)  # if it was lost before MLflow had it
     restarts = logger.count_attempt(step=progress.epoch)
     if restored:
-        where = f"epoch {progress.epoch}" + (f" + {progress.step_in_epoch} steps" if progress.step_in_epoch else "")
-        known = "unknown while MLflow is unreachable" if restarts is None else restarts
-        say(f"resumed from {where} ({used.uri}); restarts so far: {known}", flush=True)
+        say(reports.resumed_line(progress.epoch, progress.step_in_epoch, used.uri, restarts), flush=True)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)  # the uint8 NHWC batches arrive that way
     model = ray.train.torch.prepare_model(model)  # device placement + DDP
@@ -428,16 +421,6 @@ def _after_epoch(progress: Progress, metrics: dict[str, float], steps_per_epoch:
     )
 
 
-def _epoch_line(epochs: int, m: dict[str, float], eta: float) -> str:
-    return (
-        f"epoch {m['epoch']:>3}/{epochs}  lr {m['lr']:.2g}  train loss {m['train_loss']:.3f}  "
-        f"top-1 err {m['train_top1_error']:.3f}  |  val loss {m['val_loss']:.3f}  top-1 err {m['val_top1_error']:.3f}"
-        f"  top-5 err {m['val_top5_error']:.3f}  |  {m['images_per_s']:,.0f} img/s  "
-        f"data wait {m['data_wait_fraction']:.0%}  |  {format_duration(m['epoch_seconds'])}/epoch  "
-        f"ETA {format_duration(eta)}"
-    )
-
-
 def _silent(*args, **kwargs) -> None:
     pass
 
@@ -488,11 +471,7 @@ class PreemptionNotice:
         if info is None or tuple(info.preempted_node_ids) in self.seen:
             return False
         self.seen.add(tuple(info.preempted_node_ids))
-        left = f"{info.deadline_ms / 1000 - time.time():.0f} s left" if info.deadline_ms else "no deadline given"
-        nodes = ", ".join(info.preempted_node_ids)
-        self.say(
-            f"node {nodes} announced its preemption (ranks {info.preempted_ranks}, {left}): checkpoint now", flush=True
-        )
+        self.say(reports.preemption_line(info.preempted_node_ids, info.preempted_ranks, info.deadline_ms), flush=True)
         return True
 
 
