@@ -82,10 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             replicas = inference.parse_replicas(args.replicas, ray.cluster_resources())
             runs = {}
             for label, images in (("half", listing.images[: len(files) // 2]), ("all", listing.images)):
+                options = inference.InferenceOptions(replicas=replicas, batch_size=args.batch_size)
                 runs[label] = inference.infer(
-                    ref, source, inference.Listing(images), locate(Path(tmp, f"out-{label}")), replicas=replicas,
-                    batch_size=args.batch_size,
-                )  # fmt: skip
+                    ref, source, inference.Listing(images), locate(Path(tmp, f"out-{label}")), options
+                )
         finally:
             ray.shutdown()
     job = runs["all"].images_per_s

@@ -64,13 +64,13 @@ def make_shards(out: Path, images: int, shard_size: int, cpus: int) -> Path:
         return shards
     import ray
 
-    from pipeline.data.prepare import prepare
+    from pipeline.data.prepare import PrepareOptions, prepare
 
     print(f"generating {images} ImageNet-sized photos and preparing them as 256-px shards ...", flush=True)
     make_source(out / "raw", images)
     ray.init(num_cpus=cpus, include_dashboard=False)
     try:
-        prepare(out / "raw", shards, size=256, shard_size=shard_size)
+        prepare(out / "raw", shards, PrepareOptions(size=256, shard_size=shard_size))
     finally:
         ray.shutdown()
     return shards

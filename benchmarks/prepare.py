@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray.data import DataContext
 
-    from pipeline.data.prepare import prepare
+    from pipeline.data.prepare import PrepareOptions, prepare
 
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "raw"
@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(num_cpus=args.cpus, include_dashboard=False)
         try:
             DataContext.get_current().enable_progress_bars = False
-            summary = prepare(str(source), str(Path(tmp) / "shards"), size=args.size, shard_size=args.shard_size)
+            summary = prepare(
+                str(source), str(Path(tmp) / "shards"), PrepareOptions(size=args.size, shard_size=args.shard_size)
+            )
         finally:
             ray.shutdown()
 

@@ -85,18 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         replicas = inference.parse_replicas(args.replicas, ray.cluster_resources(), args.gpus_per_replica)
         print(f"model replicas: {replicas[0]}" + (f" to {replicas[1]}" if replicas[1] > replicas[0] else ""))
-        summary = inference.infer(
-            ref,
-            source,
-            listing,
-            output,
-            args.ten_crop,
-            replicas,
-            args.gpus_per_replica,
-            args.batch_size,
-            args.overwrite,
-            int(args.max_file_mb * 2**20),
+        options = inference.InferenceOptions(
+            ten_crop_views=args.ten_crop,
+            replicas=replicas,
+            gpus_per_replica=args.gpus_per_replica,
+            batch_size=args.batch_size,
+            overwrite=args.overwrite,
+            max_file_bytes=int(args.max_file_mb * 2**20),
         )
+        summary = inference.infer(ref, source, listing, output, options)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray.data import DataContext  # once the flags are good: --help and a mistyped flag answer at once
 
     from pipeline.cluster import connection
-    from pipeline.data.prepare import prepare
+    from pipeline.data.prepare import PrepareOptions, prepare
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # the bars and the summary say it
     context = DataContext.get_current()
@@ -69,19 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.source:
             context.enable_progress_bars = False  # one images/s bar of our own instead
-            summary = prepare(
-                args.source,
-                args.out,
+            options = PrepareOptions(
                 size=args.size,
                 shard_size=args.shard_size,
                 seed=args.seed,
                 devkit=args.devkit,
                 overwrite=args.overwrite,
                 max_tasks=args.max_tasks,
-                progress=not args.no_progress,
-                log=print,
                 max_file_bytes=int(args.max_file_mb * 2**20),
             )
+            summary = prepare(args.source, args.out, options, progress=not args.no_progress, log=print)
             print(describe(summary), flush=True)
         if args.stats:
             from pipeline.data.stats import compute_stats

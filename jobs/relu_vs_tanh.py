@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
     connection.connect(local_cpus=lambda: 2)  # one CPU per arm on a laptop; a cluster's own CPUs otherwise
     lrs = {"relu": args.lr, "tanh": args.lr_tanh or args.lr}
-    arms = relu_vs_tanh.run(images, labels, epochs, args.target_error, lrs, args.batch_size, args.seed)
+    recipe = relu_vs_tanh.Recipe(epochs, args.target_error, lrs, args.batch_size, args.seed)
+    arms = relu_vs_tanh.run(images, labels, recipe)
     result = relu_vs_tanh.summary(arms, args.target_error, source)
     files = relu_vs_tanh.write(result, Path(args.out))
     lines = [f"\n{name:>4}: {arm.epochs_to_target:.1f} epochs to {args.target_error:.0%} training error"

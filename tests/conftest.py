@@ -152,10 +152,10 @@ def tiny_raw(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_shards(ray_cluster, tiny_raw, tmp_path_factory):
     """tiny_raw prepared at 72 pixels, 32 images a shard; no stats.json (the published statistics apply)."""
-    from pipeline.data.prepare import prepare
+    from pipeline.data.prepare import PrepareOptions, prepare
 
     out = tmp_path_factory.mktemp("shards")
-    prepare(tiny_raw, out, size=72, shard_size=32)
+    prepare(tiny_raw, out, PrepareOptions(size=72, shard_size=32))
     return out
 
 

@@ -16,12 +16,12 @@ CHANCE = 0.75  # top-1 error of a guess among 4 classes
 @pytest.fixture(scope="module")
 def learnable_shards(ray_cluster, tmp_path_factory):
     """4 sample classes × (60 train + 40 val) at 72 px: small enough for minutes, big enough to learn."""
-    from pipeline.data.prepare import prepare
+    from pipeline.data.prepare import PrepareOptions, prepare
     from pipeline.data.sample import make_sample
 
     root = tmp_path_factory.mktemp("learnable")
     make_sample(root / "raw", num_classes=4, train_per_class=60, val_per_class=40, seed=3)
-    prepare(root / "raw", root / "shards", size=72, shard_size=64)
+    prepare(root / "raw", root / "shards", PrepareOptions(size=72, shard_size=64))
     return root / "shards"
 
 

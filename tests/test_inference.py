@@ -84,7 +84,7 @@ def model(trained):
 def _run(ref, input_uri: str, output_uri: str, **options) -> inference.InferenceSummary:
     source, output = locate(input_uri), locate(output_uri)
     inference.prepare_output(output, options.get("overwrite", False), source)
-    return inference.infer(ref, source, inference.list_images(source), output, **options)
+    return inference.infer(ref, source, inference.list_images(source), output, inference.InferenceOptions(**options))
 
 
 def _expected(model, ref, data: bytes, ten: bool) -> np.ndarray:

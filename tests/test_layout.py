@@ -68,6 +68,19 @@ def test_folders_name_the_wings_each_says_what_it_does_and_no_two_modules_differ
                 assert a == b or not b.startswith(a), f"{folder.name}/: {a} and {b} differ only by a suffix"
 
 
+def test_no_function_of_the_library_or_the_jobs_takes_more_than_eight_parameters():
+    """Options that travel together are one dataclass (PrepareOptions, InferenceOptions, Recipe...)."""
+    wide = []
+    for path in [*PACKAGE.rglob("*.py"), *(ROOT / "jobs").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                a = node.args
+                names = [p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg) if p]
+                if len([n for n in names if n not in ("self", "cls")]) > 8:
+                    wide.append(f"{path.relative_to(ROOT)}: {node.name}")
+    assert not wide, wide
+
+
 @pytest.mark.parametrize("job", sorted(p.name for p in (ROOT / "jobs").glob("*.py")))
 def test_every_jobs_help_answers_without_ray_torch_or_mlflow(job):
     """As on a machine where those are not installed: importing any of them fails."""

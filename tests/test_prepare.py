@@ -17,7 +17,7 @@ from imagenet_layouts import as_devkit, jpeg, kaggle_truth, png, red
 from PIL import Image
 
 from pipeline.data import imagenet, shards
-from pipeline.data.prepare import prepare
+from pipeline.data.prepare import PrepareOptions, prepare
 from pipeline.data.sample import SYNSETS
 from pipeline.errors import InputError
 
@@ -97,7 +97,9 @@ def test_messy_real_world_files_become_rgb_or_are_listed_with_their_reason(ray_c
     unreadable = {"fifo.JPEG": "not a regular file", "gone.JPEG": "not a regular file",
                   "huge.JPEG": "over the 0.191 MiB limit for one file (--max-file-mb): not read"}  # fmt: skip
 
-    summary = prepare(str(source), str(tmp_path / "out"), size=64, shard_size=50, max_file_bytes=200_000)
+    summary = prepare(
+        str(source), str(tmp_path / "out"), PrepareOptions(size=64, shard_size=50, max_file_bytes=200_000)
+    )
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     bad = {b["path"].rsplit("/", 1)[1]: b["reason"] for b in manifest["bad_files"]}
     assert set(bad) == set(broken) | set(stray) | set(unreadable) | {"caf\\xe9.JPEG"}
@@ -117,7 +119,9 @@ def test_messy_real_world_files_become_rgb_or_are_listed_with_their_reason(ray_c
 
 
 def test_devkit_layout_shards_carry_the_mapped_labels(ray_cluster, tiny_raw, tmp_path):
-    prepare(str(as_devkit(tiny_raw, tmp_path / "devkit")), str(tmp_path / "out"), size=64, shard_size=64)
+    prepare(
+        str(as_devkit(tiny_raw, tmp_path / "devkit")), str(tmp_path / "out"), PrepareOptions(size=64, shard_size=64)
+    )
     val = _read(tmp_path / "out" / "val")
     assert {k.split(".")[0]: w for k, w in zip(val["key"], val["wnid"], strict=True)} == kaggle_truth(tiny_raw)
     classes = json.loads((tmp_path / "out" / "classes.json").read_text())
@@ -126,17 +130,17 @@ def test_devkit_layout_shards_carry_the_mapped_labels(ray_cluster, tiny_raw, tmp
 
 def test_running_again_on_finished_output_changes_nothing(ray_cluster, tiny_raw, tiny_shards):
     before = {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in tiny_shards.rglob("*") if p.is_file()}
-    summary = prepare(str(tiny_raw), str(tiny_shards), size=72, shard_size=32)
+    summary = prepare(str(tiny_raw), str(tiny_shards), PrepareOptions(size=72, shard_size=32))
     assert summary.written_images == 0 and summary.shards_skipped == summary.shards_total == 4
     assert {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in tiny_shards.rglob("*") if p.is_file()} == before
 
 
 def test_other_arguments_on_finished_output_are_refused_unless_overwrite(ray_cluster, tiny_raw, tmp_path):
     out = tmp_path / "out"
-    prepare(str(tiny_raw), str(out), size=64, shard_size=64)
+    prepare(str(tiny_raw), str(out), PrepareOptions(size=64, shard_size=64))
     with pytest.raises(InputError, match="--overwrite"):
-        prepare(str(tiny_raw), str(out), size=64, shard_size=32)
-    summary = prepare(str(tiny_raw), str(out), size=64, shard_size=32, overwrite=True)
+        prepare(str(tiny_raw), str(out), PrepareOptions(size=64, shard_size=32))
+    summary = prepare(str(tiny_raw), str(out), PrepareOptions(size=64, shard_size=32, overwrite=True))
     assert summary.shards_total == 4 and sorted(p.name for p in (out / "train").iterdir()) == [
         "train-00000.parquet",
         "train-00001.parquet",
@@ -165,13 +169,13 @@ def test_a_killed_prepare_resumes_without_redoing_or_losing_anything(ray_cluster
     written = {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.glob("*/*.parquet")}
     assert 5 <= len(written) < 60
 
-    summary = prepare(str(tiny_raw), str(out), size=64, shard_size=2)
+    summary = prepare(str(tiny_raw), str(out), PrepareOptions(size=64, shard_size=2))
     assert summary.shards_skipped >= len(written) and summary.images == {"train": 96, "val": 24}
     assert {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in written} == written  # not redone
     assert not list(out.glob("*/*.tmp"))
 
     reference = tmp_path / "reference"
-    prepare(str(tiny_raw), str(reference), size=64, shard_size=2)
+    prepare(str(tiny_raw), str(reference), PrepareOptions(size=64, shard_size=2))
     for split in ("train", "val"):
         resumed, uninterrupted = _read(out / split), _read(reference / split)
         assert resumed == uninterrupted  # same keys, labels and bytes, in the same shards and order
@@ -187,11 +191,11 @@ def test_overwrite_never_reaches_the_source_or_folders_prepare_did_not_write(tin
         (tiny_raw.parent, "holds --source"),
     ]:
         with pytest.raises(InputError, match=re.escape(message)):
-            prepare(str(tiny_raw), str(out), size=64, shard_size=32, overwrite=True)
+            prepare(str(tiny_raw), str(out), PrepareOptions(size=64, shard_size=32, overwrite=True))
     # An ILSVRC-style tree (train/, val/) that is not a dataset prepare wrote is not replaced.
     other = shutil.copytree(tiny_raw, tmp_path / "copy")
     with pytest.raises(InputError, match="replaces only a dataset jobs/prepare.py wrote"):
-        prepare(str(tiny_raw), str(other), size=64, shard_size=32, overwrite=True)
+        prepare(str(tiny_raw), str(other), PrepareOptions(size=64, shard_size=32, overwrite=True))
     assert sorted(p.relative_to(other) for p in other.rglob("*")) == before
     assert sorted(p.relative_to(tiny_raw) for p in tiny_raw.rglob("*")) == before
 
@@ -220,7 +224,7 @@ def test_overwrite_deletes_nothing_it_cannot_recognise_as_its_own(tiny_raw, tiny
     ]:
         before = _contents(out)
         with pytest.raises(InputError, match=re.escape(message)):
-            prepare(str(tiny_raw), str(out), size=64, shard_size=32, overwrite=True)
+            prepare(str(tiny_raw), str(out), PrepareOptions(size=64, shard_size=32, overwrite=True))
         assert _contents(out) == before, out  # byte for byte
 
 

@@ -13,7 +13,7 @@ import ray
 from conftest import S3_KEY_ID, S3_SECRET
 
 from pipeline.data import shards
-from pipeline.data.prepare import prepare
+from pipeline.data.prepare import PrepareOptions, prepare
 from pipeline.data.stats import compute_stats
 from pipeline.errors import InputError
 from pipeline.storage import locate
@@ -30,7 +30,7 @@ def s3_prepared(ray_cluster, s3_server, tiny_raw):
         f.write(b"")
     with s3_server.open_output_stream("raw/ILSVRC2012/val/.DS_Store") as f:
         f.write(b"\0\0\0\1Bud1")
-    summary = prepare("s3://raw/ILSVRC2012", "s3://shards/imagenet/", size=72, shard_size=32)
+    summary = prepare("s3://raw/ILSVRC2012", "s3://shards/imagenet/", PrepareOptions(size=72, shard_size=32))
     return summary
 
 
@@ -66,7 +66,7 @@ def test_training_streams_and_measures_shards_in_s3(s3_prepared, s3_server):
 
 def test_prepare_again_on_finished_s3_output_writes_nothing(s3_prepared, s3_server):
     before = {i.path: i.mtime for i in s3_server.get_file_info(pafs.FileSelector("shards/imagenet", recursive=True))}
-    summary = prepare("s3://raw/ILSVRC2012", "s3://shards/imagenet", size=72, shard_size=32)
+    summary = prepare("s3://raw/ILSVRC2012", "s3://shards/imagenet", PrepareOptions(size=72, shard_size=32))
     assert summary.written_images == 0 and summary.shards_skipped == summary.shards_total
     after = {i.path: i.mtime for i in s3_server.get_file_info(pafs.FileSelector("shards/imagenet", recursive=True))}
     assert after == before

@@ -63,55 +63,46 @@ class PrepareSummary:
         return self.written_images / max(self.seconds, 1e-9)
 
 
+@dataclass(frozen=True)
+class PrepareOptions:
+    """What shapes the dataset (size, shard_size, seed: the plan id covers them) and how the job runs."""
+
+    size: int = 256  # side of the stored square images
+    shard_size: int = DEFAULT_SHARD_SIZE  # images per shard
+    seed: int = 0  # of the train shuffle across shards
+    devkit: str | None = None  # folder with the devkit's meta.mat and validation ground truth
+    overwrite: bool = False  # replace a dataset `out` holds from other arguments (only one this job wrote)
+    max_tasks: int | None = None  # shard tasks at once (default: as the cluster's CPUs allow)
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # a larger source file is listed as bad, not read
+
+    def check(self) -> None:
+        if self.size < MIN_INPUT_SIZE:
+            raise InputError(f"--size {self.size} is below AlexNet's smallest input ({MIN_INPUT_SIZE} pixels)")
+        if self.shard_size < 1:
+            raise InputError(f"--shard-size must be at least 1, got {self.shard_size}")
+        if self.max_tasks is not None and self.max_tasks < 1:
+            raise InputError(f"--max-tasks must be at least 1, got {self.max_tasks}")
+        if self.max_file_bytes < 1:
+            raise InputError(f"--max-file-mb must be positive, got {self.max_file_bytes / 2**20:g}")
+
+
 def prepare(
     source: str,
     out: str,
-    size: int = 256,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    seed: int = 0,
-    devkit: str | None = None,
-    overwrite: bool = False,
-    max_tasks: int | None = None,
+    options: PrepareOptions = PrepareOptions(),
     progress: bool = False,
     log: Callable[[str], None] = lambda message: None,
-    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> PrepareSummary:
-    if size < MIN_INPUT_SIZE:
-        raise InputError(f"--size {size} is below AlexNet's smallest input ({MIN_INPUT_SIZE} pixels)")
-    if shard_size < 1:
-        raise InputError(f"--shard-size must be at least 1, got {shard_size}")
-    if max_tasks is not None and max_tasks < 1:
-        raise InputError(f"--max-tasks must be at least 1, got {max_tasks}")
-    if max_file_bytes < 1:
-        raise InputError(f"--max-file-mb must be positive, got {max_file_bytes / 2**20:g}")
-    src = imagenet.scan(source, devkit=devkit)  # layout errors surface here, before any cluster work
+    """Shards of `source` at `out`: only the shards an earlier run of the same plan did not finish."""
+    options.check()
+    src = imagenet.scan(source, devkit=options.devkit)  # layout errors surface here, before any cluster work
     dest = locate(out)
     check_apart(dest, "--out", {"--source": src.root})
     dest.check_writable()
-    plan, plan_id = make_plan(src, dest, size, shard_size, seed)
-    header = {
-        "format": MANIFEST_FORMAT,
-        "plan": plan_id,
-        "source": src.root.uri,
-        "layout": src.layout,
-        "size": size,
-        "shard_size": shard_size,
-        "seed": seed,
-    }
-
-    previous = shards.read_manifest(dest)
-    if overwrite:
-        owned = _owned(dest, previous)  # what it would delete, all of it this job's, or InputError
-        # Nothing goes before the cluster answers: a dead RAY_ADDRESS leaves the old dataset whole.
-        connection.connect()
-        _clear(dest, owned)
-        previous = None
-    elif previous and previous.get("plan") != plan_id:
-        raise InputError(
-            f"{dest.uri} already holds a dataset prepared from {previous.get('source')} with other arguments "
-            f"or another file listing ({_describe(previous)}); run the command that made it to finish it, "
-            "choose another --out, or pass --overwrite to replace it"
-        )
+    plan, plan_id = make_plan(src, dest, options.size, options.shard_size, options.seed)
+    header = {"format": MANIFEST_FORMAT, "plan": plan_id, "source": src.root.uri, "layout": src.layout}
+    header.update(size=options.size, shard_size=options.shard_size, seed=options.seed)
+    previous = _previous(dest, plan_id, options.overwrite)
     if previous and previous.get("status") == "complete":
         log(f"{dest.uri} is already prepared with these arguments; nothing to do")
         return _summary(dest, previous, plan, done_before=len(plan), written=0, seconds=0.0)
@@ -121,13 +112,11 @@ def prepare(
     if done:
         log(f"resuming: {len(done)} of {len(plan)} shards are already written")
     shards.write_classes(dest, src.classes)
-    manifest = _manifest(header, plan, done, src.rejected, complete=False)
-    shards.write_manifest(dest, manifest)
-
+    shards.write_manifest(dest, _manifest(header, plan, done, src.rejected, complete=False))
     started, last_write = time.perf_counter(), 0.0
     written, task_seconds = 0, 0.0
     bar = _progress_bar(sum(len(t["paths"]) for t in todo), progress)
-    for result in _run(todo, src.root, dest, size, [c.wnid for c in src.classes], plan_id, max_tasks, max_file_bytes):
+    for result in _run(todo, src, dest, plan_id, options):
         done[result["file"]] = result
         written += result["rows"]
         task_seconds += result["seconds"]
@@ -146,6 +135,25 @@ def prepare(
     return _summary(dest, manifest, plan, done_before, written=written, seconds=seconds, task_seconds=task_seconds)
 
 
+def _previous(dest: Location, plan_id: str, overwrite: bool) -> dict[str, Any] | None:
+    """The manifest an earlier run of this plan left; with `overwrite`, none (what this job wrote is
+    cleared, once the cluster answers); another plan's, refused."""
+    previous = shards.read_manifest(dest)
+    if overwrite:
+        owned = _owned(dest, previous)  # what it would delete, all of it this job's, or InputError
+        # Nothing goes before the cluster answers: a dead RAY_ADDRESS leaves the old dataset whole.
+        connection.connect()
+        _clear(dest, owned)
+        return None
+    if previous and previous.get("plan") != plan_id:
+        raise InputError(
+            f"{dest.uri} already holds a dataset prepared from {previous.get('source')} with other arguments "
+            f"or another file listing ({_describe(previous)}); run the command that made it to finish it, "
+            "choose another --out, or pass --overwrite to replace it"
+        )
+    return previous
+
+
 def sample_shards(sample_dir: str, log: Callable[[str], None] = print) -> Path:
     """The bundled sample's shards, generating and preparing them on first use.
 
@@ -162,7 +170,7 @@ def sample_shards(sample_dir: str, log: Callable[[str], None] = print) -> Path:
         log(f"generating the sample dataset in {raw} ...")
         make_sample(raw)
     log(f"preparing shards in {shard_dir} ...")
-    summary = prepare(str(raw), str(shard_dir), size=SAMPLE_IMAGE_SIZE, shard_size=256, log=log)
+    summary = prepare(str(raw), str(shard_dir), PrepareOptions(size=SAMPLE_IMAGE_SIZE, shard_size=256), log=log)
     log(f"prepared {summary.images} images in {summary.seconds:.1f}s")
     return shard_dir
 
@@ -193,23 +201,24 @@ def make_plan(
 
 
 def _run(
-    todo: list[dict[str, Any]],
-    src: Location,
-    dest: Location,
-    size: int,
-    wnids: list[str],
-    plan_id: str,
-    max_tasks: int | None,
-    max_bytes: int,
+    todo: list[dict[str, Any]], src: imagenet.Source, dest: Location, plan_id: str, options: PrepareOptions
 ) -> Iterable[dict[str, Any]]:
     """Results of the shard tasks, streamed back to the driver as each one finishes."""
     if not todo:
         return []
     connection.connect()  # the cluster this job runs on (or a local Ray): a dead one is named, not waited for
+    wnids = [c.wnid for c in src.classes]
     results = ray.data.from_items(todo, override_num_blocks=len(todo)).map(
         _write_shard,
-        fn_kwargs={"src": src, "dest": dest, "size": size, "wnids": wnids, "plan_id": plan_id, "max_bytes": max_bytes},
-        compute=TaskPoolStrategy(size=max_tasks),
+        fn_kwargs={
+            "src": src.root,
+            "dest": dest,
+            "size": options.size,
+            "wnids": wnids,
+            "plan_id": plan_id,
+            "max_bytes": options.max_file_bytes,
+        },  # fmt: skip
+        compute=TaskPoolStrategy(size=options.max_tasks),
         num_cpus=1,
     )
     # One operator does all the work: Ray Data's per-operator reservation (half the CPUs held

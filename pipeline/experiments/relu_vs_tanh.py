@@ -188,14 +188,21 @@ def epochs_to_target(errors: list[float], target: float) -> float | None:
     return None
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How both arms train: the same data, epochs, batch and seed; a learning rate each."""
+
+    epochs: int
+    target: float  # the training error whose epoch count is compared
+    lrs: dict[str, float]  # per activation
+    batch_size: int = 128
+    seed: int = 0
+
+
 def run(
     images: np.ndarray,
     labels: np.ndarray,
-    epochs: int,
-    target: float,
-    lrs: dict[str, float],
-    batch_size: int = 128,
-    seed: int = 0,
+    recipe: Recipe,
     cpus_per_arm: float = 1.0,
     log: Callable[[str], None] = print,
 ) -> dict[str, Arm]:
@@ -205,7 +212,7 @@ def run(
     from ray.train.torch import TorchTrainer
 
     data = ray.put((images, labels))
-    arms = {name: Arm(name, lrs[name]) for name in ACTIVATIONS}
+    arms = {name: Arm(name, recipe.lrs[name]) for name in ACTIVATIONS}
     failures: dict[str, BaseException] = {}
     storage = Path(tempfile.mkdtemp(prefix="relu-vs-tanh-"))  # Ray Train's run folders; nothing kept
 
@@ -216,9 +223,9 @@ def run(
                 "data": [data],
                 "activation": arm.activation,
                 "lr": arm.lr,
-                "epochs": epochs,
-                "batch_size": batch_size,
-                "seed": seed,
+                "epochs": recipe.epochs,
+                "batch_size": recipe.batch_size,
+                "seed": recipe.seed,
             },  # fmt: skip
             scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": cpus_per_arm}),
             run_config=RunConfig(name=f"relu-vs-tanh-{arm.activation}", storage_path=str(storage)),
@@ -228,7 +235,10 @@ def run(
         except BaseException as exc:  # noqa: BLE001 (re-raised after both threads end)
             failures[arm.activation] = exc
 
-    log(f"training both arms at once: {len(labels)} images, {epochs} epochs, batch {batch_size}, seed {seed}")
+    log(
+        f"training both arms at once: {len(labels)} images, {recipe.epochs} epochs, batch {recipe.batch_size}, "
+        f"seed {recipe.seed}"
+    )
     threads = [threading.Thread(target=fit, args=(arm,), name=name) for name, arm in arms.items()]
     for t in threads:
         t.start()
@@ -239,7 +249,7 @@ def run(
         name, exc = next(iter(failures.items()))
         raise RuntimeError(f"the {name} arm failed: {exc}") from exc
     for arm in arms.values():
-        arm.epochs_to_target = epochs_to_target(arm.training_error, target)
+        arm.epochs_to_target = epochs_to_target(arm.training_error, recipe.target)
     return arms
 
 

@@ -196,17 +196,18 @@ def _row_error(decoding: str | None, finite: bool) -> str | None:
     return None if finite else NONFINITE
 
 
+@dataclass(frozen=True)
+class InferenceOptions:
+    ten_crop_views: bool = False  # average the softmax over the paper's ten 224 views
+    replicas: tuple[int, int] = (1, 1)  # model actors, at least and at most
+    gpus_per_replica: float = 0
+    batch_size: int = 64  # images per model call
+    overwrite: bool = False  # replace an output this job wrote
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # a larger file is an error row, not read
+
+
 def infer(
-    ref: ModelRef,
-    source: Location,
-    listing: Listing,
-    output: Location,
-    ten_crop_views: bool = False,
-    replicas: tuple[int, int] = (1, 1),
-    gpus_per_replica: float = 0,
-    batch_size: int = 64,
-    overwrite: bool = False,
-    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    ref: ModelRef, source: Location, listing: Listing, output: Location, options: InferenceOptions = InferenceOptions()
 ) -> InferenceSummary:
     """Score every listed image and put the Parquet table at `output` (whole, or not at all)."""
     started = time.time()
@@ -221,8 +222,8 @@ def infer(
                 "fs": source.fs,
                 "size": ref.image_size,
                 "crop": ref.crop,
-                "ten": ten_crop_views,
-                "max_bytes": max_file_bytes,
+                "ten": options.ten_crop_views,
+                "max_bytes": options.max_file_bytes,
             },  # fmt: skip
             batch_size=DECODE_BATCH,
             batch_format="numpy",
@@ -230,9 +231,9 @@ def infer(
         .map_batches(
             Predictor,
             fn_constructor_kwargs={"ref": ref, "keep": partial(top_five, ref=ref, uri_prefix=prefix)},
-            compute=ActorPoolStrategy(min_size=replicas[0], max_size=replicas[1]),
-            batch_size=batch_size,
-            num_gpus=gpus_per_replica,
+            compute=ActorPoolStrategy(min_size=options.replicas[0], max_size=options.replicas[1]),
+            batch_size=options.batch_size,
+            num_gpus=options.gpus_per_replica,
             batch_format="numpy",
         )
     )
@@ -243,11 +244,13 @@ def infer(
             raise InferenceError(f"wrote {rows} rows for {len(listing.images)} images; the output was not moved")
         summary = InferenceSummary(len(listing.images), errors, len(listing.ignored), 0.0, output.uri)
         summary.seconds = time.time() - started
-        staging.join(SUCCESS_FILE).write_text(_success_record(ref, source, listing, summary, ten_crop_views))
+        staging.join(SUCCESS_FILE).write_text(_success_record(ref, source, listing, summary, options.ten_crop_views))
     except BaseException:
         outputs.delete(staging)
         raise
-    outputs.move_into_place(staging, output, overwrite)  # on a failure staging is kept whole, and the error names it
+    outputs.move_into_place(
+        staging, output, options.overwrite
+    )  # on a failure staging is kept whole, and the error names it
     outputs.delete(staging)
     return summary
 
