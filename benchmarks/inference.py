@@ -27,8 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import make_source
+from pipeline.cluster.resources import GpuCapacity
 from pipeline.data.transforms import center_crop, load_square
-from pipeline.scoring import inference, loading
+from pipeline.scoring import inference, loading, pool
 from pipeline.storage import locate
 from pipeline.tracking import mlflow_client
 
@@ -79,10 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             source = locate(Path(tmp, "src"))
             listing = inference.list_images(source)
-            replicas = inference.parse_replicas(args.replicas, ray.cluster_resources())
+            actors = pool.plan(args.replicas, 0.0, GpuCapacity(0.0), ray.cluster_resources()["CPU"])
             runs = {}
             for label, images in (("half", listing.images[: len(files) // 2]), ("all", listing.images)):
-                options = inference.InferenceOptions(replicas=replicas, batch_size=args.batch_size)
+                options = inference.InferenceOptions(pool=actors, batch_size=args.batch_size)
                 runs[label] = inference.infer(
                     ref, source, inference.Listing(images), locate(Path(tmp, f"out-{label}")), options
                 )
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     steady = (runs["all"].images - runs["half"].images) / (runs["all"].seconds - runs["half"].seconds)
     fixed = runs["all"].seconds - runs["all"].images / steady
     print(
-        f"jobs/infer.py pipeline, {replicas[0]}-{replicas[1]} model actor(s):\n"
+        f"jobs/infer.py pipeline, {actors.smallest}-{actors.largest} model actor(s):\n"
         f"  end to end   {job:,.0f} images/s ({runs['all'].seconds:.1f}s for {runs['all'].images} images, "
         "including Ray Data start-up, model loading and the Parquet write)\n"
         f"  steady state {steady:,.0f} images/s (from runs over half and all the images; fixed cost {fixed:.1f}s)\n"

@@ -9,11 +9,12 @@ r"""Batch inference: run a registered model over a bucket or folder of images, o
 Lists the input recursively (jpg, jpeg, png, webp; any case), decodes with validation's
 transform (short side to the model's image size, centre crop; --ten-crop for the paper's ten
 views), scores in a pool of model actors (--replicas N, MIN:MAX to autoscale, or auto: 1 up to the
-cluster's CPUs, or GPUs with --gpus-per-replica; each actor loads the model once), and
+cluster's GPUs, or its CPUs without GPUs; one GPU each where the cluster has or can add GPU nodes;
+each actor loads the model once), and
 writes Parquet with one row per image: path, top1_wnid, top1_name, top1_prob, top5_wnids,
 top5_names, top5_probs, model_uri, model_version, error (null when fine). The table is written to
 a temporary location and moved into place when complete; an existing output is refused unless
---overwrite, which replaces it whole. MLflow: MLFLOW_TRACKING_URI, else ./mlflow.db.
+--overwrite, which replaces it whole. MLflow: --tracking-uri, else MLFLOW_TRACKING_URI, else ./mlflow.db.
 """
 
 from __future__ import annotations
@@ -25,42 +26,49 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
-from pipeline.config import FORWARD_ENV_HELP, non_negative, positive, positive_int
+from pipeline import cli
+from pipeline.config import FORWARD_ENV_HELP, positive, positive_int
 from pipeline.errors import InputError
 from pipeline.redaction import scrubbed_output
 
 
-def main(argv: list[str] | None = None) -> int:
-    scrubbed_output()  # before Ray, MLflow and torch make their loggers: no secret reaches the job's logs
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint dir")
-    parser.add_argument("--input", required=True, help="a folder or s3:// prefix of images (searched recursively)")
-    parser.add_argument("--output", required=True, help="where the Parquet table goes: a folder or s3:// prefix")
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__)
+    parser.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint dir")
+    parser.add_argument("--input", help="a folder or s3:// prefix of images (searched recursively)")
+    parser.add_argument("--output", help="where the Parquet table goes: a folder or s3:// prefix")
     parser.add_argument("--ten-crop", action="store_true", help="the paper's ten views per image, softmax averaged")
-    parser.add_argument(
-        "--replicas",
-        default="auto",
-        help="model actors: N, MIN:MAX to autoscale, or auto (1 up to the cluster's CPUs/GPUs)",
-    )
-    parser.add_argument("--gpus-per-replica", type=non_negative, default=0, help="GPUs per model actor")
+    cli.add_replicas(parser)
     parser.add_argument(
         "--batch-size", type=positive_int, default=64, help="images per model call (x10 views with --ten-crop)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output whole")
-    parser.add_argument("--max-file-mb", type=positive, default=64.0,
-                        help="a file larger than this gets an error row, unread (default: 64)")  # fmt: skip
+    parser.add_argument("--max-file-mb", type=positive, default=64.0, help="a larger file gets an error row, unread")
+    cli.add_tracking(parser)
     parser.add_argument("--forward-env", default="", metavar="NAME,...", help=FORWARD_ENV_HELP)
+    cli.add_progress(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    scrubbed_output()  # before Ray, MLflow and torch make their loggers: no secret reaches the job's logs
+    parser = build_parser()
     args = parser.parse_args(argv)
+    cli.require(parser, args, "--model", "--input", "--output")
+    cli.use_tracking_uri(args)
     import ray  # once the flags are good: --help and a mistyped flag answer at once
+    from ray.data import DataContext
 
     from pipeline.cluster import connection
-    from pipeline.scoring import inference, loading
+    from pipeline.cluster.resources import GpuCapacity
+    from pipeline.scoring import inference, loading, pool
     from pipeline.storage import locate
     from pipeline.tracking import mlflow_client
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    DataContext.get_current().enable_progress_bars = args.progress
     try:  # everything that can be wrong is found here, before any cluster work
-        inference.parse_replicas(args.replicas)  # a bad value fails here, before any cluster work
+        pool.parse_replicas(args.replicas)  # a bad value fails here, before any cluster work
         output, source = locate(args.output), locate(args.input)
         inference.prepare_output(output, args.overwrite, source)
         tracking_uri = mlflow_client.resolve_tracking_uri()
@@ -83,12 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         connection.connect(
             env=mlflow_client.worker_env(tracking_uri, forward), joined_note=mlflow_client.credentials_note(forward)
         )
-        replicas = inference.parse_replicas(args.replicas, ray.cluster_resources(), args.gpus_per_replica)
-        print(f"model replicas: {replicas[0]}" + (f" to {replicas[1]}" if replicas[1] > replicas[0] else ""))
+        actors = pool.plan(args.replicas, args.gpus_per_replica, GpuCapacity.read(), ray.cluster_resources()["CPU"])
+        print(actors.describe(), flush=True)
         options = inference.InferenceOptions(
             ten_crop_views=args.ten_crop,
-            replicas=replicas,
-            gpus_per_replica=args.gpus_per_replica,
+            pool=actors,
             batch_size=args.batch_size,
             overwrite=args.overwrite,
             max_file_bytes=int(args.max_file_mb * 2**20),

@@ -31,13 +31,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
+from pipeline import cli
 from pipeline.redaction import scrubbed_output
 from pipeline.tracking.server import AUTH_DB, MlflowServer, ServerError, healthy
 
 
-def main(argv: list[str] | None = None) -> int:
-    scrubbed_output()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__)
     parser.add_argument("--dir", default="mlflow-server", help="holds mlflow.db, the log and local artifacts")
     parser.add_argument("--port", type=int, default=5000, help="port to listen on (0: any free port)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 for other nodes")
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--allowed-hosts", default=None, help="Host headers accepted besides localhost (host:port, comma-separated)"
     )
-    parser.add_argument("--workers", type=int, default=2, help="web server worker processes")
+    parser.add_argument("--web-workers", type=int, default=2, help="web server worker processes")
     parser.add_argument(
         "--auth",
         action="store_true",
@@ -57,6 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--insecure", action="store_true", help="allow a non-loopback --host without --auth (a network you trust)"
     )
+    parser.add_argument(
+        "--local-artifacts",
+        action="store_true",
+        help="allow a non-loopback --host with artifacts on this machine's disk (one that outlives the cluster)",
+    )
+    cli.renamed(parser, "--workers", "--web-workers")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    scrubbed_output()
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.auth and not args.insecure and not _loopback(args.host):
         print(
@@ -66,8 +78,17 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if not _loopback(args.host) and not args.local_artifacts and "://" not in (args.artifacts_destination or ""):
+        where = args.artifacts_destination or f"{args.dir}/artifacts"
+        print(
+            f"error: --host {args.host} serves other machines, but the model files would go to {where} on this "
+            "machine's disk, which a cluster's head loses with `ray down`. Pass --artifacts-destination "
+            "s3://BUCKET/PREFIX, or --local-artifacts if this disk outlives the cluster",
+            file=sys.stderr,
+        )
+        return 2
     server = MlflowServer(
-        args.dir, args.port, args.host, args.artifacts_destination, args.allowed_hosts, args.workers, args.auth
+        args.dir, args.port, args.host, args.artifacts_destination, args.allowed_hosts, args.web_workers, args.auth
     )
     if args.port and healthy(server.url, timeout=1):
         print(f"error: something already answers on {server.url}; stop it or pass --port", file=sys.stderr)

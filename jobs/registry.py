@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
+from pipeline import cli
 from pipeline.errors import InputError
 from pipeline.redaction import redact, scrubbed_output
 
@@ -152,13 +153,11 @@ def _params(registry: Registry, v: Version) -> dict[str, str]:
     return _PARAMS[v.run_id]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--tracking-uri", default=None, help="MLflow server (default: MLFLOW_TRACKING_URI, else ./mlflow.db)"
-    )
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__)
+    cli.add_tracking(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=argparse.ArgumentParser)
     commands.add_parser("list", help="registered models, latest version, aliases, champion's errors")
     show = commands.add_parser("show", help="every version of a model")
     show.add_argument("name")
@@ -170,18 +169,25 @@ def main(argv: list[str] | None = None) -> int:
     promote = commands.add_parser("promote", help="point an alias (default @champion) at a version")
     promote.add_argument("name")
     promote.add_argument("version")
-    promote.add_argument("--alias", default=CHAMPION)
+    promote.add_argument("--alias", default=CHAMPION, help="the alias to point at the version")
     promote.add_argument("--force", action="store_true", help="make a version no better than chance the champion")
     rollback = commands.add_parser("rollback", help="@champion back to the previous champion")
     rollback.add_argument("name")
     for sub in (promote, rollback):
         sub.add_argument("--wait", type=float, default=600.0, metavar="SECONDS",
-                         help="longest wait for the model's promotion lock (default: %(default)s)")  # fmt: skip
+                         help="longest wait for the model's promotion lock")  # fmt: skip
     unlock = commands.add_parser("unlock", help="clear the promotion lock a job that died while promoting left")
     unlock.add_argument("name")
-    for sub in commands.choices.values():  # --json after the command works too
+    for sub in commands.choices.values():  # --json and --tracking-uri after the command work too
+        sub.formatter_class = cli.HelpFormatter
         sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+        sub.add_argument("--tracking-uri", metavar="URI", default=argparse.SUPPRESS, help="MLflow server")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
     scrubbed_output()
+    parser = build_parser()
     args = parser.parse_args(argv)
     from pipeline.tracking import mlflow_client
     from pipeline.tracking.registry import Registry

@@ -1,12 +1,12 @@
 r"""The paper's Figure 1: ReLU against tanh in the same four-layer CNN, trained side by side.
 
-    python jobs/relu_vs_tanh.py --out runs/relu-vs-tanh                        # the bundled sample at 32×32
-    python jobs/relu_vs_tanh.py --cifar10 ~/data/cifar-10-batches-py --epochs 40 --out runs/relu-vs-tanh
+    python jobs/relu_vs_tanh.py --output runs/relu-vs-tanh                        # the bundled sample at 32×32
+    python jobs/relu_vs_tanh.py --cifar10 ~/data/cifar-10-batches-py --epochs 40 --output runs/relu-vs-tanh
 
 Trains the same network twice, with ReLU and with tanh units (same initial weights, same batches
 in the same order), as two Ray Train runs at the same time; records the training error after
 every epoch; reports for each arm the (interpolated) epoch at which it first reaches
---target-error and the ratio tanh ÷ ReLU. Writes OUT/relu_vs_tanh.png and OUT/relu_vs_tanh.json,
+--target-error and the ratio tanh ÷ ReLU. Writes OUTPUT/relu_vs_tanh.png and OUTPUT/relu_vs_tanh.json,
 and logs both to MLflow as one parent run with a child run per arm (--no-tracking: files only).
 """
 
@@ -18,14 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
+from pipeline import cli
 from pipeline.errors import InputError
 from pipeline.redaction import scrubbed_output
 
 
-def main(argv: list[str] | None = None) -> int:
-    scrubbed_output()  # before Ray, MLflow and torch make their loggers: no secret reaches the job's logs
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder for relu_vs_tanh.png and relu_vs_tanh.json")
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__)
+    parser.add_argument("--output", help="folder for relu_vs_tanh.png and relu_vs_tanh.json")
     parser.add_argument("--cifar10", help="CIFAR-10's python version (the folder with data_batch_1 … 5); no download")
     parser.add_argument("--data", help="prepared shards to use instead (resized to 32×32); default: the bundled sample")
     parser.add_argument(
@@ -35,11 +35,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="default: 40 on CIFAR-10, 30 on shards")
     parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (momentum 0.9) of both arms")
     parser.add_argument("--lr-tanh", type=float, default=None, help="the tanh arm's own learning rate (default: --lr)")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128, help="images per step of each arm")
     parser.add_argument("--seed", type=int, default=0, help="initial weights and batch order of both arms")
     parser.add_argument("--experiment", default="relu-vs-tanh", help="MLflow experiment")
-    parser.add_argument("--no-tracking", dest="tracking", action="store_false", help="write the files, log nothing")
+    cli.add_tracking(parser, skip="write the files, log nothing")
+    cli.renamed(parser, "--out", "--output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    scrubbed_output()  # before Ray, MLflow and torch make their loggers: no secret reaches the job's logs
+    parser = build_parser()
     args = parser.parse_args(argv)
+    cli.require(parser, args, "--output")
+    cli.use_tracking_uri(args)
     if not 0 < args.target_error < 1 or args.batch_size < 1 or (args.epochs is not None and args.epochs < 1):
         parser.error("--target-error must be in (0, 1), --batch-size and --epochs at least 1")
     sys.stdout.reconfigure(line_buffering=True)
@@ -70,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = relu_vs_tanh.Recipe(epochs, args.target_error, lrs, args.batch_size, args.seed)
     arms = relu_vs_tanh.run(images, labels, recipe)
     result = relu_vs_tanh.summary(arms, args.target_error, source)
-    files = relu_vs_tanh.write(result, Path(args.out))
+    files = relu_vs_tanh.write(result, Path(args.output))
     lines = [f"\n{name:>4}: {arm.epochs_to_target:.1f} epochs to {args.target_error:.0%} training error"
              if arm.epochs_to_target is not None else f"\n{name:>4}: did not reach {args.target_error:.0%} in {epochs} epochs"
              for name, arm in arms.items()]  # fmt: skip

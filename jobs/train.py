@@ -20,16 +20,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
-from pipeline import config
+from pipeline import cli, config
 from pipeline.errors import InputError, TrainingFailed
 from pipeline.redaction import scrubbed_output
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__)
+    config.add_arguments(parser)
+    group = next(g for g in parser._action_groups if g.title == "tracking")
+    cli.add_tracking(group)
+    cli.add_progress(parser._action_groups[-1])
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     scrubbed_output()  # before Ray, MLflow and torch make their loggers: no secret reaches the job's logs
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_arguments(parser)
+    parser = build_parser()
     args = parser.parse_args(argv)
+    cli.use_tracking_uri(args)
+    if not args.progress:
+        args.progress_interval = 0.0
     try:
         cfg = config.from_args(args)
     except config.ConfigError as exc:
@@ -62,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         f"top-5 error {best['val_top5_error']:.3f}",
         f"  best checkpoint   {summary.checkpoint}",
     ]
+    if summary.curves:
+        lines.append(f"  curves            {summary.curves}")
     if summary.run_id:
         lines += [
             f"  MLflow run        {summary.run_id} ({summary.run_name}), experiment {summary.experiment!r}",

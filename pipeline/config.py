@@ -40,7 +40,7 @@ FORWARD_ENV_HELP = (  # jobs/train.py, evaluate.py and infer.py
 @dataclass(frozen=True)
 class TrainConfig:
     profile: str = option("imagenet", "which preset the other fields started from")
-    data: str = option("", "prepared shards (jobs/prepare.py --out); empty: the bundled sample, built on first use")
+    data: str = option("", "prepared shards (jobs/prepare.py --output); empty: the bundled sample, built on first use")
     sample_dir: str = option("data/sample", "where the sample dataset (raw + shards) lives")
     crop: int = option(224, "random crop for training, centre crop for validation")
     epochs: int = option(90, "passes over the training set")
@@ -74,7 +74,9 @@ class TrainConfig:
         60.0,
         "seconds between an elastic run's looks for room for more workers (growing restarts them from the latest checkpoint)",
     )
-    gpu: bool = option(False, "one GPU per worker")
+    gpu: bool | None = option(
+        None, "one GPU per train worker; unset: where the cluster has or can add GPU nodes (--no-gpu: CPUs)"
+    )
     compile: bool = option(False, "torch.compile the model (worth it on GPUs; slow to start on CPUs)")
     decode_on: str = option(
         "data",
@@ -112,6 +114,9 @@ class TrainConfig:
     )
     max_failures: int = option(
         3, "worker-group restarts from the latest checkpoint before the run stops (0: stop at the first; -1: no limit)"
+    )
+    progress_interval: float = option(
+        60.0, "seconds between lines inside an epoch (step, images/s, running loss) and Ray Data's bars; 0: none"
     )
     stall_warning: float = option(
         120.0, "seconds without a training batch before the job says what the cluster waits for; 0: never"
@@ -152,6 +157,7 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
             (self.clip_grad_norm >= 0, f"clip_grad_norm must be >= 0, got {self.clip_grad_norm}"),
             (self.max_failures >= -1, "max_failures must be >= -1 (-1: retry forever)"),
+            (self.progress_interval >= 0, f"progress_interval must be >= 0 (0: none), got {self.progress_interval}"),
             (self.stall_warning >= 0, f"stall_warning must be >= 0 (0: no watchdog), got {self.stall_warning}"),
         ]
         for ok, message in checks:
@@ -231,7 +237,7 @@ PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")  # a run's folder: 
 PROFILES: dict[str, dict[str, Any]] = {
     # The paper on ILSVRC-2012: batch 128, lr 0.01, momentum 0.9, weight decay 5e-4, 90 epochs,
     # lr ÷10 when the validation error stops improving (at most three times).
-    "imagenet": {},
+    "imagenet": {"cpus_per_worker": 4.0},  # a GPU's train worker: its loop, the batches' copies, DDP
     # The bundled sample on a laptop CPU: 72-pixel shards, 64-pixel crops, minutes not days.
     # One worker using both cores of a small machine is twice as fast as two DDP workers there
     # (each DDP worker repeats the optimizer step and they exchange 230 MB of gradients per step);
@@ -259,7 +265,7 @@ DEFAULT_PROFILE = "sample"  # what `jobs/train.py` and resolve() start from when
 # (the data, the model, the recipe) would make it another run: given with another value, refused.
 CHANGEABLE_ON_RESUME = (
     "epochs", "workers", "min_workers", "resize_interval", "gpu", "cpus_per_worker", "worker_resources", "data_cpus",
-    "data_cpu_limit", "decode_on", "compile", "max_failures", "stall_warning", "preemption_check_steps",
+    "data_cpu_limit", "decode_on", "compile", "max_failures", "stall_warning", "progress_interval", "preemption_check_steps",
     "checkpoint_every_steps", "keep_checkpoints", "system_metrics_interval", "skip_resource_check", "storage_path",
     "shared_storage", "forward_env", "promote",
 )  # fmt: skip
@@ -309,7 +315,7 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     "tracking": ("tracking", "experiment", "model_name", "promote", "system_metrics_interval", "forward_env"),
     "run, checkpoints and fault tolerance": ("storage_path", "name", "resume", "keep_checkpoints",
                                              "checkpoint_every_steps", "preemption_check_steps", "max_failures",
-                                             "stall_warning"),
+                                             "progress_interval", "stall_warning"),
 }  # fmt: skip
 
 
@@ -330,11 +336,12 @@ def _add_flag(parser, f) -> None:
     """The field's flag, its help ending with each profile's value; a string field with a fixed set
     of values lists them (and refuses others)."""
     flag = "--" + f.name.replace("_", "-")
-    defaults = ", ".join(f"{p}: {_profile_value(p, f.name)!r}" for p in PROFILE_NAMES)
+    values = {p: _profile_value(p, f.name) for p in PROFILE_NAMES}
+    defaults = ", ".join(f"{p}: {'auto' if v is None else repr(v)}" for p, v in values.items())
     help_text = f"{f.metadata['help'].replace('%', '%%')} [{defaults}]"
     if f.name == "workers":
         parser.add_argument(flag, dest=f.name, type=worker_range, default=None, metavar="N|MIN:MAX", help=help_text)
-    elif f.type == "bool":
+    elif f.type in ("bool", "bool | None"):
         parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
     else:
         kind = {"int": int, "float": float, "str": str}[f.type]

@@ -135,6 +135,33 @@ def _manifests() -> dict[str, dict]:
     return found
 
 
+def test_kuberay_has_the_mlflow_server_the_raycluster_logs_to_with_logins_model_files_in_s3_and_a_volume():
+    from test_cli import job_parser
+
+    docs = {d["kind"]: d for d in yaml.safe_load_all((CLUSTER / "kuberay" / "mlflow.yaml").read_text())}
+    cluster = yaml.safe_load((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    uri = next(e["value"] for e in head["env"] if e["name"] == "MLFLOW_TRACKING_URI")
+    service = docs["Service"]
+    assert uri == f"http://{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local:5000"
+    assert service["spec"]["ports"][0]["port"] == 5000 and service["spec"]["type"] == "ClusterIP"
+    deployment = docs["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert deployment["spec"]["template"]["metadata"]["labels"] == {"app": "mlflow"}  # networkpolicy.yaml's
+    args = job_parser("mlflow_server").parse_args(container["command"][2:])  # flags the job has
+    assert args.auth and args.artifacts_destination.startswith("s3://") and args.host == "0.0.0.0"
+    assert uri.removeprefix("http://") in args.allowed_hosts.split(",")
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volume = next(v for v in pod["volumes"] if v["name"] == mounts["/state"])
+    assert volume["persistentVolumeClaim"]["claimName"] == docs["PersistentVolumeClaim"]["metadata"]["name"]
+    assert args.dir.startswith("/state/"), "a folder of its own on the volume"
+    assert pod["securityContext"]["runAsNonRoot"] and container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert "@sha256:" in container["image"] and pod["automountServiceAccountToken"] is False
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+
+
 def test_kuberay_manifests_are_a_raycluster_with_autoscaling_and_a_rayjob_on_it():
     docs = _manifests()
     cluster, job = docs["RayCluster"], docs["RayJob"]
@@ -214,6 +241,17 @@ def test_aws_nodes_require_imdsv2_encrypt_their_volumes_and_the_heads_rights_are
         config = node["node_config"]
         assert config["MetadataOptions"]["HttpTokens"] == "required", name
         assert all(device["Ebs"]["Encrypted"] is True for device in config["BlockDeviceMappings"]), name
+    # The head's MLflow server: a restarted service, logins required, model files in S3 (the flag
+    # the job refuses to run without beyond loopback), its secrets from a file, not a command line.
+    head_starts = " ".join(raw["head_start_ray_commands"])
+    server = next(c for c in raw["head_start_ray_commands"] if "mlflow_server.py" in c)
+    assert "systemd-run --unit=alexnet-mlflow" in server and "Restart=on-failure" in server
+    assert "--auth" in server and '--artifacts-destination "$MLFLOW_ARTIFACTS_DESTINATION"' in server
+    assert "EnvironmentFile=$HOME/.mlflow/server.env" in server and "PASSWORD" not in server
+    assert raw["file_mounts"]["~/.mlflow/server.env"] == "~/.mlflow/server.env"
+    assert raw["file_mounts"]["~/alexnet/jobs"] == "jobs" and raw["file_mounts"]["~/alexnet/pipeline"] == "pipeline"
+    every_start = [c for c in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"] if "ray start" in c]
+    assert all("MLFLOW_TRACKING_URI=http://" in c and ":5000" in c for c in every_start), head_starts
     spot = " ".join(raw["available_node_types"]["gpu_spot"]["worker_setup_commands"])
     assert "systemd-run --unit=alexnet-spot-notice" in spot and "Restart=on-failure" in spot and "nohup" not in spot
     head = json.loads((CLUSTER / "iam" / "head-policy.json").read_text())
@@ -300,7 +338,7 @@ def test_a_dead_recorded_cluster_is_named_in_seconds_not_waited_for(job, dead_re
     env, address, record = dead_record
     args = {
         "train": ["jobs/train.py", "--no-tracking", "--storage-path", tmp_path / "runs"],
-        "prepare": ["jobs/prepare.py", "--source", tiny_raw, "--out", tmp_path / "shards"],
+        "prepare": ["jobs/prepare.py", "--input", tiny_raw, "--output", tmp_path / "shards"],
     }[job]
     started = time.monotonic()
     done = run_job(*args, env=env, timeout=120)

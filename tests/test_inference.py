@@ -22,8 +22,9 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from pipeline import outputs
+from pipeline.cluster.resources import GpuCapacity
 from pipeline.data.transforms import center_crop, load_square, ten_crop
-from pipeline.scoring import inference, loading
+from pipeline.scoring import inference, loading, pool
 from pipeline.storage import locate
 
 
@@ -239,7 +240,7 @@ def test_model_actors_load_the_files_the_driver_shipped_and_never_log_in_to_mlfl
         (["--model", f"models:/{REGISTERED_MODEL}@gold"], f"cannot load models:/{REGISTERED_MODEL}@gold"),
         (["--model", "models:/no-such-model/1"], "cannot load models:/no-such-model/1"),
         (["--output", "s3://no-such-bucket/preds/"], "bucket s3://no-such-bucket does not exist"),
-        (["--replicas", "4:2"], "--replicas '4:2': need 1 <= min <= max"),
+        (["--replicas", "4:2"], "argument --replicas: '4:2' is not N, MIN:MAX (1 <= MIN <= MAX) or auto"),
         (["--tracking", "DEAD"], "does not answer"),
         (["--output", "s3://photos"], "--output s3://photos is a bucket root: name a prefix in it"),
         (["--output", "INSIDE"], "is inside --input"),
@@ -502,13 +503,24 @@ def test_a_version_holding_more_than_a_program_and_its_metadata_is_refused(tmp_p
         model_files.check(version(), "models:/x/1")
 
 
-def test_replicas_are_a_number_or_a_range():
-    assert inference.parse_replicas("3") == (3, 3) and inference.parse_replicas("1:8") == (1, 8)
-    assert inference.parse_replicas("auto", {"CPU": 6.0}) == (1, 6)
-    assert inference.parse_replicas("auto", {"CPU": 16.0, "GPU": 4.0}, gpus_per_replica=0.5) == (1, 8)
+def _shape(actors: pool.Pool) -> tuple[int, int, float]:
+    return actors.smallest, actors.largest, actors.gpus
+
+
+def test_model_actors_are_a_number_a_range_or_auto_and_use_gpus_where_the_cluster_has_or_can_add_them():
+    none, eight, addable = GpuCapacity(0.0), GpuCapacity(8.0), GpuCapacity(0.0, addable=4.0)
+    assert pool.plan("3", "auto", none, 6.0) == pool.Pool(3, 3, 0.0, none.describe() + "; --gpus-per-replica decides")
+    assert pool.plan("1:8", 0.0, eight, 6.0) == pool.Pool(1, 8, 0.0, "--gpus-per-replica")  # CPUs when told
+    assert _shape(pool.plan("auto", "auto", none, 6.0)) == (1, 6, 0.0)  # 1 up to the CPUs
+    assert _shape(pool.plan("auto", "auto", eight, 64.0)) == (1, 8, 1.0)  # 1 up to the GPUs, one each
+    assert _shape(pool.plan("auto", 0.5, eight, 64.0)) == (1, 16, 0.5)
+    assert _shape(pool.plan("auto", "auto", addable, 0.0)) == (1, 4, 1.0)  # GPU nodes the autoscaler may add
+    assert pool.plan("2", "auto", eight, 64.0).describe() == (
+        "model replicas: 2, 1 GPU each (the cluster has 8 GPU(s); --gpus-per-replica decides)"
+    )
     for bad in ("0", "x", "2:1", "a:b"):
-        with pytest.raises(inference.InferenceError, match="--replicas"):
-            inference.parse_replicas(bad)
+        with pytest.raises(pool.PoolError, match="--replicas"):
+            pool.parse_replicas(bad)
 
 
 def test_a_file_that_cannot_be_read_says_why_and_never_blocks_or_reads_past_the_limit(tmp_path):

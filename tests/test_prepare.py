@@ -150,7 +150,7 @@ def test_other_arguments_on_finished_output_are_refused_unless_overwrite(ray_clu
 
 def test_a_killed_prepare_resumes_without_redoing_or_losing_anything(ray_cluster, tiny_raw, tmp_path):
     out, log = tmp_path / "out", tmp_path / "killed.log"
-    args = ["--source", str(tiny_raw), "--out", str(out), "--size", "64", "--shard-size", "2"]
+    args = ["--input", str(tiny_raw), "--output", str(out), "--size", "64", "--shard-size", "2"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     with log.open("wb") as output:  # one shard task at a time, so the kill lands mid-job
         job = subprocess.Popen(
@@ -186,9 +186,9 @@ def test_a_killed_prepare_resumes_without_redoing_or_losing_anything(ray_cluster
 def test_overwrite_never_reaches_the_source_or_folders_prepare_did_not_write(tiny_raw, tmp_path):
     before = sorted(p.relative_to(tiny_raw) for p in tiny_raw.rglob("*"))
     for out, message in [
-        (tiny_raw, f"--out {tiny_raw} is --source {tiny_raw}"),
-        (tiny_raw / "shards", "is inside --source"),
-        (tiny_raw.parent, "holds --source"),
+        (tiny_raw, f"--output {tiny_raw} is --input {tiny_raw}"),
+        (tiny_raw / "shards", "is inside --input"),
+        (tiny_raw.parent, "holds --input"),
     ]:
         with pytest.raises(InputError, match=re.escape(message)):
             prepare(str(tiny_raw), str(out), PrepareOptions(size=64, shard_size=32, overwrite=True))
@@ -232,7 +232,7 @@ def test_overwrite_deletes_nothing_before_the_cluster_answers(tiny_raw, tiny_sha
     ours = shutil.copytree(tiny_shards, tmp_path / "ours")
     before = _contents(ours)
     dead = f"127.0.0.1:{free_port()}"
-    args = ["--source", tiny_raw, "--out", ours, "--size", "64", "--overwrite", "--no-progress"]
+    args = ["--input", tiny_raw, "--output", ours, "--size", "64", "--overwrite", "--no-progress"]
     proc = run_job("jobs/prepare.py", *args, env={**os.environ, "RAY_ADDRESS": dead}, timeout=120)
     assert proc.returncode == 2 and f"the Ray cluster at {dead} (from RAY_ADDRESS) does not answer" in proc.stderr
     assert _contents(ours) == before

@@ -35,7 +35,7 @@ from pipeline.tracking import mlflow_client, registry
 from pipeline.tracking.registry import Registry, RegistryError
 from pipeline.tracking.run_logger import RunLogger
 from pipeline.tracking.server import MlflowServer, request_status
-from pipeline.train import checkpoint, registration
+from pipeline.train import checkpoint, curves, registration
 
 
 def registry_cli(uri: str, *args: str) -> subprocess.CompletedProcess:
@@ -87,9 +87,12 @@ def test_a_version_says_how_it_was_made(trained):
     assert "Input: uint8 RGB crops" in client.get_registered_model(MODEL).description
 
     artifacts = {a.path for a in client.list_artifacts(first.run_id)}
-    assert {"classes.json", "config.json", "stats.json", registration.CURVES_FILE} <= artifacts
-    curves = Image.open(client.download_artifacts(first.run_id, registration.CURVES_FILE))
-    assert curves.format == "PNG" and curves.size[0] > 500
+    assert {"classes.json", "config.json", "stats.json", curves.CURVES_FILE} <= artifacts
+    logged = client.download_artifacts(first.run_id, curves.CURVES_FILE)
+    picture = Image.open(logged)
+    assert picture.format == "PNG" and picture.size[0] > 500
+    # The same picture beside the checkpoints, named in the summary.
+    assert first.curves.endswith(curves.CURVES_FILE) and Path(first.curves).read_bytes() == Path(logged).read_bytes()
     info = mlflow.models.get_model_info(f"models:/{MODEL}/{first.model_version}")
     assert info.signature is not None and info.saved_input_example_info is not None
 
@@ -99,7 +102,7 @@ def test_artifacts_go_through_the_server_into_its_own_store(trained, mlflow_serv
     first, uri = trained.first, trained.tracking_uri
     run = MlflowClient(uri).get_run(first.run_id)
     assert run.info.artifact_uri.startswith("mlflow-artifacts:/")  # proxied: clients never touch the store
-    stored = list(Path(mlflow_server.artifacts_destination).rglob(registration.CURVES_FILE))
+    stored = list(Path(mlflow_server.artifacts_destination).rglob(curves.CURVES_FILE))
     assert any(first.run_id in str(p) for p in stored)
 
 
@@ -404,6 +407,10 @@ def test_the_server_job_refuses_an_open_host_without_auth_and_auth_without_a_log
     opened = run_job("jobs/mlflow_server.py", "--host", "0.0.0.0", "--dir", tmp_path / "open", env=env, timeout=60)
     assert opened.returncode == 2 and "without --auth anyone who reaches the port" in opened.stderr, opened.stderr
     assert "--insecure" in opened.stderr and not (tmp_path / "open").exists()
+    # Served to other nodes, the model files must not live on a disk `ray down` destroys.
+    on_head = run_job("jobs/mlflow_server.py", "--host", "0.0.0.0", "--auth", "--dir", tmp_path / "head", env=env)
+    assert on_head.returncode == 2 and "loses with `ray down`" in on_head.stderr, on_head.stderr
+    assert "--artifacts-destination s3://BUCKET/PREFIX" in on_head.stderr and not (tmp_path / "head").exists()
     nobody = run_job("jobs/mlflow_server.py", "--auth", "--port", "0", "--dir", tmp_path / "auth", env=env, timeout=60)
     assert nobody.returncode == 2 and "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in nobody.stderr
     assert "Traceback" not in nobody.stderr + opened.stderr

@@ -67,7 +67,7 @@ def test_a_cifar10_folder_with_a_crafted_pickle_runs_nothing(tmp_path):
     with pytest.raises(relu_vs_tanh.DataError, match=r"data_batch_2 is not a CIFAR-10 python batch .*pathlib"):
         relu_vs_tanh.load_cifar10(root)
     assert not marker.exists()
-    proc = call_job("jobs/relu_vs_tanh.py", "--cifar10", root, "--out", tmp_path / "out", "--no-tracking")
+    proc = call_job("jobs/relu_vs_tanh.py", "--cifar10", root, "--output", tmp_path / "out", "--no-tracking")
     assert proc.returncode == 2 and "data_batch_2 is not a CIFAR-10 python batch" in proc.stderr
     assert not marker.exists()
     with (root / "data_batch_2").open("wb") as f:  # the same pickled as stdlib pickle would load it: the threat
@@ -92,7 +92,7 @@ def test_the_job_on_the_sample_dir_trains_both_arms_and_logs_the_figure(
     sample = tmp_path / "sample"
     shutil.copytree(tiny_shards, sample / "shards")
     out = tmp_path / "out"
-    args = ["--sample-dir", sample, "--epochs", EPOCHS, "--batch-size", "8", "--target-error", TARGET, "--out", out]
+    args = ["--sample-dir", sample, "--epochs", EPOCHS, "--batch-size", "8", "--target-error", TARGET, "--output", out]
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(mlflow_server.url)  # the job logs to the tracking URI in effect
     try:

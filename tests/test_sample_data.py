@@ -45,7 +45,7 @@ def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
 
 
 def test_the_job_writes_the_sample_and_rejects_bad_counts(tmp_path):
-    argv = ["jobs/make_sample_data.py", "--out", tmp_path / "s", "--classes", "3", "--train-per-class", "2"]
+    argv = ["jobs/make_sample_data.py", "--output", tmp_path / "s", "--classes", "3", "--train-per-class", "2"]
     done = run_job(*argv, "--val-per-class", "1")
     assert done.returncode == 0 and "wrote 6 train and 3 val images of 3 classes" in done.stdout
     assert len(list((tmp_path / "s" / "train").glob("*/*.JPEG"))) == 6
@@ -60,7 +60,7 @@ def test_a_folder_that_is_not_this_jobs_sample_is_never_written_into(tmp_path):
     (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n01751748 1 2 3 4\n")
     (root / "val" / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"\xff\xd8 a real photo")
     before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
-    refused = run_job("jobs/make_sample_data.py", "--out", root, "--classes", "2", "--train-per-class", "1")
+    refused = run_job("jobs/make_sample_data.py", "--output", root, "--classes", "2", "--train-per-class", "1")
     assert refused.returncode == 2 and "holds no sample this job wrote" in refused.stderr, refused.stderr
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before and not (root / "train").exists()
 

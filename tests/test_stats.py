@@ -78,12 +78,12 @@ def test_stats_of_other_shards_are_refused(measured, tmp_path):
 
 def test_the_prepare_job_measures_existing_shards_and_prints_them(ray_cluster, tiny_shards, tmp_path):
     copy = shutil.copytree(tiny_shards, tmp_path / "shards")
-    proc = call_job("jobs/prepare.py", "--stats", "--no-progress", "--out", copy)
+    proc = call_job("jobs/prepare.py", "--stats", "--no-progress", "--output", copy)
     assert proc.returncode == 0, proc.stderr[-2000:]
     stats = json.loads((copy / "stats.json").read_text())
     assert f"pixels        {stats['pixels']:,}" in proc.stdout and "eigenvalues" in proc.stdout
 
 
 def test_the_prepare_job_needs_a_source_or_stats(tmp_path):
-    proc = run_job("jobs/prepare.py", "--out", tmp_path)
-    assert proc.returncode == 2 and "pass --source to prepare a dataset, --stats to measure one" in proc.stderr
+    proc = run_job("jobs/prepare.py", "--output", tmp_path)
+    assert proc.returncode == 2 and "pass --input to prepare a dataset, --stats to measure one" in proc.stderr

@@ -3,10 +3,14 @@
 The trained run is the session's (conftest.trained): two DDP workers, two epochs, a light AlexNet.
 """
 
+import csv
 import dataclasses
 import io
 import json
 import re
+import subprocess
+import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -18,12 +22,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision.transforms.functional as TF
-from conftest import REGISTERED_MODEL, call_job, free_port, light, run_job
+from conftest import REGISTERED_MODEL, ROOT, call_job, free_port, light, run_job
 from mlflow import MlflowClient
 from PIL import Image
 from ray._private.ray_logging import LogDeduplicator
 
 from pipeline import config
+from pipeline.cluster.resources import GpuCapacity, gpus_in_cluster_yaml
 from pipeline.config import ConfigError
 from pipeline.data.device import DeviceAugment
 from pipeline.data.shards import DataError
@@ -33,7 +38,7 @@ from pipeline.scoring import evaluation, loading
 from pipeline.step import StepPlan, train_step
 from pipeline.train import checkpoint, driver, preflight, reports
 from pipeline.train.run import claim, free_name, new_name
-from pipeline.train.worker import rank_seed
+from pipeline.train.worker import EpochSums, Ticker, rank_seed
 
 METRICS = [
     "train_loss", "train_top1_error", "val_top1_error", "val_top5_error", "images_per_s", "data_wait_fraction",
@@ -43,8 +48,9 @@ METRICS = [
 
 @pytest.fixture(scope="module")
 def run(trained):
-    """The session's two-worker, two-epoch run: (its summary, its config, the tracking URI)."""
-    return trained.first, trained.cfg, trained.tracking_uri
+    """The session's two-worker, two-epoch run: (its summary, the config that ran, the tracking URI).
+    The session's Ray has no GPUs, so the run decided to train on CPUs."""
+    return trained.first, dataclasses.replace(trained.cfg, gpu=False), trained.tracking_uri
 
 
 @pytest.fixture(scope="module")
@@ -246,8 +252,44 @@ def test_bad_data_fails_before_any_cluster_work(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without GPUs")
 def test_gpu_training_on_a_local_ray_without_gpus_is_refused():
-    with pytest.raises(ConfigError, match="--gpu asks for 2 GPU\\(s\\) but this machine has 0"):
+    with pytest.raises(ConfigError, match="needs 2 GPU\\(s\\) but this machine has 0; pass --no-gpu"):
         preflight.check_local_gpus(config.resolve("sample", gpu=True, workers=2))
+
+
+def test_gpus_are_used_where_the_cluster_has_or_can_add_them_unless_the_flags_say_otherwise():
+    said = []
+    for capacity, given, uses in [
+        (GpuCapacity(present=8), None, True),
+        (GpuCapacity(present=0, addable=4), None, True),  # nodes the autoscaler may still launch
+        (GpuCapacity(present=0), None, False),
+        (GpuCapacity(present=8), False, False),  # --no-gpu
+        (GpuCapacity(present=0), True, True),  # --gpu: the plan check or the watchdog says what is missing
+    ]:
+        cfg = preflight.choose_gpus(config.resolve("imagenet", gpu=given), capacity, 1_281_167, said.append)
+        assert cfg.gpu is uses
+    assert said[0] == "devices: one GPU per train worker (the cluster has 8 GPU(s); --gpu or --no-gpu decides)"
+    assert said[1].endswith("(its autoscaler can add GPU nodes (4 GPU(s) at most); --gpu or --no-gpu decides)")
+    assert said[2].startswith("devices: CPUs, no GPU (the cluster has no GPUs and its autoscaler cannot add any")
+    assert said[3].startswith("WARNING: 1,281,167 training images on CPUs: expect hours per epoch")
+    assert said[4:6] == ["devices: CPUs, no GPU (--no-gpu)", said[3]]
+    assert said[6:] == ["devices: one GPU per train worker (--gpu)"]
+    # What `ray up cluster/aws.yaml` leaves on its head: 2 on-demand GPU nodes and the spot ones may come.
+    assert gpus_in_cluster_yaml(ROOT / "cluster/aws.yaml") >= 2
+    assert gpus_in_cluster_yaml(ROOT / "cluster/local.yaml") == 0  # its "GPU" nodes carry mock_gpu
+
+
+def test_a_cluster_whose_nodes_declare_gpus_is_read_as_one_with_gpus():
+    """A real Ray whose node declares 2 GPUs (Ray takes a node's word for them), in its own process:
+    the session's Ray has none. Its own short --temp-dir (Ray's socket paths have a length limit)."""
+    with tempfile.TemporaryDirectory(prefix="ray-gpus-", dir="/tmp") as temp:
+        probe = (
+            "import sys, ray\nfrom pipeline.cluster.resources import GpuCapacity\n"
+            "ray.init(num_cpus=1, num_gpus=2, include_dashboard=False, _temp_dir=sys.argv[1])\n"
+            "print(GpuCapacity.read().describe())\nray.shutdown()\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", probe, temp], capture_output=True, text=True, timeout=120,
+                              cwd=ROOT, check=False)  # fmt: skip
+    assert proc.stdout.strip().endswith("the cluster has 2 GPU(s)"), proc.stdout + proc.stderr[-3000:]
 
 
 def test_a_crop_bigger_than_the_shards_says_which_flag_to_change(tiny_shards):
@@ -322,6 +364,30 @@ def test_dropout_differs_between_ranks_and_epochs_and_repeats_with_the_seed():
     assert len({rank_seed(0, r, e) for r in range(64) for e in range(1, 91)}) == 64 * 90
 
 
+def test_a_long_epoch_says_where_it_is_every_progress_interval_and_never_with_no_progress(monkeypatch):
+    clock = iter(range(0, 1000, 25))  # each step takes 25 s
+    monkeypatch.setattr("pipeline.train.worker.time.perf_counter", lambda: float(next(clock)))
+    lines: list[str] = []
+
+    def say(line: str, flush: bool = False) -> None:
+        lines.append(line)
+
+    sums = EpochSums(torch.device("cpu"))
+    cfg = config.resolve("imagenet", progress_interval=60.0, epochs=90)
+    ticker = Ticker(cfg, epoch=3, first_step=0, steps=100, global_batch=256, say=say)
+    for step in range(1, 9):
+        sums.add(torch.tensor(2.5), torch.eye(4)[:2].repeat(128, 1)[:256], torch.zeros(256, dtype=torch.long))
+        ticker(step, sums)
+    assert lines == [
+        "  epoch   3/90  step 3/100  10 img/s  running loss 2.500  epoch ends in 40m25s",
+        "  epoch   3/90  step 6/100  10 img/s  running loss 2.500  epoch ends in 39m10s",
+    ]
+    quiet = Ticker(dataclasses.replace(cfg, progress_interval=0.0), 3, 0, 100, 256, say)
+    for step in range(1, 9):
+        quiet(step, sums)
+    assert len(lines) == 2
+
+
 def test_every_line_rank_0_prints_reaches_the_log_when_a_restart_prints_from_new_processes():
     """Ray's driver folds lines that differ only in numbers, from different processes within 5 s, into
     "[repeated Nx]": after a restart each epoch comes from a new worker process. The train job exempts
@@ -353,13 +419,15 @@ def test_every_line_rank_0_prints_reaches_the_log_when_a_restart_prints_from_new
 
 @pytest.mark.slow
 def test_the_evaluate_job_matches_a_direct_pytorch_ten_crop_computation_and_logs_it_to_the_models_run(
-    ray_cluster, run, measured_shards
+    ray_cluster, run, measured_shards, tmp_path
 ):
     summary, _, uri = run
     model_uri = f"models:/{summary.model_name}/{summary.model_version}"
     mlflow.set_tracking_uri(uri)  # the job's default: the tracking URI in force
-    proc = call_job("jobs/evaluate.py", "--model", model_uri, "--data", measured_shards, "--ten-crop")
+    out = tmp_path / "evaluation"
+    proc = call_job("jobs/evaluate.py", "--model", model_uri, "--data", measured_shards, "--ten-crop", "--output", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "highest top-1 error by class (10 crops): " in proc.stdout
     assert "| model | top-1 error | top-5 error |" in proc.stdout
     assert f"| {model_uri}, centre crop |" in proc.stdout and f"| {model_uri}, 10 crops |" in proc.stdout
     metrics = MlflowClient(uri).get_run(summary.run_id).data.metrics
@@ -370,6 +438,8 @@ def test_the_evaluate_job_matches_a_direct_pytorch_ten_crop_computation_and_logs
     net, _ = checkpoint.load_model(summary.checkpoint)
     model = ImageClassifier(net, stats["mean"], stats["std"]).eval()
     correct = {"centre": [0, 0], "ten_crop": [0, 0]}
+    classes = len(json.loads((measured_shards / "classes.json").read_text()))
+    confusion = np.zeros((classes, classes), dtype=np.int64)  # of the 10 crops
     with torch.no_grad():
         for data, label in zip(rows["image"], rows["label"], strict=True):
             chw = torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
@@ -379,18 +449,28 @@ def test_the_evaluate_job_matches_a_direct_pytorch_ten_crop_computation_and_logs
                 top = p.topk(min(5, len(p))).indices.tolist()
                 correct[name][0] += top[0] == label
                 correct[name][1] += label in top
+            confusion[label, int(probs.mean(dim=0).argmax())] += 1
     n = len(rows["label"])
     for name, (top1, top5) in correct.items():
         assert metrics[f"eval_{name}_top1_error"] == pytest.approx(1 - top1 / n, abs=1e-9), name
         assert metrics[f"eval_{name}_top5_error"] == pytest.approx(1 - top5 / n, abs=1e-9), name
 
     # The checkpoint evaluates as its registered program does, whatever the batch size.
-    results = evaluation.evaluate(loading.resolve(summary.checkpoint, uri), str(measured_shards), ten_crop=True,
-                                  batch_size=5)  # fmt: skip
+    result = evaluation.evaluate(loading.resolve(summary.checkpoint, uri), str(measured_shards), True, 5)
     for name, (top1, top5) in correct.items():
-        assert results[name]["images"] == n
-        assert results[name]["top1_error"] == pytest.approx(1 - top1 / n, abs=1e-9), name
-        assert results[name]["top5_error"] == pytest.approx(1 - top5 / n, abs=1e-9), name
+        assert result.protocols[name]["images"] == n
+        assert result.protocols[name]["top1_error"] == pytest.approx(1 - top1 / n, abs=1e-9), name
+        assert result.protocols[name]["top5_error"] == pytest.approx(1 - top5 / n, abs=1e-9), name
+    # Per class: the same confusion matrix, and each class's error from its row.
+    assert (result.confusion["ten_crop"] == confusion).all()
+    written = {row["wnid"]: row for row in csv.DictReader((out / "per_class.csv").open())}
+    for c in result.classes:
+        images = confusion[c.index].sum()
+        assert int(written[c.wnid]["images"]) == images
+        assert float(written[c.wnid]["ten_crop_top1_error"]) == pytest.approx(1 - confusion[c.index, c.index] / images)
+    assert Image.open(out / "confusion.png").format == "PNG" and (out / "evaluation.json").is_file()
+    logged = {a.path for a in MlflowClient(uri).list_artifacts(summary.run_id, "evaluation")}
+    assert {f"evaluation/{name}" for name in ("per_class.csv", "confusion.png", "evaluation.md")} <= logged
 
 
 def test_evaluating_an_unknown_model_fails_before_any_cluster_work(tiny_shards, tmp_path):
@@ -422,6 +502,11 @@ def test_a_run_without_tracking_checkpointing_to_s3_repeats_every_epochs_metrics
     assert again.checkpoint.startswith("s3://runs/alexnet/repeat/checkpoint_")
     stored = [i.path for i in s3_server.get_file_info(pafs.FileSelector("runs/alexnet/repeat", recursive=True))]
     assert "runs/alexnet/repeat/alexnet_run.json" in stored
+    # The training curves beside the checkpoints without MLflow, named in the summary.
+    assert (
+        again.curves == "s3://runs/alexnet/repeat/training_curves.png" and again.curves.removeprefix("s3://") in stored
+    )
+    assert Image.open(io.BytesIO(s3_server.open_input_file(again.curves.removeprefix("s3://")).read())).format == "PNG"
     assert f"{again.checkpoint.removeprefix('s3://')}/model.pt" in stored
     metas = [
         json.loads(s3_server.open_input_file(path).read())
@@ -463,7 +548,12 @@ def test_local_paths_are_refused_where_train_workers_cannot_reach_them():
     "job, args, message",
     [
         ("jobs/evaluate.py", ["--batch-size", "0"], "argument --batch-size: 0 must be at least 1"),
-        ("jobs/evaluate.py", ["--replicas", "0"], "argument --replicas: 0 must be at least 1"),
+        (
+            "jobs/evaluate.py",
+            ["--replicas", "0"],
+            "argument --replicas: '0' is not N, MIN:MAX (1 <= MIN <= MAX) or auto",
+        ),
+        ("jobs/infer.py", ["--replicas", "4:2"], "argument --replicas: '4:2' is not N, MIN:MAX"),
         ("jobs/evaluate.py", ["--gpus-per-replica", "-1"], "argument --gpus-per-replica: -1 must be at least 0"),
         ("jobs/infer.py", ["--batch-size", "x"], "argument --batch-size: 'x' is not a whole number"),
         ("jobs/infer.py", ["--max-file-mb", "0"], "argument --max-file-mb: 0 must be above 0"),

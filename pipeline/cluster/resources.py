@@ -23,8 +23,10 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import ray
+import yaml
 
 from pipeline.config import TrainConfig
 from pipeline.metrics import format_duration
@@ -233,6 +235,62 @@ def _pack(plan: Plan, nodes: Iterable[Bundle]) -> tuple[int, list[float]]:
         placed += here
         left.append(node.get("CPU", 0.0) - here * plan.per_worker.get("CPU", 0.0))
     return placed, left
+
+
+@dataclass(frozen=True)
+class GpuCapacity:
+    """The GPUs of the connected cluster: those its nodes have, and those its autoscaler may add."""
+
+    present: float
+    addable: float = 0.0
+
+    @property
+    def any(self) -> bool:
+        return self.present > 0 or self.addable > 0
+
+    def describe(self) -> str:
+        if self.present:
+            return f"the cluster has {self.present:g} GPU(s)"
+        if self.addable:
+            return f"its autoscaler can add GPU nodes ({self.addable:g} GPU(s) at most)"
+        return "the cluster has no GPUs and its autoscaler cannot add any"
+
+    @classmethod
+    def read(cls) -> GpuCapacity:
+        return cls(float(ray.cluster_resources().get("GPU", 0.0)), _addable_gpus())
+
+
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` puts the cluster's YAML on its head
+
+
+def _addable_gpus(bootstrap: str = BOOTSTRAP_CONFIG) -> float:
+    """GPUs the autoscaler may launch: from the cluster config it reports to the GCS (autoscaler v2,
+    KubeRay), else from the YAML `ray up` left on this head; 0 when neither says."""
+    try:
+        from ray._private.state import state  # what Ray Train reads for the same question
+
+        reported = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # noqa: BLE001 -- no such GCS entry or call in this Ray: the YAML, or nothing
+        reported = {}
+    if reported.get("GPU"):
+        return float(min(reported["GPU"], 1e6))
+    return gpus_in_cluster_yaml(Path(bootstrap).expanduser())
+
+
+def gpus_in_cluster_yaml(path: Path) -> float:
+    """The GPUs a cluster YAML's worker node types may add: resources.GPU × max_workers, summed."""
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return 0.0
+    head = config.get("head_node_type")
+    return float(
+        sum(
+            (kind.get("resources") or {}).get("GPU", 0) * kind.get("max_workers", config.get("max_workers", 0))
+            for name, kind in (config.get("available_node_types") or {}).items()
+            if name != head and isinstance(kind, dict)
+        )
+    )
 
 
 def _autoscaler() -> tuple[bool, dict]:

@@ -97,7 +97,7 @@ def prepare(
     options.check()
     src = imagenet.scan(source, devkit=options.devkit)  # layout errors surface here, before any cluster work
     dest = locate(out)
-    check_apart(dest, "--out", {"--source": src.root})
+    check_apart(dest, "--output", {"--input": src.root})
     dest.check_writable()
     plan, plan_id = make_plan(src, dest, options.size, options.shard_size, options.seed)
     header = {"format": MANIFEST_FORMAT, "plan": plan_id, "source": src.root.uri, "layout": src.layout}
@@ -149,7 +149,7 @@ def _previous(dest: Location, plan_id: str, overwrite: bool) -> dict[str, Any] |
         raise InputError(
             f"{dest.uri} already holds a dataset prepared from {previous.get('source')} with other arguments "
             f"or another file listing ({_describe(previous)}); run the command that made it to finish it, "
-            "choose another --out, or pass --overwrite to replace it"
+            "choose another --output, or pass --overwrite to replace it"
         )
     return previous
 
@@ -290,7 +290,7 @@ def _finished_shards(
                 metadata = pq.read_schema(entry.path, filesystem=dest.fs).metadata or {}
                 if metadata.get(PLAN_KEY) != plan_id.encode() or rel not in planned:
                     raise InputError(
-                        f"{dest.uri} holds shard {rel} from another prepare run; choose another --out "
+                        f"{dest.uri} holds shard {rel} from another prepare run; choose another --output "
                         "or pass --overwrite to replace its contents"
                     )
                 rows = pq.read_metadata(entry.path, filesystem=dest.fs).num_rows
@@ -364,13 +364,13 @@ def _owned(dest: Location, manifest: dict[str, Any] | None) -> list[Location]:
             raise InputError(
                 f"--overwrite replaces only a dataset jobs/prepare.py wrote (it holds {shards.MANIFEST_FILE}); "
                 f"{dest.uri} has {', '.join(f'{s}/' for s in splits)} but no {shards.MANIFEST_FILE}: choose another "
-                "--out, or move those folders away yourself"
+                "--output, or move those folders away yourself"
             )
         return []
     if not _our_manifest(manifest):
         raise InputError(
             f"--overwrite replaces only a dataset jobs/prepare.py wrote; {dest.join(shards.MANIFEST_FILE).uri} is "
-            "not one of its manifests (no plan, splits and source): choose another --out, or move it away yourself"
+            "not one of its manifests (no plan, splits and source): choose another --output, or move it away yourself"
         )
     owned = [dest.join(name) for name in (shards.MANIFEST_FILE, shards.CLASSES_FILE, shards.STATS_FILE)
              if dest.join(name).is_file()]  # fmt: skip
@@ -380,7 +380,7 @@ def _owned(dest: Location, manifest: dict[str, Any] | None) -> list[Location]:
             if not _our_shard(place, entry, manifest["plan"]):
                 raise InputError(
                     f"--overwrite replaces only what jobs/prepare.py wrote, and {place.uri} is not one of its shards "
-                    "(name, type or Parquet metadata): nothing was deleted. Move it away, or choose another --out"
+                    "(name, type or Parquet metadata): nothing was deleted. Move it away, or choose another --output"
                 )
             owned.append(place)
     return owned

@@ -93,13 +93,13 @@ def make_sample(
 def _check_writable(out: Path, settings: dict) -> None:
     """`out` is new, empty, or a sample made with the same settings; else InputError, nothing written."""
     if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; name a folder for the sample")
+        raise InputError(f"--output {out} is a file; name a folder for the sample")
     if not out.is_dir() or not any(out.iterdir()):
         return
     marker = out / MARKER
     if not marker.is_file():
         raise InputError(
-            f"--out {out} is not empty and holds no sample this job wrote (no {MARKER}): it could be a real ImageNet "
+            f"--output {out} is not empty and holds no sample this job wrote (no {MARKER}): it could be a real ImageNet "
             "folder, whose LOC_val_solution.csv and images the sample would replace. Name a new or empty folder"
         )
     try:
@@ -108,7 +108,7 @@ def _check_writable(out: Path, settings: dict) -> None:
         theirs = None
     if theirs != settings:
         raise InputError(
-            f"--out {out} holds a sample made with other settings ({theirs}); writing this one over it would mix "
+            f"--output {out} holds a sample made with other settings ({theirs}); writing this one over it would mix "
             "the two. Name another folder, or delete that sample first"
         )
 

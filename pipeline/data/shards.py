@@ -135,11 +135,11 @@ def manifest_hash(manifest: dict[str, Any], classes: list[ClassInfo]) -> str:
 def open_dataset(uri: str | Location) -> PreparedDataset:
     root = uri if isinstance(uri, Location) else locate(uri)
     if not root.is_dir():
-        raise DataError(f"data directory {root.uri} does not exist; create it with jobs/prepare.py --out {root.uri}")
+        raise DataError(f"data directory {root.uri} does not exist; create it with jobs/prepare.py --output {root.uri}")
     for name in (CLASSES_FILE, MANIFEST_FILE):
         if not root.join(name).is_file():
             raise DataError(
-                f"{root.uri} has no {name}: it is not a prepared dataset; run jobs/prepare.py --out {root.uri}"
+                f"{root.uri} has no {name}: it is not a prepared dataset; run jobs/prepare.py --output {root.uri}"
             )
     try:
         classes = read_classes(root.join(CLASSES_FILE))
@@ -173,7 +173,7 @@ def _check_split(root: Location, split: str, images: int, listed: list[dict[str,
         (e for e in root.join(split).listdir() if e.base_name.endswith(".parquet")), key=lambda e: e.base_name
     )
     if not files:
-        raise DataError(f"{root.uri}/{split} holds no .parquet shards; run jobs/prepare.py --out {root.uri}")
+        raise DataError(f"{root.uri}/{split} holds no .parquet shards; run jobs/prepare.py --output {root.uri}")
     if images == 0:
         raise DataError(f"{root.uri}: the {split} split has no images (see bad_files in {MANIFEST_FILE})")
     rows = {posixpath.basename(str(shard["file"])): int(shard["rows"]) for shard in listed}
@@ -187,7 +187,7 @@ def _check_split(root: Location, split: str, images: int, listed: list[dict[str,
     missing = sorted(set(rows) - {e.base_name for e in files})
     if missing:
         raise DataError(
-            f"{root.uri}/{split} lacks {missing[:3]} that {MANIFEST_FILE} lists; run jobs/prepare.py --out "
+            f"{root.uri}/{split} lacks {missing[:3]} that {MANIFEST_FILE} lists; run jobs/prepare.py --output "
             f"{root.uri} again (it rewrites what is missing)"
         )
     with ThreadPoolExecutor(max_workers=16) as pool:  # one footer read each: S3 answers them in parallel

@@ -104,7 +104,7 @@ def read_stats(dataset: shards.PreparedDataset) -> ColourStats:
     if stats.get("dataset_hash") != dataset.dataset_hash:
         raise shards.DataError(
             f"{path.uri} was computed for dataset {stats.get('dataset_hash')}, not these shards "
-            f"({dataset.dataset_hash}); recompute it with jobs/prepare.py --stats --out {dataset.uri}"
+            f"({dataset.dataset_hash}); recompute it with jobs/prepare.py --stats --output {dataset.uri}"
         )
     return ColourStats(
         mean=stats["mean"],
@@ -128,7 +128,7 @@ def normalization(colour: dict, normalize: str, crop: int) -> tuple[np.ndarray, 
         return np.asarray(colour["mean"], dtype=np.float32), np.asarray(colour["std"], dtype=np.float32)
     if not colour.get("mean_image"):
         raise shards.DataError(
-            "--normalize mean-image needs the dataset's mean image; compute it with jobs/prepare.py --stats --out DATA"
+            "--normalize mean-image needs the dataset's mean image; compute it with jobs/prepare.py --stats --output DATA"
         )
     image = np.load(io.BytesIO(locate(colour["mean_image"]).read_bytes()))
     top, left = (image.shape[0] - crop) // 2, (image.shape[1] - crop) // 2

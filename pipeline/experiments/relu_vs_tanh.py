@@ -113,7 +113,7 @@ def load_shards(shard_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
         else []
     )
     if not files:
-        raise DataError(f"no training shards in {train.uri}: prepare them with jobs/prepare.py --out {shard_dir}")
+        raise DataError(f"no training shards in {train.uri}: prepare them with jobs/prepare.py --output {shard_dir}")
     images, labels = [], []
     for entry in files:
         with train.fs.open_input_file(entry.path) as f:

@@ -46,6 +46,7 @@ from pipeline.data.transforms import (
 from pipeline.errors import InputError
 from pipeline.outputs import REPLACING_FILE, SUCCESS_FILE, OutputNotReplaced  # noqa: F401 (this job's names)
 from pipeline.scoring.loading import ModelRef, Predictor, ship
+from pipeline.scoring.pool import ONE_ACTOR, Pool
 from pipeline.storage import DEFAULT_MAX_FILE_BYTES, Location, UnreadableFile, check_apart
 
 DECODE_BATCH = 32  # files per decode task
@@ -88,23 +89,6 @@ class InferenceSummary:
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
-
-
-def parse_replicas(text: str, cluster: dict[str, float] | None = None, gpus_per_replica: float = 0) -> tuple[int, int]:
-    """`4` (a fixed pool), `1:8` (autoscaling between the two) or `auto`: 1 up to what the cluster holds
-    (its CPUs, or its GPUs / gpus_per_replica)."""
-    if text == "auto":
-        cluster = cluster or {}
-        most = cluster.get("GPU", 0) / gpus_per_replica if gpus_per_replica else cluster.get("CPU", 1)
-        return 1, max(1, int(most))
-    try:
-        low, _, high = text.partition(":")
-        low_n, high_n = int(low), int(high or low)
-    except ValueError:
-        raise InferenceError(f"--replicas {text!r}: write a number (4) or a range (1:8)") from None
-    if not 1 <= low_n <= high_n:
-        raise InferenceError(f"--replicas {text!r}: need 1 <= min <= max")
-    return low_n, high_n
 
 
 def list_images(source: Location) -> Listing:
@@ -199,8 +183,7 @@ def _row_error(decoding: str | None, finite: bool) -> str | None:
 @dataclass(frozen=True)
 class InferenceOptions:
     ten_crop_views: bool = False  # average the softmax over the paper's ten 224 views
-    replicas: tuple[int, int] = (1, 1)  # model actors, at least and at most
-    gpus_per_replica: float = 0
+    pool: Pool = ONE_ACTOR  # the model actors
     batch_size: int = 64  # images per model call
     overwrite: bool = False  # replace an output this job wrote
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # a larger file is an error row, not read
@@ -231,9 +214,9 @@ def infer(
         .map_batches(
             Predictor,
             fn_constructor_kwargs={"ref": ref, "keep": partial(top_five, ref=ref, uri_prefix=prefix)},
-            compute=ActorPoolStrategy(min_size=options.replicas[0], max_size=options.replicas[1]),
+            compute=ActorPoolStrategy(min_size=options.pool.smallest, max_size=options.pool.largest),
             batch_size=options.batch_size,
-            num_gpus=options.gpus_per_replica,
+            num_gpus=options.pool.gpus,
             batch_format="numpy",
         )
     )

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,13 @@ def log_pending(tracking_uri: str, run_id: str, pending: list[dict[str, Any]]) -
 
 def set_run_tag(tracking_uri: str, run_id: str, key: str, value: str) -> None:
     MlflowClient(tracking_uri).set_tag(run_id, key, value)
+
+
+def log_artifact_bytes(tracking_uri: str, run_id: str, data: bytes, name: str) -> None:
+    """`data` as the run's artifact `name` (at the artifact root)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, name).write_bytes(data)
+        MlflowClient(tracking_uri).log_artifact(run_id, str(Path(tmp, name)))
 
 
 def reopen_run(tracking_uri: str, run_id: str, recorded_uri: str | None = None) -> None:

@@ -12,4 +12,5 @@ reports      (driver) the lines rank 0 prints, kept whole in the driver's log
 spec         what the driver hands the workers, and what a checkpoint says about itself
 checkpoint   (workers write, driver and model actors read) checkpoint directories
 registration (driver) the best checkpoint logged, registered and promoted
+curves       (driver) the training curves beside the checkpoints and in the MLflow run
 """

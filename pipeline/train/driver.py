@@ -20,6 +20,7 @@ from typing import Any
 import ray
 
 from pipeline.cluster import connection
+from pipeline.cluster.resources import GpuCapacity
 from pipeline.config import TrainConfig
 from pipeline.data.prepare import sample_shards
 from pipeline.data.shards import PreparedDataset, open_dataset
@@ -43,6 +44,7 @@ class TrainSummary:
     model_version: str | None = None
     best: dict[str, Any] = field(default_factory=dict)  # epoch, val_top1_error, val_top5_error
     checkpoint: str = ""  # the best checkpoint's directory
+    curves: str = ""  # the training curves' PNG, beside the checkpoints
     seconds: float = 0.0
     alias: str | None = None  # champion or challenger
     promotion: str = ""  # why
@@ -57,13 +59,17 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: dict[str,
     flags) may change on a resumed run (pipeline.config.CHANGEABLE_ON_RESUME)."""
     started, cwd = time.time(), os.getcwd()
     cfg, record = run.resumed_config(cfg, log, given)  # --resume: the stopped run's own config, data and MLflow run
-    log("config:\n" + cfg.to_json())  # the config that runs
     data = preflight.load_data(cfg)  # fails fast, before Ray starts
     uri = run.tracking_uri(cfg, record, log)  # an unreachable server fails here, before the cluster does anything
     name = cfg.resume or run.free_name(cfg)  # a taken name fails here too
     forward = connection.env_names(cfg.forward_env)
-    if connect_ray(cfg, log, mlflow_client.worker_env(uri, forward), mlflow_client.credentials_note(forward)):
+    joined = connect_ray(cfg, log, mlflow_client.worker_env(uri, forward), mlflow_client.credentials_note(forward))
+    cfg = preflight.choose_gpus(cfg, GpuCapacity.read(), data.count("train") if data else 0, log)
+    log("config:\n" + cfg.to_json())  # the config that runs
+    if joined:
         preflight.check_resources(cfg, log)  # a plan that would wait forever is refused before anything starts
+    else:
+        preflight.check_local_gpus(cfg)
     if not cfg.resume:
         run.claim(cfg, name)  # the run directory, this job's alone, before anything is written
     try:
@@ -81,6 +87,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: dict[str,
         summary.world_sizes = outcome.world_sizes
         summary.global_batches = tuple(cfg.global_batch_at(world) for world in outcome.world_sizes)
         summary.delayed_epochs = outcome.delayed_epochs + current.send_at_end(outcome.unsent_metrics, log)
+        drawn = current.curves(list(outcome.history), log)  # before registration: a failed one leaves them
+        summary.curves = drawn.uri if drawn else ""
         if outcome.diverged:  # the epochs before it are in the run; nothing is registered
             raise TrainingDiverged(diverged(outcome.diverged, spec, current, best))
         _register_best(spec, data, best, summary)

@@ -54,6 +54,7 @@ def _fit(spec: RunSpec, data: PreparedDataset) -> tuple[Outcome, Location | None
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     # One progress bar per dataset rather than one per operator.
     DataContext.get_current().enable_operator_progress_bars = False
+    DataContext.get_current().enable_progress_bars = cfg.progress_interval > 0
     storage = locate(cfg.storage_path)
     trainer = TorchTrainer(
         partial(train_loop_per_worker, spec),

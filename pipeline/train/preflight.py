@@ -3,12 +3,13 @@ the cluster's resources, and whether the train workers can reach local paths."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from pipeline.cluster.resources import ClusterState, Plan, refusal
+from pipeline.cluster.resources import ClusterState, GpuCapacity, Plan, refusal
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.data.shards import PreparedDataset, open_dataset
 from pipeline.storage import locate
@@ -52,12 +53,35 @@ def check_resources(cfg: TrainConfig, log: Callable[[str], None] = print) -> Non
         raise ConfigError(problem)
 
 
+IMAGENET_SIZED = 100_000  # training images from which an epoch on CPUs takes hours
+
+
+def choose_gpus(
+    cfg: TrainConfig, capacity: GpuCapacity, train_images: int, log: Callable[[str], None] = print
+) -> TrainConfig:
+    """--gpu unset: one GPU per train worker where the cluster has GPUs or its autoscaler can add
+    them, else CPUs. Says which and why; an ImageNet-sized run about to train on CPUs, loudly."""
+    if cfg.gpu is None:
+        cfg = dataclasses.replace(cfg, gpu=capacity.any)
+        why = f"{capacity.describe()}; --gpu or --no-gpu decides"
+    else:
+        why = "--gpu" if cfg.gpu else "--no-gpu"
+    log(f"devices: {'one GPU per train worker' if cfg.gpu else 'CPUs, no GPU'} ({why})")
+    if not cfg.gpu and train_images >= IMAGENET_SIZED:
+        log(
+            f"WARNING: {train_images:,} training images on CPUs: expect hours per epoch (the first epoch's line "
+            "gives the ETA). On a cluster with GPU nodes, train with --gpu"
+        )
+    return cfg
+
+
 def check_local_gpus(cfg: TrainConfig) -> None:
-    """A local Ray has only this machine's GPUs: --gpu without enough of them would wait forever."""
+    """A local Ray has only this machine's GPUs: one per train worker without enough of them would
+    wait forever."""
     if cfg.gpu and torch.cuda.device_count() < cfg.workers:
         raise ConfigError(
-            f"--gpu asks for {cfg.workers} GPU(s) but this machine has {torch.cuda.device_count()}; "
-            "drop --gpu, lower --workers, or set RAY_ADDRESS to a cluster with GPU nodes"
+            f"one GPU per train worker needs {cfg.workers} GPU(s) but this machine has {torch.cuda.device_count()}; "
+            "pass --no-gpu to train on CPUs, lower --workers, or set RAY_ADDRESS to a cluster with GPU nodes"
         )
 
 

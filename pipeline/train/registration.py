@@ -36,7 +36,6 @@ from pipeline.train import checkpoint
 from pipeline.train.spec import RunSpec
 
 MODEL_ARTIFACT = "model"
-CURVES_FILE = "training_curves.png"
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,7 @@ def log_and_register(
 
     pt2 needs no project code to load and runs any batch size (the batch dimension is exported
     as dynamic); the class index and preprocessing travel with it as extra files. The run gets the
-    training curves, the class index and the config; the version gets a description and tags that
+    class index and the config (the driver logs the training curves); the version gets a description and tags that
     say how it was made. Returns the registered version.
     """
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
@@ -125,8 +124,6 @@ def log_and_register(
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # log_model re-reads the model
     with tempfile.TemporaryDirectory() as tmp:
         classes, preprocessing = _model_files(Path(tmp), data, crop)
-        curves = Path(tmp, CURVES_FILE)
-        plot_training_curves(client, run_id, curves, title=f"{cfg.model_name}: run {run_id[:8]}")
         with _tracking_at(tracking_uri):
             info = mlflow.pytorch.log_model(
                 model.eval(),
@@ -144,7 +141,6 @@ def log_and_register(
             )
         version = str(info.registered_model_version)
         client.log_artifact(run_id, str(classes))
-        client.log_artifact(run_id, str(curves))
         client.log_text(run_id, cfg.to_json(), "config.json")
         client.set_tag(run_id, "best_epoch", best["epoch"])
         client.set_tag(run_id, "registered_version", version)
@@ -215,32 +211,3 @@ def _tracking_at(uri: str) -> Iterator[None]:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = env
-
-
-def plot_training_curves(client: MlflowClient, run_id: str, path: Path, title: str) -> None:
-    """Loss and top-1/top-5 error per epoch, train and val, from the run's metric history."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    def series(key: str) -> tuple[list[int], list[float]]:
-        points = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-        return [p[0] for p in points], [p[1] for p in points]
-
-    fig, (loss_ax, err_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for split, colour in (("train", "tab:blue"), ("val", "tab:orange")):
-        loss_ax.plot(*series(f"{split}_loss"), color=colour, marker=".", label=split)
-        err_ax.plot(*series(f"{split}_top1_error"), color=colour, marker=".", label=f"{split} top-1")
-        err_ax.plot(*series(f"{split}_top5_error"), color=colour, marker=".", linestyle="--", label=f"{split} top-5")
-    loss_ax.set(title="loss", xlabel="epoch", ylabel="cross-entropy")
-    err_ax.set(title="error", xlabel="epoch", ylabel="error rate", ylim=(0, 1))
-    for ax in (loss_ax, err_ax):
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 ALLOW_ENV = "RAY_DEDUP_LOGS_ALLOW_REGEX"  # read once, when Ray is imported
 REPORT_LINES = (
     r"^(epoch +\d+/\d+  lr |\d+ train worker\(s\) of \d+\.\.\d+: |stopping: training diverged |resumed from "
-    r"|node .+ announced its preemption \(ranks )"
+    r"|node .+ announced its preemption \(ranks |  epoch +\d+/\d+  step )"
 )
 
 
@@ -41,6 +41,16 @@ def epoch_line(epochs: int, m: Mapping[str, float], eta: float) -> str:
         f"  top-5 err {m['val_top5_error']:.3f}  |  {m['images_per_s']:,.0f} img/s  "
         f"data wait {m['data_wait_fraction']:.0%}  |  {format_duration(m['epoch_seconds'])}/epoch  "
         f"ETA {format_duration(eta)}"
+    )
+
+
+def progress_line(epoch: int, epochs: int, step: int, steps: int, images_per_s: float, loss: float, left: float) -> str:
+    """Inside a long epoch: where it is, how fast, the running loss, when the epoch ends (`left` seconds)."""
+    from pipeline.metrics import format_duration
+
+    return (
+        f"  epoch {epoch:>3}/{epochs}  step {step:,}/{steps:,}  {images_per_s:,.0f} img/s  "
+        f"running loss {loss:.3f}  epoch ends in {format_duration(left)}"
     )
 
 

@@ -28,6 +28,7 @@ from pipeline.redaction import redact, scrub
 from pipeline.storage import Location, locate
 from pipeline.tracking import mlflow_client
 from pipeline.tracking.run_logger import UNREACHABLE
+from pipeline.train import curves
 
 RUN_RECORD = "alexnet_run.json"
 UNSENT_FILE = "unsent_metrics.json"
@@ -233,6 +234,17 @@ class Run:
                 f"in {UNSENT_FILE} there. When the server is back, `python jobs/train.py --resume {self.name}` "
                 "sends them and registers the model"
             ) from exc
+
+    def curves(self, history: list[dict[str, float]], log: Callable[[str], None]) -> Location | None:
+        """The training curves beside the checkpoints, and in the MLflow run (an unreachable server
+        loses only its copy)."""
+        where = curves.write(self.directory, history, title=f"run {self.name}")
+        if where and self.run_id:
+            try:
+                mlflow_client.log_artifact_bytes(self.tracking_uri, self.run_id, where.read_bytes(), curves.CURVES_FILE)
+            except UNREACHABLE as exc:
+                log(f"could not log the training curves to MLflow run {self.run_id}: {scrub(str(exc))}")
+        return where
 
     def tag(self, key: str, value: str) -> None:
         """A tag on the MLflow run (nothing without tracking); an unreachable server loses it, nothing else."""

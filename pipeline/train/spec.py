@@ -47,6 +47,7 @@ class Progress:
     partial_sums: tuple[float, ...] | None = None  # a mid-epoch checkpoint's sums over every rank so far
     step_batch: int = 0  # the global batch of those step_in_epoch steps (the world size may change after)
     world_sizes: tuple[int, ...] = ()  # train workers per finished epoch (the last they had, if it changed)
+    history: tuple[dict[str, float], ...] = ()  # each finished epoch's metrics: the training curves
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -63,6 +64,7 @@ class Progress:
             partial_sums=tuple(partial) if partial is not None else None,
             step_batch=values["step_batch"],
             world_sizes=tuple(values["world_sizes"]),
+            history=tuple(values["history"]),
         )
 
 
@@ -128,3 +130,4 @@ class Outcome:
     delayed_epochs: int  # epochs whose metrics reached MLflow late
     world_sizes: tuple[int, ...] = ()  # train workers per epoch
     diverged: str | None = None  # why training stopped being finite (every rank stopped there); None: it did not
+    history: tuple[dict[str, float], ...] = ()  # each finished epoch's metrics, restarts included

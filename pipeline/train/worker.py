@@ -106,7 +106,9 @@ class WorkerLoop:
         self.logger.flush()
         self.logger.close()
         logger, progress = self.logger, self.progress
-        return Outcome(logger.restarts, logger.pending(), logger.delayed, progress.world_sizes, diverged)
+        return Outcome(
+            logger.restarts, logger.pending(), logger.delayed, progress.world_sizes, diverged, progress.history
+        )
 
     def run_epoch(self, epoch: int) -> None:
         cfg = self.cfg
@@ -130,6 +132,7 @@ class WorkerLoop:
         partial = self.progress.partial_sums if self.rank == 0 else None  # counted once, on rank 0
         sums = EpochSums(self.device, partial)
         step, micro = self.progress.step_in_epoch, 0
+        ticker = Ticker(cfg, epoch, step, self.steps_per_epoch, self.global_batch, self.say)
         for batch, waited in _timed(feed.batches(self.train_shard, cfg.batch_size, drop_last=True)):
             if step >= self.steps_per_epoch:  # a resumed epoch ends where an uninterrupted one would
                 break
@@ -145,6 +148,7 @@ class WorkerLoop:
                 continue
             step += 1
             sums.stepped(step)
+            ticker(step, sums)
             notice = self.preempted(step)  # every rank asks at the same steps: a barrier
             due = notice or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0)
             if due and step < self.steps_per_epoch:  # at the epoch's end its own checkpoint follows at once
@@ -214,6 +218,27 @@ class WorkerLoop:
             meta = CheckpointMeta.of(spec, progress, epoch_metrics, unsent)
             checkpoint.save(tmp, _unwrap(self.model), self.optimizer, meta)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+class Ticker:
+    """Rank 0's line inside a long epoch, every --progress-interval seconds: the step, images/s, the
+    running loss and when the epoch ends. Reading the running loss is its one host sync, once per line."""
+
+    def __init__(self, cfg: TrainConfig, epoch: int, first_step: int, steps: int, global_batch: int, say) -> None:
+        self.interval, self.epoch, self.epochs, self.say = cfg.progress_interval, epoch, cfg.epochs, say
+        self.first_step, self.steps, self.global_batch = first_step, steps, global_batch
+        self.started = self.last = time.perf_counter()
+
+    def __call__(self, step: int, sums: EpochSums) -> None:
+        now = time.perf_counter()
+        if not self.interval or self.say is _silent or now - self.last < self.interval or step >= self.steps:
+            return
+        self.last = now
+        steps_per_s = (step - self.first_step) / (now - self.started)
+        loss_sum, images = sums.values[[0, 2]].tolist()
+        left = (self.steps - step) / steps_per_s
+        rate, loss = steps_per_s * self.global_batch, loss_sum / max(images, 1)
+        self.say(reports.progress_line(self.epoch, self.epochs, step, self.steps, rate, loss, left), flush=True)
 
 
 class EpochSums:
@@ -418,6 +443,7 @@ def _after_epoch(progress: Progress, metrics: dict[str, float], steps_per_epoch:
         val_errors=(*progress.val_errors, metrics["val_top1_error"]),
         best=best,
         world_sizes=(*progress.world_sizes, int(metrics["world_size"])),
+        history=(*progress.history, {k: float(v) for k, v in metrics.items()}),
     )
 
 

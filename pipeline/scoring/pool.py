@@ -1,0 +1,61 @@
+"""The model actors of a batch job (evaluate, infer), decided on the driver: how many, on what.
+
+--replicas N | MIN:MAX | auto     a fixed pool, an autoscaling one, or 1 up to what the cluster holds
+--gpus-per-replica N | auto       auto: 1 where the cluster has GPUs or its autoscaler can add
+                                  GPU nodes, else 0 (CPUs)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.cli import AUTO
+from pipeline.cluster.resources import GpuCapacity
+from pipeline.errors import InputError
+
+
+class PoolError(InputError):
+    """--replicas or --gpus-per-replica that cannot be used; the message says how to write it."""
+
+
+@dataclass(frozen=True)
+class Pool:
+    smallest: int
+    largest: int
+    gpus: float = 0.0  # per actor
+    why: str = ""  # how the devices were chosen
+
+    def describe(self) -> str:
+        count = str(self.smallest) if self.smallest == self.largest else f"{self.smallest} to {self.largest}"
+        device = f"{self.gpus:g} GPU each" if self.gpus else "on CPUs"
+        return f"model replicas: {count}, {device}" + (f" ({self.why})" if self.why else "")
+
+
+ONE_ACTOR = Pool(1, 1)  # on CPUs: the library's default
+
+
+def parse_replicas(text: str) -> tuple[int, int] | None:
+    """`4` → (4, 4), `1:8` → (1, 8), `auto` → None; anything else, a PoolError."""
+    if text == AUTO:
+        return None
+    try:
+        low, _, high = text.partition(":")
+        low_n, high_n = int(low), int(high or low)
+    except ValueError:
+        raise PoolError(f"--replicas {text!r}: write a number (4), a range (1:8) or auto") from None
+    if not 1 <= low_n <= high_n:
+        raise PoolError(f"--replicas {text!r}: need 1 <= min <= max")
+    return low_n, high_n
+
+
+def plan(replicas: str, gpus_per_replica: str | float, capacity: GpuCapacity, cpus: float) -> Pool:
+    """The pool for this cluster: `capacity` its GPUs, `cpus` its CPUs now."""
+    if gpus_per_replica == AUTO:
+        gpus, why = (1.0 if capacity.any else 0.0), f"{capacity.describe()}; --gpus-per-replica decides"
+    else:
+        gpus, why = float(gpus_per_replica), "--gpus-per-replica"
+    counts = parse_replicas(replicas)
+    if counts is None:
+        most = (capacity.present or capacity.addable) / gpus if gpus else cpus
+        counts = (1, max(1, int(most)))
+    return Pool(counts[0], counts[1], gpus, why)
