@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # the table says it
     DataContext.get_current().enable_progress_bars = args.progress
+    if not args.progress:  # MLflow's bar while it downloads the model, too
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
         tracking_uri = mlflow_client.resolve_tracking_uri()
         pool.parse_replicas(args.replicas)  # a bad value fails here, before any cluster work

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     DataContext.get_current().enable_progress_bars = args.progress
+    if not args.progress:  # MLflow's bar while it downloads the model, too
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:  # everything that can be wrong is found here, before any cluster work
         pool.parse_replicas(args.replicas)  # a bad value fails here, before any cluster work
         output, source = locate(args.output), locate(args.input)

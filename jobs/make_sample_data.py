@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
 
 from pipeline import cli
-from pipeline.data.sample import SYNSETS, make_sample
+from pipeline.data.sample import SYNSETS, contact_sheet, make_sample
 from pipeline.errors import InputError
 from pipeline.redaction import scrubbed_output
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-per-class", type=int, default=260, help="training images per class")
     parser.add_argument("--val-per-class", type=int, default=50, help="validation images per class")
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same files")
+    parser.add_argument("--contact-sheet", metavar="PNG", help="also a picture of it: a row per class, 8 images each")
     cli.renamed(parser, "--out", "--output")
     return parser
 
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         f"wrote {args.classes * args.train_per_class} train and {args.classes * args.val_per_class} val images "
         f"of {args.classes} classes to {out}"
     )
+    if args.contact_sheet:
+        contact_sheet(out).save(args.contact_sheet)
+        print(f"contact sheet: {args.contact_sheet}")
     return 0
 
 

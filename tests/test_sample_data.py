@@ -46,9 +46,11 @@ def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
 
 def test_the_job_writes_the_sample_and_rejects_bad_counts(tmp_path):
     argv = ["jobs/make_sample_data.py", "--output", tmp_path / "s", "--classes", "3", "--train-per-class", "2"]
-    done = run_job(*argv, "--val-per-class", "1")
+    done = run_job(*argv, "--val-per-class", "1", "--contact-sheet", tmp_path / "sheet.png")
     assert done.returncode == 0 and "wrote 6 train and 3 val images of 3 classes" in done.stdout
     assert len(list((tmp_path / "s" / "train").glob("*/*.JPEG"))) == 6
+    sheet = Image.open(tmp_path / "sheet.png")  # a row per class, the 2 images each of them has
+    assert sheet.format == "PNG" and sheet.size == (150 + 8 * 96, 3 * 96)
     bad = run_job(*argv, "--classes", "11")
     assert bad.returncode == 2 and "num_classes must be between 2 and 10" in bad.stderr
 

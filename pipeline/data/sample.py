@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from pipeline.data.imagenet import KAGGLE_VAL_SOLUTION, SYNSET_MAPPING
 from pipeline.errors import InputError
@@ -205,3 +205,20 @@ def _draw_shape(draw, shape, cx, cy, r, tilt, colour, rng) -> None:
                     draw.rectangle((x0, y0, x0 + size, y0 + size), fill=colour)
     else:
         raise ValueError(f"unknown shape {shape!r}")
+
+
+def contact_sheet(sample: str | Path, per_class: int = 8, tile: int = 96) -> Image.Image:
+    """A picture of a sample: a row per class, its first `per_class` training images as squares."""
+    root = Path(sample)
+    classes = [line.split(" ", 1) for line in (root / SYNSET_MAPPING).read_text().splitlines() if line]
+    label_width = 150
+    sheet = Image.new("RGB", (label_width + per_class * tile, len(classes) * tile), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, (wnid, names) in enumerate(classes):
+        draw.text((6, row * tile + tile // 2 - 12), f"{names.split(',')[0]}\n{SHAPES[row]}", fill="black")
+        files = sorted((root / "train" / wnid).glob("*.JPEG"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+        for col, path in enumerate(files[:per_class]):
+            with Image.open(path) as image:
+                square = ImageOps.fit(image.convert("RGB"), (tile - 4, tile - 4))
+            sheet.paste(square, (label_width + col * tile + 2, row * tile + 2))
+    return sheet
