@@ -56,11 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     cli.require(parser, args, "--model", "--data")
     cli.use_tracking_uri(args)
     # Once the flags are good: --help and a mistyped flag answer at once.
-    import ray
     from ray.data import DataContext
 
     from pipeline.cluster import connection
-    from pipeline.cluster.resources import GpuCapacity
+    from pipeline.cluster.resources import GpuCapacity, cpus_now_or_addable
     from pipeline.data.shards import open_dataset
     from pipeline.scoring import evaluation, loading, pool
     from pipeline.tracking import mlflow_client
@@ -82,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         connection.connect(
             env=mlflow_client.worker_env(tracking_uri, forward), joined_note=mlflow_client.credentials_note(forward)
         )
-        actors = pool.plan(args.replicas, args.gpus_per_replica, GpuCapacity.read(), ray.cluster_resources()["CPU"])
+        actors = pool.plan(args.replicas, args.gpus_per_replica, GpuCapacity.read(), cpus_now_or_addable())
         print(actors.describe(), flush=True)
         result = evaluation.evaluate(ref, dataset, args.ten_crop, args.batch_size, actors)
     except InputError as exc:

@@ -57,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cli.require(parser, args, "--model", "--input", "--output")
     cli.use_tracking_uri(args)
-    import ray  # once the flags are good: --help and a mistyped flag answer at once
+    # Once the flags are good: --help and a mistyped flag answer at once.
     from ray.data import DataContext
 
     from pipeline.cluster import connection
-    from pipeline.cluster.resources import GpuCapacity
+    from pipeline.cluster.resources import GpuCapacity, cpus_now_or_addable
     from pipeline.scoring import inference, loading, pool
     from pipeline.storage import locate
     from pipeline.tracking import mlflow_client
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         connection.connect(
             env=mlflow_client.worker_env(tracking_uri, forward), joined_note=mlflow_client.credentials_note(forward)
         )
-        actors = pool.plan(args.replicas, args.gpus_per_replica, GpuCapacity.read(), ray.cluster_resources()["CPU"])
+        actors = pool.plan(args.replicas, args.gpus_per_replica, GpuCapacity.read(), cpus_now_or_addable())
         print(actors.describe(), flush=True)
         options = inference.InferenceOptions(
             ten_crop_views=args.ten_crop,

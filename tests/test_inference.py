@@ -512,6 +512,7 @@ def test_model_actors_are_a_number_a_range_or_auto_and_use_gpus_where_the_cluste
     assert pool.plan("3", "auto", none, 6.0) == pool.Pool(3, 3, 0.0, none.describe() + "; --gpus-per-replica decides")
     assert pool.plan("1:8", 0.0, eight, 6.0) == pool.Pool(1, 8, 0.0, "--gpus-per-replica")  # CPUs when told
     assert _shape(pool.plan("auto", "auto", none, 6.0)) == (1, 6, 0.0)  # 1 up to the CPUs
+    assert _shape(pool.plan("auto", "auto", none, 0.0)) == (1, 1, 0.0)  # a head alone, its nodes still to come
     assert _shape(pool.plan("auto", "auto", eight, 64.0)) == (1, 8, 1.0)  # 1 up to the GPUs, one each
     assert _shape(pool.plan("auto", 0.5, eight, 64.0)) == (1, 16, 0.5)
     assert _shape(pool.plan("auto", "auto", addable, 0.0)) == (1, 4, 1.0)  # GPU nodes the autoscaler may add

@@ -2,12 +2,14 @@ import dataclasses
 import io
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import call_job, run_job
+from conftest import ROOT, call_job, run_job
 from PIL import Image
 
 from pipeline.data import shards
@@ -87,3 +89,15 @@ def test_the_prepare_job_measures_existing_shards_and_prints_them(ray_cluster, t
 def test_the_prepare_job_needs_a_source_or_stats(tmp_path):
     proc = run_job("jobs/prepare.py", "--output", tmp_path)
     assert proc.returncode == 2 and "pass --input to prepare a dataset, --stats to measure one" in proc.stderr
+
+
+def test_the_prepare_job_loads_no_torch_not_even_for_the_statistics():
+    """`prepare.py --input … --stats` measures the colours after its Ray Data job, in one process: in a
+    driver `ray job submit` started, torch loaded after Ray Data had run died in oneMKL's start-up
+    ("Cannot load libtorch_cpu.so"). What the job imports keeps torch out."""
+    probe = (
+        "import sys; sys.path.insert(0, 'jobs'); import prepare; import pipeline.data.prepare, pipeline.data.stats, "
+        "pipeline.cluster.connection; print('torch' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert proc.stdout.strip() == "False", proc.stdout + proc.stderr[-2000:]

@@ -28,7 +28,7 @@ from PIL import Image
 from ray._private.ray_logging import LogDeduplicator
 
 from pipeline import config
-from pipeline.cluster.resources import GpuCapacity, gpus_in_cluster_yaml
+from pipeline.cluster.resources import GpuCapacity, in_cluster_yaml
 from pipeline.config import ConfigError
 from pipeline.data.device import DeviceAugment
 from pipeline.data.shards import DataError
@@ -274,8 +274,9 @@ def test_gpus_are_used_where_the_cluster_has_or_can_add_them_unless_the_flags_sa
     assert said[4:6] == ["devices: CPUs, no GPU (--no-gpu)", said[3]]
     assert said[6:] == ["devices: one GPU per train worker (--gpu)"]
     # What `ray up cluster/aws.yaml` leaves on its head: 2 on-demand GPU nodes and the spot ones may come.
-    assert gpus_in_cluster_yaml(ROOT / "cluster/aws.yaml") >= 2
-    assert gpus_in_cluster_yaml(ROOT / "cluster/local.yaml") == 0  # its "GPU" nodes carry mock_gpu
+    assert in_cluster_yaml(ROOT / "cluster/aws.yaml", "GPU") >= 2
+    assert in_cluster_yaml(ROOT / "cluster/local.yaml", "GPU") == 0  # its "GPU" nodes carry mock_gpu
+    assert in_cluster_yaml(ROOT / "cluster/local.yaml", "CPU") == 8  # 2 cpu and 2 gpu nodes of 2 CPUs
 
 
 def test_a_cluster_whose_nodes_declare_gpus_is_read_as_one_with_gpus():

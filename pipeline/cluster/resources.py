@@ -257,28 +257,34 @@ class GpuCapacity:
 
     @classmethod
     def read(cls) -> GpuCapacity:
-        return cls(float(ray.cluster_resources().get("GPU", 0.0)), _addable_gpus())
+        return cls(float(ray.cluster_resources().get("GPU", 0.0)), addable("GPU"))
+
+
+def cpus_now_or_addable() -> float:
+    """The connected cluster's CPUs; where it has none yet (workers scale from zero), the CPUs its
+    autoscaler may add."""
+    return float(ray.cluster_resources().get("CPU", 0.0)) or addable("CPU")
 
 
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` puts the cluster's YAML on its head
 
 
-def _addable_gpus(bootstrap: str = BOOTSTRAP_CONFIG) -> float:
-    """GPUs the autoscaler may launch: from the cluster config it reports to the GCS (autoscaler v2,
-    KubeRay), else from the YAML `ray up` left on this head; 0 when neither says."""
+def addable(resource: str, bootstrap: str = BOOTSTRAP_CONFIG) -> float:
+    """How much of `resource` the autoscaler may launch: from the cluster config it reports to the
+    GCS (autoscaler v2, KubeRay), else from the YAML `ray up` left on this head; 0 when neither says."""
     try:
         from ray._private.state import state  # what Ray Train reads for the same question
 
         reported = state.get_max_resources_from_cluster_config() or {}
     except Exception:  # noqa: BLE001 -- no such GCS entry or call in this Ray: the YAML, or nothing
         reported = {}
-    if reported.get("GPU"):
-        return float(min(reported["GPU"], 1e6))
-    return gpus_in_cluster_yaml(Path(bootstrap).expanduser())
+    if reported.get(resource):
+        return float(min(reported[resource], 1e6))
+    return in_cluster_yaml(Path(bootstrap).expanduser(), resource)
 
 
-def gpus_in_cluster_yaml(path: Path) -> float:
-    """The GPUs a cluster YAML's worker node types may add: resources.GPU × max_workers, summed."""
+def in_cluster_yaml(path: Path, resource: str) -> float:
+    """How much of `resource` a cluster YAML's worker node types may add: resources × max_workers, summed."""
     try:
         config = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError):
@@ -286,7 +292,7 @@ def gpus_in_cluster_yaml(path: Path) -> float:
     head = config.get("head_node_type")
     return float(
         sum(
-            (kind.get("resources") or {}).get("GPU", 0) * kind.get("max_workers", config.get("max_workers", 0))
+            (kind.get("resources") or {}).get(resource, 0) * kind.get("max_workers", config.get("max_workers", 0))
             for name, kind in (config.get("available_node_types") or {}).items()
             if name != head and isinstance(kind, dict)
         )

@@ -18,18 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from pipeline.data.stats import IMAGENET_EIGVAL, IMAGENET_EIGVEC, IMAGENET_MEAN, IMAGENET_STD
 from pipeline.model import as_nchw, normalize, to_float
-
-# Published ImageNet statistics for pixels in [0, 1].
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# PCA of ImageNet's RGB covariance: eigenvalues, and eigenvectors as the *columns* of the matrix.
-IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
-IMAGENET_EIGVEC = (
-    (-0.5675, 0.7192, 0.4009),
-    (-0.5808, -0.0045, -0.8140),
-    (-0.5836, -0.6948, 0.4203),
-)
 
 
 def lighting_shift(

@@ -20,10 +20,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.data import shards
-from pipeline.data.device import IMAGENET_EIGVAL, IMAGENET_EIGVEC, IMAGENET_MEAN, IMAGENET_STD
 from pipeline.data.shards import read_shards
 from pipeline.data.transforms import decode
 from pipeline.storage import Location, locate
+
+# Published ImageNet statistics for pixels in [0, 1] (here, not beside the torch code that uses
+# them: this module stays free of torch, see compute_stats).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# PCA of ImageNet's RGB covariance: eigenvalues, and eigenvectors as the *columns* of the matrix.
+IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_EIGVEC = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
 
 PAIRS = [(i, j) for i in range(3) for j in range(i, 3)]  # the 6 distinct entries of a 3×3 symmetric matrix
 SUM_COLUMNS = ["pixels", "s0", "s1", "s2"] + [f"p{i}{j}" for i, j in PAIRS]
@@ -55,6 +66,10 @@ def compute_stats(data: str | Location) -> dict:
     Two passes over the training shards: the channel statistics as a Ray Data aggregation
     (``Dataset.sum`` of exact per-task integer sums), then the mean image (the paper's
     normalisation), whose per-task pixel sums stream to the driver and are added there.
+
+    numpy only, as `jobs/prepare.py --stats` runs it after the shards' Ray Data job: in a driver that
+    `ray job submit` started, torch loaded that late died with "Intel oneMKL FATAL ERROR: Cannot load
+    libtorch_cpu.so" (tests/test_stats.py keeps torch out of that job).
     """
     dataset = shards.open_dataset(data)
     train = read_shards(dataset.split_dir("train"), columns=["image"])
