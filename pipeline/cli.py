@@ -18,6 +18,8 @@ import os
 import sys
 from typing import Any
 
+from pipeline.config import non_negative
+
 AUTO = "auto"
 
 
@@ -129,12 +131,4 @@ def replicas(text: str) -> str:
 
 def gpus(text: str) -> str | float:
     """An argparse type: `auto` or a number of GPUs of at least 0."""
-    if text == AUTO:
-        return AUTO
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GPUs or auto") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 0")
-    return value
+    return AUTO if text == AUTO else non_negative(text)
