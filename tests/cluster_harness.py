@@ -84,7 +84,7 @@ class FakeMetadataService:
 
 class LocalCluster:
     """cluster/local.yaml's fake multi-node cluster with its autoscaler: `ray start --head --block`
-    in a session of its own, as cluster/README.md starts it.
+    in a session of its own, as docs/clusters.md#on-one-machine starts it.
 
     Its own temp dir (so it never becomes the machine's "current" cluster that `address="auto"`
     finds) and dashboard port; the worker "nodes" the autoscaler launches are processes in the
@@ -113,7 +113,7 @@ class LocalCluster:
             # the session's own Ray holds the default agent port (52365): the job agent needs another
             "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", str(self.temp_dir),
         ]  # fmt: skip
-        # A stopped job gets 30 s to abort its run and withdraw its node request (cluster/README.md).
+        # A stopped job gets 30 s to abort its run and withdraw its node request (docs/clusters.md#submitting-jobs).
         command += ["--autoscaling-config", str(CLUSTER / "local.yaml")]
         env = {
             **self.env,

@@ -237,6 +237,8 @@ def _assert_locked_down(cluster: dict) -> None:
 
 def test_aws_nodes_require_imdsv2_encrypt_their_volumes_and_the_heads_rights_are_scoped():
     raw = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    images = {node["node_config"]["ImageId"] for node in raw["available_node_types"].values()}
+    assert len(images) == 1 and "latest_dlami" not in images, "one image, not Ray's Ubuntu 18.04 with CUDA 11.2"
     for name, node in raw["available_node_types"].items():
         config = node["node_config"]
         assert config["MetadataOptions"]["HttpTokens"] == "required", name
