@@ -70,7 +70,6 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
         tracking_uri = mlflow_client.resolve_tracking_uri()
-        pool.parse_replicas(args.replicas)  # a bad value fails here, before any cluster work
         if args.model.startswith("models:/") or args.tracking:
             mlflow_client.check_server(tracking_uri)  # a dead server is named now, not after minutes of retries
         ref = loading.resolve(args.model, tracking_uri)  # an alias → its version, once

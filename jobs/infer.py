@@ -71,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.progress:  # MLflow's bar while it downloads the model, too
         os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:  # everything that can be wrong is found here, before any cluster work
-        pool.parse_replicas(args.replicas)  # a bad value fails here, before any cluster work
         output, source = locate(args.output), locate(args.input)
         inference.prepare_output(output, args.overwrite, source)
         tracking_uri = mlflow_client.resolve_tracking_uri()

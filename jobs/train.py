@@ -28,9 +28,9 @@ from pipeline.redaction import scrubbed_output
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser(__doc__)
     config.add_arguments(parser)
-    group = next(g for g in parser._action_groups if g.title == "tracking")
-    cli.add_tracking(group)
-    cli.add_progress(parser._action_groups[-1])
+    groups = {group.title: group for group in parser._action_groups}
+    cli.add_tracking(groups["tracking"])
+    cli.add_progress(groups["run, checkpoints and fault tolerance"])
     return parser
 
 

@@ -117,15 +117,26 @@ def add_replicas(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def replicas(text: str) -> str:
-    """An argparse type: `auto`, N >= 1, or MIN:MAX with 1 <= MIN <= MAX (as written)."""
+def replica_counts(text: str) -> tuple[int, int] | None:
+    """`4` → (4, 4), `1:8` → (1, 8), `auto` → None; anything else, a ValueError saying what is allowed."""
+    if text == AUTO:
+        return None
     low, sep, high = text.partition(":")
     try:
         counts = (int(low), int(high)) if sep else (int(low), int(low))
     except ValueError:
         counts = (0, 0)
-    if text != AUTO and not 1 <= counts[0] <= counts[1]:
-        raise argparse.ArgumentTypeError(f"{text!r} is not N, MIN:MAX (1 <= MIN <= MAX) or auto")
+    if not 1 <= counts[0] <= counts[1]:
+        raise ValueError(f"{text!r} is not N, MIN:MAX (1 <= MIN <= MAX) or auto")
+    return counts
+
+
+def replicas(text: str) -> str:
+    """An argparse type: `auto`, N >= 1, or MIN:MAX with 1 <= MIN <= MAX (as written)."""
+    try:
+        replica_counts(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.cli import AUTO
+from pipeline.cli import AUTO, replica_counts
 from pipeline.cluster.resources import GpuCapacity
 from pipeline.errors import InputError
 
@@ -36,16 +36,10 @@ ONE_ACTOR = Pool(1, 1)  # on CPUs: the library's default
 
 def parse_replicas(text: str) -> tuple[int, int] | None:
     """`4` → (4, 4), `1:8` → (1, 8), `auto` → None; anything else, a PoolError."""
-    if text == AUTO:
-        return None
     try:
-        low, _, high = text.partition(":")
-        low_n, high_n = int(low), int(high or low)
-    except ValueError:
-        raise PoolError(f"--replicas {text!r}: write a number (4), a range (1:8) or auto") from None
-    if not 1 <= low_n <= high_n:
-        raise PoolError(f"--replicas {text!r}: need 1 <= min <= max")
-    return low_n, high_n
+        return replica_counts(text)
+    except ValueError as exc:
+        raise PoolError(f"--replicas {exc}") from None
 
 
 def plan(replicas: str, gpus_per_replica: str | float, capacity: GpuCapacity, cpus: float) -> Pool:
