@@ -13,6 +13,7 @@ import os
 import posixpath
 import stat
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
@@ -85,21 +86,31 @@ class Location:
 
     def walk(self) -> tuple[list[str], list[tuple[str, str]]]:
         """Every file under this directory (paths, sorted), and what could not be listed: (path, why).
+        `stream()` is the same walk one entry at a time."""
+        files: list[str] = []
+        problems: list[tuple[str, str]] = []
+        for path, why in self.stream():
+            if why is None:
+                files.append(path)
+            else:
+                problems.append((path, why))
+        return sorted(files), sorted(problems)
+
+    def stream(self) -> Iterator[tuple[str, str | None]]:
+        """Every file under this directory as (path, None), and what could not be listed as (path, why),
+        as the listing goes: a caller holds as many names as it keeps.
 
         On local disk links to folders are followed once each: a link back up the tree (a loop) or
         a second link to a folder already listed is reported, not listed again; names that are not
         UTF-8 are reported with their bytes escaped. Whatever else is not a folder (links to
         nothing, FIFOs, devices) is listed with the files: reading it (`read_input`) says what it
         is, so a job reports it where it reports any file it could not read. S3 keys are UTF-8 and
-        have no links.
+        have no links; they come a page (1,000 keys) at a time, in key order.
         """
         if self.is_local:
-            return _local_walk(self.path)
-        try:
-            entries = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True))
-        except OSError as exc:
-            raise StorageError(f"cannot list {self.uri}: {_reason(exc)}") from exc
-        return sorted(e.path for e in entries if e.type == pafs.FileType.File), []
+            yield from _local_walk(self.path)
+        else:
+            yield from _s3_walk(self)
 
     def check_writable(self) -> None:
         """An S3 destination's bucket must exist (it is not created behind the user's back)."""
@@ -320,9 +331,7 @@ def _local_entries(path: str, uri: str) -> list[pafs.FileInfo]:
     return entries
 
 
-def _local_walk(root: str) -> tuple[list[str], list[tuple[str, str]]]:
-    files: list[str] = []
-    problems: list[tuple[str, str]] = []
+def _local_walk(root: str) -> Iterator[tuple[str, str | None]]:
     seen: set[tuple[int, int]] = set()
     stack = [root]
     while stack:
@@ -330,25 +339,46 @@ def _local_walk(root: str) -> tuple[list[str], list[tuple[str, str]]]:
         try:
             stat = os.stat(folder)
             if (stat.st_dev, stat.st_ino) in seen:
-                problems.append((folder, "a link to a folder already listed (a link loop?): not listed again"))
+                yield folder, "a link to a folder already listed (a link loop?): not listed again"
                 continue
             seen.add((stat.st_dev, stat.st_ino))
             with os.scandir(folder) as it:
                 found = list(it)
         except OSError as exc:
-            problems.append((folder, f"cannot be listed: {exc.strerror or exc}"))
+            yield folder, f"cannot be listed: {exc.strerror or exc}"
             continue
         folders = []
         for entry in sorted(found, key=lambda e: e.name):  # depth first in name order: the same walk every time
             shown = readable_name(entry.name)
             if shown is not None:
-                problems.append((posixpath.join(folder, shown), NOT_UTF8))
+                yield posixpath.join(folder, shown), NOT_UTF8
             elif entry.is_dir():
                 folders.append(entry.path)
             else:  # files, and links to nothing, FIFOs, devices: whoever reads them says what they are
-                files.append(entry.path)
+                yield entry.path, None
         stack.extend(reversed(folders))
-    return sorted(files), sorted(problems)
+
+
+def _s3_walk(location: Location) -> Iterator[tuple[str, None]]:
+    """The keys under an S3 prefix, a page at a time (boto3's paginator: pyarrow lists a prefix whole)."""
+    import boto3
+    import botocore.exceptions
+
+    bucket, _, prefix = location.path.partition("/")
+    env = os.environ.get
+    client = boto3.client(
+        "s3",
+        endpoint_url=env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL"),
+        region_name=env("AWS_REGION") or env("AWS_DEFAULT_REGION"),
+    )
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
+    try:
+        for page in pages:
+            for entry in page.get("Contents", ()):
+                if not entry["Key"].endswith("/"):  # a folder marker a console made
+                    yield f"{bucket}/{entry['Key']}", None
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        raise StorageError(f"cannot list {location.uri}: {_reason(exc)}") from exc
 
 
 def _reason(exc: BaseException) -> str:

@@ -73,7 +73,7 @@ def test_probabilities_that_are_not_finite_are_error_rows_and_never_hits():
     probs[1, 0, 2] = math.nan
     batch = {"path": np.array(["a.jpg", "b.jpg", "c.jpg"], dtype=object), "error": np.array(["", "", "bad file"])}
     ref = loading.ModelRef(uri="x", crop=64, wnids=["a", "b", "c", "d"], run_id=None, tracking_uri="", names=("A",) * 4)
-    rows = inference.top_five(probs, batch, ref, "").to_pylist()
+    rows = inference.top_five(probs, batch, ref).to_pylist()
     assert [r["error"] for r in rows] == [None, inference.NONFINITE, "bad file"]
     assert rows[1]["top5_probs"] is None and rows[0]["top1_prob"] == pytest.approx(0.25)
     scored = evaluation.hits(probs, {"label": np.array([0, 2, 0])})

@@ -7,11 +7,13 @@ import io
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -24,7 +26,7 @@ from PIL import Image
 from pipeline import outputs
 from pipeline.cluster.resources import GpuCapacity
 from pipeline.data.transforms import center_crop, load_square, ten_crop
-from pipeline.scoring import inference, loading, pool
+from pipeline.scoring import files, inference, loading, pool
 from pipeline.storage import locate
 
 
@@ -83,9 +85,8 @@ def model(trained):
 
 
 def _run(ref, input_uri: str, output_uri: str, **options) -> inference.InferenceSummary:
-    source, output = locate(input_uri), locate(output_uri)
-    inference.prepare_output(output, options.get("overwrite", False), source)
-    return inference.infer(ref, source, inference.list_images(source), output, inference.InferenceOptions(**options))
+    source, output, chosen = locate(input_uri), locate(output_uri), inference.InferenceOptions(**options)
+    return inference.infer(ref, source, inference.prepare_output(ref, source, output, chosen), chosen)
 
 
 def _expected(model, ref, data: bytes, ten: bool) -> np.ndarray:
@@ -116,18 +117,24 @@ def _check_rows(table, root_uri: str, image_files, model, ref, ten: bool) -> Non
         assert row["top1_prob"] == pytest.approx(float(probs[top5[0]]), rel=1e-4)
 
 
-def test_a_listing_reports_names_that_are_not_utf8_and_follows_a_link_loop_once(tmp_path):
+def test_a_listing_streams_names_into_parquet_and_reports_names_that_are_not_utf8_and_link_loops(tmp_path, monkeypatch):
     (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "ok.jpg").write_bytes(b"x")
+    for name in ("ok.jpg", "b.PNG", "c.webp", "d.jpeg", "notes.txt"):
+        (tmp_path / "a" / name).write_bytes(b"x")
     with open(os.fsencode(tmp_path / "a") + b"/caf\xe9.jpg", "wb") as f:  # Latin-1 bytes in the name
         f.write(b"x")
     (tmp_path / "a" / "loop").symlink_to(tmp_path)  # back up the tree
     (tmp_path / "again").symlink_to(tmp_path / "a")  # a second way into the same folder
-    listing = inference.list_images(locate(tmp_path))
-    assert listing.images == [str(tmp_path / "a" / "ok.jpg")]
+    monkeypatch.setattr(files, "LISTING_ROWS", 3)  # the driver holds 3 names at a time
+    folder = locate(tmp_path.parent / f"{tmp_path.name}-listing")
+    listing = files.write_listing(locate(tmp_path), folder)
+    assert (listing.images, listing.ignored, len(listing.files)) == (4, 1, 2)
+    names = [n for f in listing.files for n in pq.read_table(f)["path"].to_pylist()]
+    assert sorted(names) == sorted(str(tmp_path / "a" / n) for n in ("ok.jpg", "b.PNG", "c.webp", "d.jpeg"))
     reasons = dict(listing.unlisted)
     assert reasons[f"{tmp_path}/a/caf\\xe9.jpg"].startswith("its name is not UTF-8")
     assert sum("already listed" in why for why in reasons.values()) == 2, reasons
+    assert files.read_listing(folder) == listing  # what a rerun of the job reads instead of listing again
 
 
 @pytest.mark.slow
@@ -136,15 +143,20 @@ def test_every_local_image_gets_one_row_equal_to_a_direct_ten_crop_forward(model
     ref, loaded = model
     ten = True
     summary = _run(ref, str(image_dir), str(tmp_path / "preds"), ten_crop_views=ten, batch_size=4)
-    assert (summary.images, summary.errors, summary.ignored) == (len(image_files) - 2, len(BROKEN), 2)
+    assert (summary.images, summary.scored, summary.errors, summary.ignored) == (
+        len(image_files) - 2, len(image_files) - 2, len(BROKEN), 2
+    )  # fmt: skip
+    assert summary.reasons == {"cannot decode": 2, "empty file": 1}
     table = inference.read_predictions(locate(tmp_path / "preds"))
     assert table.schema == inference.SCHEMA
     _check_rows(table, str(image_dir), image_files, loaded, ref, ten)
     errors = {Path(r["path"]).name: r["error"] for r in table.to_pylist() if r["error"]}
     assert errors["empty.jpg"] == "empty file (0 bytes)"
     assert errors["not-an-image.jpeg"].startswith("cannot decode: UnidentifiedImageError")
-    assert (tmp_path / "preds" / outputs.SUCCESS_FILE).is_file()
-    assert not list(tmp_path.glob("preds.tmp-*"))  # the staging location is gone
+    assert sorted(p.name for p in (tmp_path / "preds").iterdir() if not p.name.endswith(".parquet")) == [
+        outputs.SUCCESS_FILE
+    ]  # the job's own state (_JOB.json, _listing) is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preds"]  # and its checkpoint
 
 
 @pytest.mark.slow
@@ -165,7 +177,8 @@ def test_the_job_reads_and_writes_s3_and_replaces_an_output_only_with_overwrite(
     ]  # fmt: skip
     proc = run_job("jobs/infer.py", *args, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"{len(image_files) - 2} images, {len(BROKEN)} with errors" in proc.stdout
+    assert f"{len(image_files) - 2} images scored" in proc.stdout
+    assert f"{len(BROKEN)} failed (2 cannot decode, 1 empty file)" in proc.stdout
     assert "ignoring 2 files without an image extension" in proc.stdout
     # The job joined the session's cluster: its workers read S3 and MLflow with their own credentials,
     # and Ray's job table (what the dashboard shows) holds where the services are, never who the job is.
@@ -182,14 +195,14 @@ def test_the_job_reads_and_writes_s3_and_replaces_an_output_only_with_overwrite(
     _check_rows(inference.read_predictions(output), "s3://photos/incoming", image_files, loaded, ref, False)
 
     again = call_job("jobs/infer.py", *args)  # the same job again, in this process
-    assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr
+    assert again.returncode == 2 and "already exists (finished); pass --overwrite" in again.stderr
     with s3_server.open_output_stream("preds/run1/stale-from-an-older-run.parquet") as f:
         f.write(b"old")
     replaced = call_job("jobs/infer.py", *args, "--overwrite")
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     stored = [i.path for i in s3_server.get_file_info(pafs.FileSelector("preds", recursive=True)) if i.is_file]
     assert "preds/run1/stale-from-an-older-run.parquet" not in stored  # replaced whole, never a mixture
-    assert not [p for p in stored if ".tmp-" in p]
+    assert not [p for p in stored if ".checkpoint/" in p or "/_listing/" in p or p.endswith("_JOB.json")]
     assert inference.read_predictions(output).num_rows == len(image_files) - 2
 
 
@@ -288,88 +301,9 @@ def test_overwrite_replaces_only_predictions_and_never_touches_the_input(model, 
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
     refused = call_job("jobs/infer.py", *base, str(tmp_path / "notes"))
-    assert refused.returncode == 2 and "replaces only predictions jobs/infer.py wrote" in refused.stderr
+    assert refused.returncode == 2 and "holds files jobs/infer.py did not write" in refused.stderr
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
     assert {p: p.stat().st_size for p in image_dir.rglob("*")} == before, "the input tree is intact"
-
-
-class _Refusing:
-    """A real filesystem whose `operation` fails on its `at`-th call, as a store that stops answering."""
-
-    def __init__(self, fs: pafs.FileSystem, operation: str, at: int) -> None:
-        self.fs, self.operation, self.at, self.calls = fs, operation, at, 0
-
-    def __getattr__(self, name: str):
-        real = getattr(self.fs, name)
-        if name != self.operation:
-            return real
-
-        def refusing(*args, **kwargs):
-            self.calls += 1
-            if self.calls == self.at:
-                raise OSError(f"the store refused this {name} (call {self.calls})")
-            return real(*args, **kwargs)
-
-        return refusing
-
-
-def _finished(location, tag: str) -> None:
-    """A finished prediction output as `infer` leaves one: Parquet parts, then SUCCESS_FILE."""
-    location.fs.create_dir(location.path, recursive=True)
-    for part in range(3):
-        table = pa.table({"path": [f"{tag}/{part}/{i}.jpg" for i in range(4)], "error": [None, None, None, "bad"]})
-        with location.fs.open_output_stream(f"{location.path}/{tag}-part-{part}.parquet") as f:
-            pq.write_table(table, f)
-    location.join(outputs.SUCCESS_FILE).write_text(f'{{"run": "{tag}"}}\n')
-
-
-def _contents(location) -> dict[str, bytes]:
-    """Every file under `location`: path relative to it → bytes."""
-    found = location.fs.get_file_info(pafs.FileSelector(location.path, recursive=True, allow_not_found=True))
-    return {
-        e.path[len(location.path) + 1 :]: location.at(e.path).read_bytes()
-        for e in found
-        if e.type == pafs.FileType.File
-    }
-
-
-@pytest.mark.parametrize(("operation", "at"), [("delete_file", 3), ("copy_file", 2), ("copy_file", 4)])
-def test_a_failed_s3_replacement_keeps_the_new_predictions_whole_where_the_error_says(s3_server, operation, at):
-    bucket = f"swap-{operation.replace('_', '-')}-{at}"
-    s3_server.create_dir(bucket)
-    output, staging = locate(f"s3://{bucket}/preds"), locate(f"s3://{bucket}/preds.tmp-0123abcd")
-    _finished(output, "old")
-    _finished(staging, "new")
-    new = _contents(staging)
-    refusing = dataclasses.replace(output, fs=_Refusing(output.fs, operation, at))
-    with pytest.raises(outputs.OutputNotReplaced) as failed:
-        outputs.move_into_place(staging, refusing, overwrite=True)
-    message = str(failed.value)
-    assert f"the store refused this {operation}" in message
-    assert f"whole at {staging.uri}" in message and f"marked {outputs.REPLACING_FILE}" in message
-    assert _contents(staging) == new, "the new predictions survive, whole"
-    left = _contents(output)
-    assert outputs.REPLACING_FILE in left and outputs.SUCCESS_FILE not in left, "never a complete-looking mixture"
-
-    # The partial output is this job's: --overwrite replaces it, and the result is the new predictions alone.
-    inference.prepare_output(output, True, locate(f"s3://{bucket}/photos"))
-    outputs.move_into_place(staging, output, overwrite=True)
-    assert _contents(output) == new
-
-
-def test_a_failed_local_replacement_leaves_the_previous_output_as_it_was(tmp_path):
-    output, staging = locate(tmp_path / "preds"), locate(tmp_path / "preds.tmp-0123abcd")
-    _finished(output, "old")
-    _finished(staging, "new")
-    old, new = _contents(output), _contents(staging)
-    refusing = dataclasses.replace(output, fs=_Refusing(output.fs, "move", 2))  # the old one aside, then the new one in
-    with pytest.raises(outputs.OutputNotReplaced, match=f"{output.uri} is as it was. The new predictions are whole"):
-        outputs.move_into_place(staging, refusing, overwrite=True)
-    assert _contents(output) == old and _contents(staging) == new
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["preds", "preds.tmp-0123abcd"]
-
-    outputs.move_into_place(staging, output, overwrite=True)
-    assert _contents(output) == new and sorted(p.name for p in tmp_path.iterdir()) == ["preds"]
 
 
 class _Payload(torch.nn.Module):
@@ -519,6 +453,11 @@ def test_model_actors_are_a_number_a_range_or_auto_and_use_gpus_where_the_cluste
     assert pool.plan("2", "auto", eight, 64.0).describe() == (
         "model replicas: 2, 1 GPU each (the cluster has 8 GPU(s); --gpus-per-replica decides)"
     )
+    assert pool.plan("auto", "auto", eight, 64.0).decoding(64.0) == (
+        "decoding: CPU tasks on the CPUs the replicas leave (56 now): at ~740 images/s per core, ~41,440 images/s; "
+        "add CPU nodes if the GPUs wait"
+    )
+    assert pool.plan("auto", "auto", none, 6.0).decoding(6.0).startswith("decoding: inside each replica")
     for bad in ("0", "x", "2:1", "a:b"):
         with pytest.raises(pool.PoolError, match="--replicas"):
             pool.parse_replicas(bad)
@@ -571,4 +510,142 @@ def test_files_that_cannot_be_read_are_rows_with_their_reason(model, image_files
     assert rows["fifo.jpg"]["error"] == "not a regular file (a FIFO)"
     assert rows["nothing.jpg"]["error"] == "a link to nothing"
     assert "over the 0.25 MiB limit for one file" in rows["large.jpg"]["error"]
-    assert "4 images, 3 with errors" in proc.stdout
+    assert "4 images scored" in proc.stdout
+    assert "3 failed (1 a link to nothing, 1 not a regular file, 1 too large)" in proc.stdout
+
+
+# ---- resumable and incremental ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory) -> Path:
+    """400 small JPEGs: enough Parquet files that a job can be stopped between two of them."""
+    root = tmp_path_factory.mktemp("many")
+    for i in range(400):
+        (root / f"d{i % 4}").mkdir(exist_ok=True)
+        (root / f"d{i % 4}" / f"{i:04d}.jpg").write_bytes(_encode(_photo(48, 40, 100 + i), "JPEG", quality=80))
+    return root
+
+
+def _committed(checkpoint: str) -> int:
+    return inference.committed_rows(locate(checkpoint))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_a_job_stopped_part_way_resumes_with_the_same_command_to_the_rows_of_an_uninterrupted_run(
+    ray_cluster, trained, model, many_images, s3_server, tmp_path, store
+):
+    ref, _ = model
+    if store == "s3":
+        s3_server.create_dir("resume")
+        for path in many_images.rglob("*.jpg"):
+            with s3_server.open_output_stream(f"resume/in/{path.relative_to(many_images)}") as f:
+                f.write(path.read_bytes())
+        source, output, reference = "s3://resume/in", "s3://resume/preds", "s3://resume/uninterrupted"
+    else:
+        source, output, reference = str(many_images), str(tmp_path / "preds"), str(tmp_path / "uninterrupted")
+    args = [
+        "--model",
+        ref.version_uri,
+        "--input",
+        source,
+        "--replicas",
+        "1",
+        "--batch-size",
+        "4",
+        "--rows-per-file",
+        "1",
+    ]
+    whole = call_job("jobs/infer.py", *args, "--output", reference)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    # The same job as a process of its own on the session's cluster, stopped (SIGTERM, as `ray job stop`
+    # sends) once some of its Parquet files are committed.
+    command = [sys.executable, "jobs/infer.py", *args, "--output", output, "--progress-interval", "0.5"]
+    job = subprocess.Popen(command, env=job_env(ray_cluster, trained.tracking_uri), text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).parents[1])  # fmt: skip
+    deadline = time.time() + 240
+    while _committed(output + ".checkpoint") < 40 and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode == 130, stdout[-2000:] + stderr[-3000:]
+    kept = _committed(output + ".checkpoint")
+    assert f"stopped: {kept} scored rows are kept in {output}; run the same command again" in stderr
+    assert 0 < kept < 400, kept
+    assert re.search(r"scored \d+ of 400 \(\d+%\), \d+ images/s", stdout), stdout[-2000:]  # progress lines
+    assert not locate(output).join(outputs.SUCCESS_FILE).is_file()
+
+    if store == "local":  # another version, or other preprocessing, never adds rows to this output
+        other = f"models:/{REGISTERED_MODEL}/{trained.second.model_version}"
+        refused = call_job("jobs/infer.py", *args[2:], "--model", other, "--output", output, "--ten-crop")
+        assert refused.returncode == 2, refused.stdout[-2000:]
+        assert f"was begun by another job ({kept} rows so far)" in refused.stderr
+        assert f"model: {ref.version_uri} then, {other} now" in refused.stderr
+        assert "--ten-crop: false then, true now" in refused.stderr and "--restart" in refused.stderr
+        assert _committed(output + ".checkpoint") == kept
+
+    resumed = call_job("jobs/infer.py", *args, "--output", output)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming: {kept} of 400 files were scored by an earlier run of this job" in resumed.stdout
+    assert f"{400 - kept} images scored" in resumed.stdout and f"{kept} scored before the job was resumed" in (
+        resumed.stdout
+    )
+    first, second = (inference.read_predictions(locate(o)).sort_by("path") for o in (reference, output))
+    assert second.num_rows == 400 and len(set(second["path"].to_pylist())) == 400
+    assert second.equals(first), "the same rows and predictions as a run that was never stopped"
+    record = json.loads(locate(output).join(outputs.SUCCESS_FILE).read_text())
+    assert (record["rows"], record["resumed"], record["model_version"]) == (400, kept, ref.version)
+    assert not locate(output + ".checkpoint").info().type == pafs.FileType.Directory
+
+
+@pytest.mark.slow
+def test_restart_deletes_an_unfinished_output_and_scores_it_whole(model, image_dir, image_files, tmp_path):
+    ref, loaded = model
+    output = tmp_path / "preds"
+    source, chosen = locate(image_dir), inference.InferenceOptions(batch_size=4)
+    plan = inference.prepare_output(ref, source, locate(output), chosen)
+    inference.list_input(source, plan)  # begun, then stopped before any row
+    (output / "stray-from-the-job.parquet").write_bytes(b"half")  # what a stop can leave (not committed)
+    refused = call_job("jobs/infer.py", "--model", ref.version_uri, "--input", image_dir, "--output", output,
+                       "--max-file-mb", "1")  # fmt: skip
+    assert refused.returncode == 2 and "--max-file-mb: 64 MiB then, 1 MiB now" in refused.stderr, refused.stderr
+    again = call_job("jobs/infer.py", "--model", ref.version_uri, "--input", image_dir, "--output", output,
+                     "--max-file-mb", "1", "--restart")  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "--restart: deleting the unfinished predictions" in again.stdout
+    _check_rows(inference.read_predictions(locate(output)), str(image_dir), image_files, loaded, ref, False)
+
+
+@pytest.mark.slow
+def test_skip_scored_scores_only_the_files_no_previous_output_holds(model, image_files, tmp_path):
+    ref, _ = model
+    bucket, days = tmp_path / "bucket", tmp_path / "preds"
+    good = [rel for rel in image_files if rel not in BROKEN and rel not in STRAYS]
+    for rel in good[:5] + ["c/truncated.jpg"]:
+        (bucket / rel).parent.mkdir(parents=True, exist_ok=True)
+        (bucket / rel).write_bytes(image_files[rel])
+    base = ["--model", ref.version_uri, "--input", bucket]
+    first = call_job("jobs/infer.py", *base, "--output", days / "day1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    for rel in good[5:]:  # the bucket grows
+        (bucket / rel).parent.mkdir(parents=True, exist_ok=True)
+        (bucket / rel).write_bytes(image_files[rel])
+
+    second = call_job("jobs/infer.py", *base, "--output", days / "day2", "--skip-scored", days / "day1")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "skipping 5 files scored in previous outputs" in second.stdout
+    rows = {r["path"]: r for r in inference.read_predictions(locate(days / "day2")).to_pylist()}
+    # The new files, and the one that failed yesterday (a failure is tried again).
+    assert sorted(rows) == sorted(str(bucket / rel) for rel in good[5:] + ["c/truncated.jpg"])
+    assert {(r["model_uri"], r["model_version"]) for r in rows.values()} == {(ref.version_uri, ref.version)}
+    record = json.loads((days / "day2" / outputs.SUCCESS_FILE).read_text())
+    assert (record["images"], record["skipped"], record["rows"]) == (len(good) + 1, 5, len(good) - 4)
+
+    # A prefix of daily outputs: every finished one under it, never the output being written there.
+    third = call_job("jobs/infer.py", *base, "--output", days / "day3", "--skip-scored", days)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert [r["path"] for r in inference.read_predictions(locate(days / "day3")).to_pylist()] == [
+        str(bucket / "c/truncated.jpg")
+    ]
+    missing = call_job("jobs/infer.py", *base, "--output", days / "day4", "--skip-scored", tmp_path / "bucket")
+    assert missing.returncode == 2 and "no finished predictions there" in missing.stderr

@@ -279,18 +279,22 @@ def test_gpus_are_used_where_the_cluster_has_or_can_add_them_unless_the_flags_sa
     assert in_cluster_yaml(ROOT / "cluster/local.yaml", "CPU") == 8  # 2 cpu and 2 gpu nodes of 2 CPUs
 
 
-def test_a_cluster_whose_nodes_declare_gpus_is_read_as_one_with_gpus():
+def test_a_cluster_whose_nodes_declare_gpus_is_read_as_one_with_gpus_for_training_and_batch_inference():
     """A real Ray whose node declares 2 GPUs (Ray takes a node's word for them), in its own process:
     the session's Ray has none. Its own short --temp-dir (Ray's socket paths have a length limit)."""
     with tempfile.TemporaryDirectory(prefix="ray-gpus-", dir="/tmp") as temp:
         probe = (
             "import sys, ray\nfrom pipeline.cluster.resources import GpuCapacity\n"
             "ray.init(num_cpus=1, num_gpus=2, include_dashboard=False, _temp_dir=sys.argv[1])\n"
+            "from pipeline.cluster.resources import cpus_now_or_addable\nfrom pipeline.scoring import pool\n"
+            "print(pool.plan('auto', 'auto', GpuCapacity.read(), cpus_now_or_addable()).describe())\n"
             "print(GpuCapacity.read().describe())\nray.shutdown()\n"
         )
         proc = subprocess.run([sys.executable, "-c", probe, temp], capture_output=True, text=True, timeout=120,
                               cwd=ROOT, check=False)  # fmt: skip
     assert proc.stdout.strip().endswith("the cluster has 2 GPU(s)"), proc.stdout + proc.stderr[-3000:]
+    # Batch inference's model replicas on it: one GPU each, up to its two (jobs/infer.py, jobs/evaluate.py).
+    assert "model replicas: 1 to 2, 1 GPU each (the cluster has 2 GPU(s); --gpus-per-replica decides)" in proc.stdout
 
 
 def test_a_crop_bigger_than_the_shards_says_which_flag_to_change(tiny_shards):

@@ -22,15 +22,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from mlflow import MlflowClient
 from ray.data import ActorPoolStrategy
 
 from pipeline.data.imagenet import ClassInfo
 from pipeline.data.shards import PreparedDataset, open_dataset, read_shards
 from pipeline.data.transforms import eval_batch, ten_crop_batch
 from pipeline.errors import InputError
-from pipeline.scoring.loading import ModelRef, Predictor, ship
 from pipeline.scoring.pool import ONE_ACTOR, Pool
+from pipeline.scoring.predictor import ModelRef, Predictor, ship
 from pipeline.storage import Location
 
 CENTRE_VIEW = 4  # the centre crop's index among ten_crop's views
@@ -222,6 +221,8 @@ def write(output: Location, written: dict[str, bytes]) -> None:
 
 def log_to_run(ref: ModelRef, result: Evaluation, written: dict[str, bytes]) -> None:
     """Metrics eval_<protocol>_top1_error/_top5_error and the files under evaluation/, in the model's MLflow run."""
+    from mlflow import MlflowClient  # here: the model actors import this module, and need no MLflow
+
     client = MlflowClient(ref.tracking_uri)
     for p, r in result.protocols.items():
         for k in ("top1_error", "top5_error"):

@@ -30,8 +30,21 @@ class Pool:
         device = f"{self.gpus:g} GPU each" if self.gpus else "on CPUs"
         return f"model replicas: {count}, {device}" + (f" ({self.why})" if self.why else "")
 
+    def decoding(self, cpus: float) -> str:
+        """Where the files are decoded, and what the CPUs the replicas leave can feed."""
+        if not self.gpus:
+            return "decoding: inside each replica (Ray Data fuses it with the model on CPUs)"
+        free = max(0.0, cpus - self.largest)  # Ray Data gives each GPU replica a CPU of its own
+        return (
+            f"decoding: CPU tasks on the CPUs the replicas leave ({free:g} now): at ~{DECODE_PER_CORE} images/s per "
+            f"core, ~{free * DECODE_PER_CORE:,.0f} images/s; add CPU nodes if the GPUs wait"
+        )
+
 
 ONE_ACTOR = Pool(1, 1)  # on CPUs: the library's default
+# Images/s one core reads, decodes and crops (ImageNet-sized JPEGs, 224-px crops): the training
+# side's sizing rule, measured by `python benchmarks/ingest.py --cpus 2` (docs/clusters.md).
+DECODE_PER_CORE = 740
 
 
 def parse_replicas(text: str) -> tuple[int, int] | None:
