@@ -9,13 +9,14 @@ r"""Batch inference: run a registered model over a bucket or folder of images, o
 Lists the input recursively (jpg, jpeg, png, webp; any case) as a stream, decodes with
 validation's transform (short side to the model's image size, centre crop; --ten-crop for the
 paper's ten views), scores in a pool of model actors (--replicas N, MIN:MAX to autoscale, or auto:
-1 up to the cluster's GPUs, or its CPUs without GPUs; one GPU each where the cluster has or can
+as many as the cluster's GPUs, or its CPUs without GPUs, now; one GPU each where the cluster has or can
 add GPU nodes; each actor loads the model once), and writes Parquet with one row per image: path,
 top1_wnid, top1_name, top1_prob, top5_wnids, top5_names, top5_probs, model_uri, model_version,
 error (null when fine). _SUCCESS.json is written last.
 
 Stopped (Ctrl-C, SIGTERM, `ray job stop`, a lost driver), the same command resumes: files already
-scored are kept and skipped (Ray Data's checkpoint, at OUTPUT.checkpoint until the job finishes).
+scored are kept and skipped (Ray Data's checkpoint, at _NAME.checkpoint beside the output until the
+job finishes; one run at a time per output).
 Another model version or other preprocessing over an unfinished output is refused (--restart
 starts over); a finished output is refused unless --overwrite, which deletes it first.
 --skip-scored PREVIOUS scores only files no earlier output (or prefix of outputs) holds.
@@ -58,13 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="an earlier --output, or a prefix holding several: its files (scored without error) are not scored "
         "again; repeat for more",
     )
-    parser.add_argument("--overwrite", action="store_true", help="delete a finished output at --output, then write")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the predictions at --output (finished or not) first, then write",
+    )
     parser.add_argument("--restart", action="store_true", help="delete an unfinished output's rows and start over")
     parser.add_argument(
         "--rows-per-file",
         type=positive_int,
         default=10_000,
-        help="rows per Parquet file; a stop loses at most the unwritten rows of each writer",
+        help="at least this many rows per Parquet file; a stop loses at most the unwritten rows of each writer",
     )
     parser.add_argument("--max-file-mb", type=positive, default=64.0, help="a larger file gets an error row, unread")
     cli.add_tracking(parser)
@@ -137,13 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if plan is None:
-            raise
-        kept = inference.committed_rows(plan.checkpoint)
-        print(
-            f"\nstopped: {kept:,} scored rows are kept in {plan.output.uri}; run the same command again to resume",
-            file=sys.stderr,
-        )
+        if plan is None or not plan.output.join(inference.JOB_FILE).is_file():
+            print("\nstopped before any prediction was written", file=sys.stderr)
+        else:
+            print(
+                f"\nstopped: the rows scored so far are kept in {plan.output.uri}; run the same command again to "
+                "resume",
+                file=sys.stderr,
+            )
         return 130
     print(f"\n{summary.describe()}\npredictions: {summary.output} (Parquet; {inference.SUCCESS_FILE} written last)")
     return 0

@@ -106,7 +106,7 @@ def add_replicas(parser: argparse.ArgumentParser) -> None:
         default=AUTO,
         type=replicas,
         metavar="N|MIN:MAX|auto",
-        help="model actors: N, MIN:MAX to autoscale, or auto (1 up to the cluster's GPUs, or CPUs without GPUs)",
+        help="model actors: N, MIN:MAX to autoscale, or auto (the cluster's GPUs, or CPUs without GPUs)",
     )
     parser.add_argument(
         "--gpus-per-replica",

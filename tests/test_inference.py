@@ -445,10 +445,10 @@ def test_model_actors_are_a_number_a_range_or_auto_and_use_gpus_where_the_cluste
     none, eight, addable = GpuCapacity(0.0), GpuCapacity(8.0), GpuCapacity(0.0, addable=4.0)
     assert pool.plan("3", "auto", none, 6.0) == pool.Pool(3, 3, 0.0, none.describe() + "; --gpus-per-replica decides")
     assert pool.plan("1:8", 0.0, eight, 6.0) == pool.Pool(1, 8, 0.0, "--gpus-per-replica")  # CPUs when told
-    assert _shape(pool.plan("auto", "auto", none, 6.0)) == (1, 6, 0.0)  # 1 up to the CPUs
+    assert _shape(pool.plan("auto", "auto", none, 6.0)) == (6, 6, 0.0)  # the CPUs, from the start
     assert _shape(pool.plan("auto", "auto", none, 0.0)) == (1, 1, 0.0)  # a head alone, its nodes still to come
-    assert _shape(pool.plan("auto", "auto", eight, 64.0)) == (1, 8, 1.0)  # 1 up to the GPUs, one each
-    assert _shape(pool.plan("auto", 0.5, eight, 64.0)) == (1, 16, 0.5)
+    assert _shape(pool.plan("auto", "auto", eight, 64.0)) == (8, 8, 1.0)  # the GPUs, one each
+    assert _shape(pool.plan("auto", 0.5, eight, 64.0)) == (16, 16, 0.5)
     assert _shape(pool.plan("auto", "auto", addable, 0.0)) == (1, 4, 1.0)  # GPU nodes the autoscaler may add
     assert pool.plan("2", "auto", eight, 64.0).describe() == (
         "model replicas: 2, 1 GPU each (the cluster has 8 GPU(s); --gpus-per-replica decides)"
@@ -525,8 +525,8 @@ def many_images(tmp_path_factory) -> Path:
     return root
 
 
-def _committed(checkpoint: str) -> int:
-    return inference.committed_rows(locate(checkpoint))
+def _committed(output: str) -> int:
+    return inference.committed_rows(inference.checkpoint_of(locate(output)))
 
 
 @pytest.mark.slow
@@ -564,13 +564,13 @@ def test_a_job_stopped_part_way_resumes_with_the_same_command_to_the_rows_of_an_
     job = subprocess.Popen(command, env=job_env(ray_cluster, trained.tracking_uri), text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).parents[1])  # fmt: skip
     deadline = time.time() + 240
-    while _committed(output + ".checkpoint") < 40 and job.poll() is None and time.time() < deadline:
+    while _committed(output) < 40 and job.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     job.send_signal(signal.SIGTERM)
     stdout, stderr = job.communicate(timeout=120)
     assert job.returncode == 130, stdout[-2000:] + stderr[-3000:]
-    kept = _committed(output + ".checkpoint")
-    assert f"stopped: {kept} scored rows are kept in {output}; run the same command again" in stderr
+    kept = _committed(output)
+    assert f"stopped: the rows scored so far are kept in {output}; run the same command again" in stderr
     assert 0 < kept < 400, kept
     assert re.search(r"scored \d+ of 400 \(\d+%\), \d+ images/s", stdout), stdout[-2000:]  # progress lines
     assert not locate(output).join(outputs.SUCCESS_FILE).is_file()
@@ -582,7 +582,7 @@ def test_a_job_stopped_part_way_resumes_with_the_same_command_to_the_rows_of_an_
         assert f"was begun by another job ({kept} rows so far)" in refused.stderr
         assert f"model: {ref.version_uri} then, {other} now" in refused.stderr
         assert "--ten-crop: false then, true now" in refused.stderr and "--restart" in refused.stderr
-        assert _committed(output + ".checkpoint") == kept
+        assert _committed(output) == kept
 
     resumed = call_job("jobs/infer.py", *args, "--output", output)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -595,7 +595,7 @@ def test_a_job_stopped_part_way_resumes_with_the_same_command_to_the_rows_of_an_
     assert second.equals(first), "the same rows and predictions as a run that was never stopped"
     record = json.loads(locate(output).join(outputs.SUCCESS_FILE).read_text())
     assert (record["rows"], record["resumed"], record["model_version"]) == (400, kept, ref.version)
-    assert not locate(output + ".checkpoint").info().type == pafs.FileType.Directory
+    assert inference.checkpoint_of(locate(output)).info().type == pafs.FileType.NotFound
 
 
 @pytest.mark.slow

@@ -294,7 +294,7 @@ def test_a_cluster_whose_nodes_declare_gpus_is_read_as_one_with_gpus_for_trainin
                               cwd=ROOT, check=False)  # fmt: skip
     assert proc.stdout.strip().endswith("the cluster has 2 GPU(s)"), proc.stdout + proc.stderr[-3000:]
     # Batch inference's model replicas on it: one GPU each, up to its two (jobs/infer.py, jobs/evaluate.py).
-    assert "model replicas: 1 to 2, 1 GPU each (the cluster has 2 GPU(s); --gpus-per-replica decides)" in proc.stdout
+    assert "model replicas: 2, 1 GPU each (the cluster has 2 GPU(s); --gpus-per-replica decides)" in proc.stdout
 
 
 def test_a_crop_bigger_than_the_shards_says_which_flag_to_change(tiny_shards):

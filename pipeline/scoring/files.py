@@ -32,7 +32,7 @@ from pipeline.data.transforms import ten_crop as ten_views
 from pipeline.errors import InputError
 from pipeline.storage import Location, UnreadableFile
 
-LISTING_ROWS = 1_000  # names per listing file: what the driver holds while it lists, and a block of work
+LISTING_ROWS = 10_000  # names per listing file: what the driver holds while it lists
 EXAMPLES = 20  # files without an image extension named in the record (all are counted)
 COMPLETE_FILE = "_COMPLETE.json"  # written last into the listing's folder
 
@@ -119,9 +119,9 @@ def views_batch(
         path = uri.removeprefix("s3://")
         try:  # a store that does not answer fails the task (Ray retries it); one file's trouble is its row's
             data = Location(fs, path, uri).read_input(max_bytes)
-        except UnreadableFile as exc:
+        except (UnreadableFile, ValueError) as exc:  # ValueError: a key pyarrow cannot open (`a//b.jpg`)
             images.append(np.zeros((count, crop, crop, 3), np.uint8))
-            errors.append(str(exc))
+            errors.append(str(exc) if isinstance(exc, UnreadableFile) else f"cannot be opened: {exc}")
             continue
         try:
             images.append(views_of(np.asarray(load_square(data, size))))

@@ -6,7 +6,7 @@
 
 Resumable. OUTPUT/_JOB.json says what the job is: the model version and its program's digest, the
 preprocessing, the input, the previous outputs it skips. Ray Data's checkpoint
-(ray.data.checkpoint.CheckpointConfig, at OUTPUT.checkpoint beside the output) holds the paths of
+(ray.data.checkpoint.CheckpointConfig, at _NAME.checkpoint beside the output) holds the paths of
 the rows in every Parquet file that is complete: it writes them "pending" before the data file and
 commits them after it. The same job run again skips those rows and scores the rest; a data file
 whose rows were never committed (a stop between the two) is deleted by Ray Data before it starts.
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import posixpath
 import threading
 import time
 from collections.abc import Callable
@@ -65,7 +66,7 @@ from pipeline.storage import DEFAULT_MAX_FILE_BYTES, Location, check_apart, loca
 
 JOB_FILE = "_JOB.json"  # what the job in progress is; a rerun compares itself with it
 LISTING = "_listing"  # the input's names, as Parquet files
-CHECKPOINT_SUFFIX = ".checkpoint"  # Ray Data's checkpoint, beside the output (it holds only Ray's files)
+CHECKPOINT_SUFFIX = ".checkpoint"  # Ray Data's checkpoint: _NAME.checkpoint beside the output (Ray's files only)
 DECODE_BATCH = 32  # files per decode task
 LIGHT_TASKS = 2  # the CPU-free tasks (read the listing, filter it, write Parquet) running at a time
 PENDING = ".pending.parquet"  # a checkpoint file Ray Data has not committed
@@ -156,6 +157,7 @@ def job_record(ref: ModelRef, source: Location, options: InferenceOptions) -> di
         "ten_crop": options.ten_crop_views,
         "max_file_bytes": options.max_file_bytes,
         "skip_scored": sorted(options.skip_scored),
+        "skipped_outputs": [],  # the finished outputs those named when the job began
     }
 
 
@@ -182,11 +184,13 @@ def prepare_output(
     """
     check_apart(output, "--output", {"--input": source})
     output.check_writable()
-    checkpoint = output.at(output.path.rstrip("/") + CHECKPOINT_SUFFIX)
-    record = job_record(ref, source, options)
-    plan = Plan(output, checkpoint, record)
-    plan.previous_fs, plan.previous = _previous_outputs(options.skip_scored, output)
+    checkpoint = checkpoint_of(output)
+    plan = Plan(output, checkpoint, job_record(ref, source, options))
     earlier = _read_record(output)
+    finished = output.join(SUCCESS_FILE).is_file()
+    if finished and earlier is not None:  # a finished job stopped while it tidied up: finish that
+        _tidy(output, checkpoint)
+        earlier = None
     if earlier is not None:
         if options.restart or options.overwrite:
             flag = "--restart" if options.restart else "--overwrite"
@@ -194,11 +198,22 @@ def prepare_output(
             _discard(output, checkpoint)
         else:
             plan.resumed = committed_rows(checkpoint)
-            _check_same_job(earlier, record, output, plan.resumed)
-            plan.record = {**record, "model_uri": earlier["model_uri"]}  # rows name the model as the first run did
+            _check_same_job(earlier, plan.record, output, plan.resumed)
+            if not plan.resumed and _data_files(output):
+                raise InferenceError(
+                    f"output {output.uri} holds Parquet files but {checkpoint.uri} records none of them (a "
+                    "deletion that stopped half way?): pass --restart to delete them and start over"
+                )
+            # Rows name the model as the first run did; the previous outputs are those it found.
+            plan.record = {
+                **plan.record,
+                "model_uri": earlier["model_uri"],
+                "skipped_outputs": earlier.get("skipped_outputs", []),
+            }
             plan.listing = files.read_listing(output.join(LISTING))
+            plan.previous_fs, plan.previous = _previous_files(plan.record["skipped_outputs"])
             return plan
-    elif output.join(SUCCESS_FILE).is_file():
+    elif finished:
         if not options.overwrite:
             raise InferenceError(
                 f"output {output.uri} already exists (finished); pass --overwrite to replace it (its predictions "
@@ -216,7 +231,16 @@ def prepare_output(
             f"{checkpoint.uri} exists and this job did not write it: it is where the job keeps its checkpoint. "
             "Move it away, or choose another --output"
         )
+    plan.record["skipped_outputs"] = _finished_outputs(options.skip_scored, output)
+    plan.previous_fs, plan.previous = _previous_files(plan.record["skipped_outputs"])
     return plan
+
+
+def checkpoint_of(output: Location) -> Location:
+    """Where Ray Data's checkpoint of `output` is kept: `_NAME.checkpoint` beside it (a name Parquet
+    readers of the folder above skip, as they skip every name that begins with `_`)."""
+    parent, name = posixpath.split(output.path.rstrip("/"))
+    return output.at(f"{parent}/_{name}{CHECKPOINT_SUFFIX}")
 
 
 def _check_same_job(earlier: dict[str, Any], record: dict[str, Any], output: Location, rows: int) -> None:
@@ -252,65 +276,89 @@ def _read_record(output: Location) -> dict[str, Any] | None:
 
 
 def _discard(output: Location, checkpoint: Location) -> None:
-    """Delete an output this job's kind wrote (it holds JOB_FILE or SUCCESS_FILE), and its checkpoint."""
-    unfinished = output.join(JOB_FILE).is_file()
-    if not unfinished:
+    """Delete an output this job's kind wrote (it holds JOB_FILE or SUCCESS_FILE), and its checkpoint:
+    the data first, then the checkpoint, the markers last, so that a deletion that stops half way
+    leaves an output still marked as this job's (and a rerun that finds data without a checkpoint
+    asks for --restart)."""
+    if not output.join(JOB_FILE).is_file():
         outputs.check_ours(output)
-    if unfinished:
-        outputs.delete(checkpoint)  # the checkpoint first: without JOB_FILE beside it, it is nobody's
+    markers = {output.join(JOB_FILE).path, output.join(SUCCESS_FILE).path}
+    for entry in outputs.files(output):
+        if entry.path not in markers:
+            output.fs.delete_file(entry.path)
+    outputs.delete(checkpoint)  # only ever beside an output holding a marker
     outputs.delete(output)
 
 
+def _tidy(output: Location, checkpoint: Location) -> None:
+    """A finished output's job state deleted: the checkpoint, the listing, JOB_FILE last."""
+    outputs.delete(checkpoint)
+    outputs.delete(output.join(LISTING))
+    outputs.delete(output.join(JOB_FILE))
+
+
 def _committed_files(checkpoint: Location) -> list[str]:
-    return [path for path, _ in _committed(checkpoint, {})]
+    """The checkpoint's committed files; a store that does not answer fails the job (never a file fewer)."""
+    entries = checkpoint.fs.get_file_info(pafs.FileSelector(checkpoint.path, allow_not_found=True))
+    return [e.path for e in entries if e.type == pafs.FileType.File and _is_committed(e.path)]
+
+
+def _is_committed(path: str) -> bool:
+    return path.endswith(".parquet") and not path.endswith(PENDING)
 
 
 def committed_rows(checkpoint: Location) -> int:
     """Rows in the checkpoint's committed files: what a rerun skips."""
-    return sum(rows for _, rows in _committed(checkpoint, {}))
+    return sum(pq.read_metadata(f, filesystem=checkpoint.fs).num_rows for f in _committed_files(checkpoint))
 
 
-def _committed(checkpoint: Location, known: dict[str, int]) -> list[tuple[str, int]]:
-    """(file, rows) of each committed checkpoint file; `known` caches rows by file."""
+def _committed(checkpoint: Location, known: dict[str, int]) -> int:
+    """Rows committed so far, for progress lines: `known` caches rows by file; what cannot be read
+    now (a store that hesitates, a file committed and not yet visible) is counted next time."""
     try:
         entries = checkpoint.fs.get_file_info(pafs.FileSelector(checkpoint.path, allow_not_found=True))
     except OSError:
-        return list(known.items())
-    found = []
+        return sum(known.values())
     for entry in entries:
-        if entry.type == pafs.FileType.File and entry.path.endswith(".parquet") and not entry.path.endswith(PENDING):
-            if entry.path not in known:
-                try:
-                    known[entry.path] = pq.read_metadata(entry.path, filesystem=checkpoint.fs).num_rows
-                except OSError:  # committed and gone meanwhile, or not yet readable: counted next time
-                    continue
-            found.append((entry.path, known[entry.path]))
-    return found
+        if entry.type == pafs.FileType.File and _is_committed(entry.path) and entry.path not in known:
+            try:
+                known[entry.path] = pq.read_metadata(entry.path, filesystem=checkpoint.fs).num_rows
+            except OSError:
+                continue
+    return sum(known.values())
 
 
-def _previous_outputs(uris: tuple[str, ...], output: Location) -> tuple[pafs.FileSystem | None, list[str]]:
-    """The Parquet files of every finished output under each of `uris` (not `output` itself)."""
-    paths: list[str] = []
-    fs = None
+def _finished_outputs(uris: tuple[str, ...], output: Location) -> list[str]:
+    """Every finished output (a folder holding SUCCESS_FILE) under each of `uris`, not `output` itself."""
+    found: list[str] = []
+    kinds = {locate(uri).is_local for uri in uris}
+    if len(kinds) > 1:
+        raise InferenceError("--skip-scored: name previous outputs all on local disk or all in S3")
+    own = output.path.rstrip("/")
     for uri in uris:
         place = locate(uri)
-        if fs is not None and place.is_local != (type(fs) is pafs.LocalFileSystem):
-            raise InferenceError("--skip-scored: name previous outputs all on local disk or all in S3")
-        fs = place.fs
-        every = outputs.files(place)
-        own = output.path.rstrip("/") + "/"
-        finished = {e.path[: -len(SUCCESS_FILE)] for e in every if e.base_name == SUCCESS_FILE}
-        finished = {f for f in finished if f != own}
+        if place.is_local == output.is_local and place.path.rstrip("/") == own:
+            raise InferenceError(f"--skip-scored {uri} is --output itself: name earlier outputs")
+        finished = sorted(e.path[: -len(SUCCESS_FILE) - 1] for e in outputs.files(place) if e.base_name == SUCCESS_FILE)
+        finished = [f for f in finished if f != own]
         if not finished:
             raise InferenceError(
                 f"--skip-scored {uri}: no finished predictions there (an output of jobs/infer.py holds "
                 f"{SUCCESS_FILE}); name an earlier --output, or a prefix holding them"
             )
-        paths += [
-            e.path
-            for e in every
-            if e.path.endswith(".parquet") and any(e.path.startswith(f) for f in finished) and "/_" not in e.path
-        ]
+        found += [place.uri_of(f) for f in finished]
+    return found
+
+
+def _previous_files(outputs_: list[str]) -> tuple[pafs.FileSystem | None, list[str]]:
+    """The Parquet files of finished outputs (as the run that began this output found them)."""
+    fs, paths = None, []
+    for uri in outputs_:
+        place = locate(uri)
+        if not place.join(SUCCESS_FILE).is_file():
+            raise InferenceError(f"--skip-scored: {uri} is gone or no longer finished; pass --restart to start over")
+        fs = place.fs
+        paths += _data_files(place)
     return fs, paths
 
 
@@ -408,11 +456,15 @@ def infer(
         context.checkpoint_config = None
         progress.stop()
     audit = ray.get(_audit.remote(listing.files, _data_files(plan.output), plan.output.fs, previous))
-    if audit["missing"] or audit["duplicates"] or audit["unlisted"]:
+    if audit["duplicates"] or audit["unlisted"]:
         raise InferenceError(
-            f"{plan.output.uri} holds {audit['rows']:,} rows for {listing.images - audit['skipped']:,} files to score: "
-            f"{audit['missing']:,} missing, {audit['duplicates']:,} twice, {audit['unlisted']:,} not in the listing. "
-            "Nothing was deleted: rerun the same command to score what is missing"
+            f"{plan.output.uri} holds {audit['duplicates']:,} files' rows twice and {audit['unlisted']:,} rows for "
+            "files not in its listing: it is not one row per file. Nothing was deleted; pass --restart to score it again"
+        )
+    if audit["missing"]:
+        raise InferenceError(
+            f"{plan.output.uri} lacks the rows of {audit['missing']:,} listed files although its checkpoint "
+            "records them (data files deleted by hand?). Nothing was deleted; pass --restart to score it again"
         )
     summary = InferenceSummary(
         images=listing.images,
@@ -426,9 +478,7 @@ def infer(
         output=plan.output.uri,
     )
     plan.output.join(SUCCESS_FILE).write_text(_success_record(plan, listing, summary))
-    outputs.delete(plan.checkpoint)  # JOB_FILE last: until it goes, a rerun finishes this tidying
-    outputs.delete(plan.output.join(LISTING))
-    outputs.delete(plan.output.join(JOB_FILE))
+    _tidy(plan.output, plan.checkpoint)  # stopped half way, a rerun finishes it
     return summary
 
 
@@ -577,7 +627,7 @@ class _Progress:
         known: dict[str, int] = {}
         started = time.time()
         while not self.stopping.wait(self.interval):
-            done = sum(rows for _, rows in _committed(self.checkpoint, known)) - self.before
+            done = _committed(self.checkpoint, known) - self.before
             elapsed = time.time() - started
             rate = done / elapsed if elapsed else 0.0
             left = f", about {_duration((self.total - done) / rate)} left" if rate > 0 else ""

@@ -1,6 +1,8 @@
 """The model actors of a batch job (evaluate, infer), decided on the driver: how many, on what.
 
---replicas N | MIN:MAX | auto     a fixed pool, an autoscaling one, or 1 up to what the cluster holds
+--replicas N | MIN:MAX | auto     a fixed pool, an autoscaling one, or auto: as many as the cluster
+                                  holds now (its GPUs, else its CPUs), growing into GPU nodes its
+                                  autoscaler may add
 --gpus-per-replica N | auto       auto: 1 where the cluster has GPUs or its autoscaler can add
                                   GPU nodes, else 0 (CPUs)
 """
@@ -62,7 +64,10 @@ def plan(replicas: str, gpus_per_replica: str | float, capacity: GpuCapacity, cp
     else:
         gpus, why = float(gpus_per_replica), "--gpus-per-replica"
     counts = parse_replicas(replicas)
-    if counts is None:
-        most = (capacity.present or capacity.addable) / gpus if gpus else cpus
-        counts = (1, max(1, int(most)))
+    if counts is None:  # what the cluster has now from the start (Ray Data grows a pool slowly), up to what it may add
+        if gpus:
+            now = capacity.present / gpus
+            counts = (max(1, int(now)), max(1, int((capacity.present or capacity.addable) / gpus)))
+        else:
+            counts = (max(1, int(cpus)), max(1, int(cpus)))
     return Pool(counts[0], counts[1], gpus, why)
