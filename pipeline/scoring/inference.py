@@ -491,7 +491,7 @@ def _dataset(
     # task is small, and every one more is a worker process to start. Dropped: the files with a row
     # in this output's checkpoint (an earlier run's) or in a previous output.
     names = ListingSource(listing.files, plan.output.fs, done)
-    dataset = ray.data.read_datasource(names, num_cpus=0, concurrency=LIGHT_TASKS)
+    dataset = ray.data.read_datasource(names, num_cpus=0, concurrency=min(LIGHT_TASKS, len(listing.files)))
     decode = {
         "fs": source.fs,
         "size": ref.image_size,
