@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         ray.init(num_cpus=args.cpus, runtime_env={"env_vars": mlflow_client.worker_env(uri)})
         try:
-            actors = pool.plan(args.replicas, 0.0, GpuCapacity(0.0), ray.cluster_resources()["CPU"])
+            actors = pool.plan(args.replicas, 0.0, GpuCapacity(0.0), ray.cluster_resources()["CPU"], whole=True)
             for images in args.images:
                 folder = inputs(tmp, images, base)
                 half = halve(folder)

@@ -54,7 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--skip-scored",
         action="append",
-        default=[],
         metavar="PREVIOUS",
         help="an earlier --output, or a prefix holding several: its files (scored without error) are not scored "
         "again; repeat for more",
@@ -114,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             max_file_bytes=int(args.max_file_mb * 2**20),
             overwrite=args.overwrite,
             restart=args.restart,
-            skip_scored=tuple(args.skip_scored),
+            skip_scored=tuple(args.skip_scored or ()),
             rows_per_file=args.rows_per_file,
             progress_interval=args.progress_interval if args.progress else 0.0,
         )
@@ -135,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             env=mlflow_client.worker_env(tracking_uri, forward), joined_note=mlflow_client.credentials_note(forward)
         )
         cpus = cpus_now_or_addable()
-        actors = pool.plan(args.replicas, args.gpus_per_replica, GpuCapacity.read(), cpus)
+        actors = pool.plan(args.replicas, args.gpus_per_replica, GpuCapacity.read(), cpus, whole=True)
         print(f"{actors.describe()}\n{actors.decoding(cpus)}", flush=True)
         summary = inference.infer(ref, source, plan, dataclasses.replace(options, pool=actors))
     except InputError as exc:

@@ -445,15 +445,17 @@ def test_model_actors_are_a_number_a_range_or_auto_and_use_gpus_where_the_cluste
     none, eight, addable = GpuCapacity(0.0), GpuCapacity(8.0), GpuCapacity(0.0, addable=4.0)
     assert pool.plan("3", "auto", none, 6.0) == pool.Pool(3, 3, 0.0, none.describe() + "; --gpus-per-replica decides")
     assert pool.plan("1:8", 0.0, eight, 6.0) == pool.Pool(1, 8, 0.0, "--gpus-per-replica")  # CPUs when told
-    assert _shape(pool.plan("auto", "auto", none, 6.0)) == (6, 6, 0.0)  # the CPUs, from the start
-    assert _shape(pool.plan("auto", "auto", none, 0.0)) == (1, 1, 0.0)  # a head alone, its nodes still to come
-    assert _shape(pool.plan("auto", "auto", eight, 64.0)) == (8, 8, 1.0)  # the GPUs, one each
-    assert _shape(pool.plan("auto", 0.5, eight, 64.0)) == (16, 16, 0.5)
-    assert _shape(pool.plan("auto", "auto", addable, 0.0)) == (1, 4, 1.0)  # GPU nodes the autoscaler may add
+    assert _shape(pool.plan("auto", "auto", none, 6.0)) == (1, 6, 0.0)  # 1 up to the CPUs (evaluation)
+    assert _shape(pool.plan("auto", "auto", none, 6.0, whole=True)) == (6, 6, 0.0)  # inference: all from the start
+    assert _shape(pool.plan("auto", "auto", none, 0.0, whole=True)) == (1, 1, 0.0)  # a head alone, nodes to come
+    assert _shape(pool.plan("auto", "auto", eight, 64.0)) == (1, 8, 1.0)  # 1 up to the GPUs, one each
+    assert _shape(pool.plan("auto", "auto", eight, 64.0, whole=True)) == (8, 8, 1.0)
+    assert _shape(pool.plan("auto", 0.5, eight, 64.0, whole=True)) == (16, 16, 0.5)
+    assert _shape(pool.plan("auto", "auto", addable, 0.0, whole=True)) == (1, 4, 1.0)  # GPU nodes to be added
     assert pool.plan("2", "auto", eight, 64.0).describe() == (
         "model replicas: 2, 1 GPU each (the cluster has 8 GPU(s); --gpus-per-replica decides)"
     )
-    assert pool.plan("auto", "auto", eight, 64.0).decoding(64.0) == (
+    assert pool.plan("auto", "auto", eight, 64.0, whole=True).decoding(64.0) == (
         "decoding: CPU tasks on the CPUs the replicas leave (56 now): at ~740 images/s per core, ~41,440 images/s; "
         "add CPU nodes if the GPUs wait"
     )

@@ -287,7 +287,7 @@ def test_a_cluster_whose_nodes_declare_gpus_is_read_as_one_with_gpus_for_trainin
             "import sys, ray\nfrom pipeline.cluster.resources import GpuCapacity\n"
             "ray.init(num_cpus=1, num_gpus=2, include_dashboard=False, _temp_dir=sys.argv[1])\n"
             "from pipeline.cluster.resources import cpus_now_or_addable\nfrom pipeline.scoring import pool\n"
-            "print(pool.plan('auto', 'auto', GpuCapacity.read(), cpus_now_or_addable()).describe())\n"
+            "print(pool.plan('auto', 'auto', GpuCapacity.read(), cpus_now_or_addable(), whole=True).describe())\n"
             "print(GpuCapacity.read().describe())\nray.shutdown()\n"
         )
         proc = subprocess.run([sys.executable, "-c", probe, temp], capture_output=True, text=True, timeout=120,

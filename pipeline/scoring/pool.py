@@ -1,8 +1,8 @@
 """The model actors of a batch job (evaluate, infer), decided on the driver: how many, on what.
 
---replicas N | MIN:MAX | auto     a fixed pool, an autoscaling one, or auto: as many as the cluster
-                                  holds now (its GPUs, else its CPUs), growing into GPU nodes its
-                                  autoscaler may add
+--replicas N | MIN:MAX | auto     a fixed pool, an autoscaling one, or auto: 1 up to what the
+                                  cluster holds (its GPUs, else its CPUs); for inference, whose
+                                  other tasks take no CPU, as many as it holds now from the start
 --gpus-per-replica N | auto       auto: 1 where the cluster has GPUs or its autoscaler can add
                                   GPU nodes, else 0 (CPUs)
 """
@@ -57,17 +57,18 @@ def parse_replicas(text: str) -> tuple[int, int] | None:
         raise PoolError(f"--replicas {exc}") from None
 
 
-def plan(replicas: str, gpus_per_replica: str | float, capacity: GpuCapacity, cpus: float) -> Pool:
-    """The pool for this cluster: `capacity` its GPUs, `cpus` its CPUs now."""
+def plan(replicas: str, gpus_per_replica: str | float, capacity: GpuCapacity, cpus: float, whole: bool = False) -> Pool:
+    """The pool for this cluster: `capacity` its GPUs, `cpus` its CPUs now. `auto` is 1 up to what
+    the cluster holds; `whole`, for a job whose other tasks take no CPU (inference), starts with it."""
     if gpus_per_replica == AUTO:
         gpus, why = (1.0 if capacity.any else 0.0), f"{capacity.describe()}; --gpus-per-replica decides"
     else:
         gpus, why = float(gpus_per_replica), "--gpus-per-replica"
     counts = parse_replicas(replicas)
-    if counts is None:  # what the cluster has now from the start (Ray Data grows a pool slowly), up to what it may add
-        if gpus:
-            now = capacity.present / gpus
-            counts = (max(1, int(now)), max(1, int((capacity.present or capacity.addable) / gpus)))
-        else:
-            counts = (max(1, int(cpus)), max(1, int(cpus)))
+    if counts is None:
+        most = max(1, int((capacity.present or capacity.addable) / gpus if gpus else cpus))
+        # Whole: what the cluster has now from the start (Ray Data grows a pool only while work
+        # queues up before it), up to what its autoscaler may add.
+        now = max(1, int(capacity.present / gpus if gpus else cpus)) if whole else 1
+        counts = (min(now, most), most)
     return Pool(counts[0], counts[1], gpus, why)
