@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     DataContext.get_current().enable_progress_bars = args.progress
     if not args.progress:  # MLflow's bar while it downloads the model, too
         os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    signal.signal(signal.SIGTERM, _stop)  # `ray job stop`, a scheduler: stop as Ctrl-C does, and say so
+    connection.stop_on_sigterm()  # `ray job stop`, a scheduler: stop as Ctrl-C does, and say so
     plan = None
     try:  # everything that can be wrong is found here, before any cluster work
         output, source = locate(args.output), locate(args.input)
@@ -152,10 +151,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(f"\n{summary.describe()}\npredictions: {summary.output} (Parquet; {inference.SUCCESS_FILE} written last)")
     return 0
-
-
-def _stop(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":
