@@ -24,7 +24,6 @@ S3-compatible store). Runs in the foreground; Ctrl-C stops it.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import signal
 import sys
 from pathlib import Path
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     scrubbed_output()
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.auth and not args.insecure and not _loopback(args.host):
+    if not args.auth and not args.insecure and not cli.loopback(args.host):
         print(
             f"error: --host {args.host} lets other machines reach the server, and without --auth anyone who "
             "reaches the port can move @champion or replace artifacts. Add --auth (set MLFLOW_TRACKING_USERNAME "
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if not _loopback(args.host) and not args.local_artifacts and "://" not in (args.artifacts_destination or ""):
+    if not cli.loopback(args.host) and not args.local_artifacts and "://" not in (args.artifacts_destination or ""):
         where = args.artifacts_destination or f"{args.dir}/artifacts"
         print(
             f"error: --host {args.host} serves other machines, but the model files would go to {where} on this "
@@ -119,15 +118,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         server.stop()
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve to anything
-        return False
 
 
 if __name__ == "__main__":

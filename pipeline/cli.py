@@ -14,6 +14,7 @@ Argparse and the standard library only: every job answers --help before Ray, tor
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
 from typing import Any
@@ -143,3 +144,13 @@ def replicas(text: str) -> str:
 def gpus(text: str) -> str | float:
     """An argparse type: `auto` or a number of GPUs of at least 0."""
     return AUTO if text == AUTO else non_negative(text)
+
+
+def loopback(host: str) -> bool:
+    """Whether a server bound to `host` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False

@@ -43,14 +43,18 @@ class UnsupportedImage(ValueError):
     memory to decode than MAX_DECODE_BYTES."""
 
 
+class ImageTooLarge(UnsupportedImage):
+    """An image over MAX_PIXELS or MAX_DECODE_BYTES (the endpoint answers 413 for it, 415 for a format)."""
+
+
 def check_decodable(width: int, height: int, bands: int) -> None:
     """UnsupportedImage when an image of this size would exceed the pixel limit or the decoding budget."""
     pixels = width * height
     if pixels > MAX_PIXELS:
-        raise UnsupportedImage(f"{pixels:,} pixels, over the {MAX_PIXELS:,}-pixel limit for a source image")
+        raise ImageTooLarge(f"{pixels:,} pixels, over the {MAX_PIXELS:,}-pixel limit for a source image")
     needed = pixels * bands + pixels * 3
     if needed > MAX_DECODE_BYTES:
-        raise UnsupportedImage(
+        raise ImageTooLarge(
             f"a {width}×{height} image takes {needed / 2**20:,.0f} MiB to decode, over the "
             f"{MAX_DECODE_BYTES / 2**20:.0f} MiB budget for one image"
         )
@@ -124,12 +128,19 @@ def load_square(data: bytes, size: int) -> Image.Image:
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         size = re.search(r"\((\d+) pixels\)", str(exc))
         pixels = f"{int(size[1]):,} pixels" if size else "too many pixels"
-        raise UnsupportedImage(f"{pixels}, over the {MAX_PIXELS:,}-pixel limit for a source image") from None
+        raise ImageTooLarge(f"{pixels}, over the {MAX_PIXELS:,}-pixel limit for a source image") from None
     with opened as image:
         if image.format == "JPEG":
             image.draft("RGB", (size, size))  # the size below is the reduced one
         check_decodable(*image.size, len(image.getbands()))
         return square_image(image, size)
+
+
+def source_views(data: bytes, size: int, crop: int, ten: bool = False) -> np.ndarray:
+    """Source file bytes → its test views, (views, crop, crop, 3) uint8: the size×size square's centre
+    crop, or with `ten` the paper's ten views. What batch inference and the endpoint score."""
+    square = np.asarray(load_square(data, size))
+    return ten_crop(square, crop) if ten else center_crop(square, crop)[None]
 
 
 def encode_jpeg(image: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
@@ -188,7 +199,7 @@ def _open_checked(data: bytes) -> Image.Image:
         try:
             image = Image.open(io.BytesIO(data), formats=SOURCE_FORMATS)
         except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-            raise UnsupportedImage(f"over the {MAX_PIXELS:,}-pixel limit for an image") from None
+            raise ImageTooLarge(f"over the {MAX_PIXELS:,}-pixel limit for an image") from None
     check_decodable(*image.size, len(image.getbands()))
     return image
 

@@ -27,8 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.data.transforms import IMAGE_EXTENSIONS, center_crop, describe_undecodable, is_image_name, load_square
-from pipeline.data.transforms import ten_crop as ten_views
+from pipeline.data.transforms import IMAGE_EXTENSIONS, describe_undecodable, is_image_name, source_views
 from pipeline.errors import InputError
 from pipeline.storage import Location, UnreadableFile
 
@@ -112,7 +111,6 @@ def views_batch(
     batch: dict[str, np.ndarray], fs: pafs.FileSystem, size: int, crop: int, ten: bool, max_bytes: int
 ) -> dict:
     """Read and decode files into test views; a file that cannot be read or decoded gets its error instead."""
-    views_of = (lambda a: ten_views(a, crop)) if ten else (lambda a: center_crop(a, crop)[None])
     count = 10 if ten else 1
     images, errors = [], []
     for uri in batch["path"]:
@@ -124,7 +122,7 @@ def views_batch(
             errors.append(str(exc) if isinstance(exc, UnreadableFile) else f"cannot be opened: {exc}")
             continue
         try:
-            images.append(views_of(np.asarray(load_square(data, size))))
+            images.append(source_views(data, size, crop, ten))
             errors.append("")  # not None: a block of only None would travel as a null column
         except Exception as exc:  # noqa: BLE001 -- any decoding failure is this file's, reported in its row
             images.append(np.zeros((count, crop, crop, 3), np.uint8))

@@ -61,7 +61,7 @@ from pipeline.outputs import SUCCESS_FILE
 from pipeline.scoring import files
 from pipeline.scoring.files import Listing, views_batch
 from pipeline.scoring.pool import ONE_ACTOR, Pool
-from pipeline.scoring.predictor import ModelRef, Predictor, ship
+from pipeline.scoring.predictor import ModelRef, Predictor, ship, top_k
 from pipeline.storage import DEFAULT_MAX_FILE_BYTES, Location, check_apart, locate
 
 JOB_FILE = "_JOB.json"  # what the job in progress is; a rerun compares itself with it
@@ -385,10 +385,8 @@ def list_input(source: Location, plan: Plan, log: Callable[[str], None] = print)
 def top_five(probs: torch.Tensor, batch: dict[str, np.ndarray], ref: ModelRef) -> pa.Table:
     """One row per file: the top five classes of the views' averaged probabilities, or the file's error."""
     n = len(batch["path"])
-    top_p, top_i = probs.mean(dim=1).topk(min(5, probs.shape[2]), dim=1)
-    top_p, top_i = top_p.cpu().numpy(), top_i.cpu().numpy()
+    top_p, top_i, finite = top_k(probs)
     wnids, names = np.array(ref.wnids, dtype=object), np.array(ref.names, dtype=object)
-    finite = torch.isfinite(probs).flatten(1).all(dim=1).cpu().numpy()  # NaN weights still rank classes
     errors = [_row_error(e, good) for e, good in zip(batch["error"], finite, strict=True)]
     ok = [e is None for e in errors]
     return pa.table(

@@ -4,6 +4,7 @@
                                       version, so every actor of a job loads the same one), its files
                                       downloaded once and checked (pipeline.scoring.model_files), or a
                                       checkpoint directory, with what serving needs to know of it
+    alias_version   endpoint replica → the version models:/NAME@ALIAS names now (one registry read)
 
 What the model actors run (ship, load, Predictor) is in pipeline.scoring.predictor, which imports
 no MLflow; it is re-exported here.
@@ -51,6 +52,18 @@ def resolve(spec: str, tracking_uri: str) -> ModelRef:
         names=tuple(c.name for c in meta.classes),
         image_size=meta.image_size,
     )
+
+
+def alias_version(spec: str, tracking_uri: str) -> str:
+    """The version `spec` (models:/NAME@ALIAS) names now: one read of the registry, nothing downloaded."""
+    match = MODEL_URI.match(spec)
+    if not match or not match["alias"]:
+        raise ModelError(f"{spec!r} is not models:/NAME@ALIAS")
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    try:
+        return str(client.get_model_version_by_alias(match["name"], match["alias"]).version)
+    except MlflowException as exc:
+        raise ModelError(f"cannot read {spec} from {redact(tracking_uri)}: {scrub(exc.message)}") from exc
 
 
 def _resolve_registered(spec: str, tracking_uri: str) -> ModelRef:

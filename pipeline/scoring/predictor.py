@@ -6,6 +6,8 @@
                                       no MLflow login and load exactly the bytes that were checked
     Predictor(ref)  model actor     → softmax probabilities (n, views, classes) of each batch of test
                                       views, handed to a function that says what to keep of them
+    top_k(probs)    model actor     → each image's five likeliest classes (the views averaged): what
+                                      batch inference's rows and the endpoint's answers hold
 
 No MLflow here: a model actor imports torch and the project's model code only, which is most of
 what it costs to start one.
@@ -86,3 +88,12 @@ class Predictor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         return self.keep(predict(self.model, batch["image"], self.device), batch)
+
+
+def top_k(probs: torch.Tensor, k: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Probabilities (n, views, classes) → each image's k likeliest classes of the views' average:
+    probabilities (n, k) and class indices (n, k), likeliest first, and whether every probability of
+    the image is finite (NaN weights still rank classes: a row without it is the model's error)."""
+    top_p, top_i = probs.mean(dim=1).topk(min(k, probs.shape[2]), dim=1)
+    finite = torch.isfinite(probs).flatten(1).all(dim=1)
+    return top_p.cpu().numpy(), top_i.cpu().numpy(), finite.cpu().numpy()
