@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: train test test-fast lint mlflow gpu-check install install-dev clean-sample
+.PHONY: train test test-fast lint mlflow serve gpu-check install install-dev clean-sample
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ train: $(STAMP)
 # The team's MLflow server on 127.0.0.1:5000 (sqlite + proxied artifacts in ./mlflow-server/).
 mlflow: $(STAMP)
 	$(BIN)/python jobs/mlflow_server.py $(ARGS)
+
+# The champion online on 127.0.0.1:8000 (POST /predict, GET /healthz), following @champion as it moves.
+serve: $(STAMP)
+	$(BIN)/python jobs/serve.py --model models:/alexnet@champion $(ARGS)
 
 # The whole suite: what CI runs.
 test: $(DEV_STAMP)

@@ -7,7 +7,7 @@ Both servers answer POST /predict with the same code: the body → source_views 
 model's image size, centre square, centre crop) → the same Predictor → top_k, as JSON. The
 baseline is one Python process (http.server's ThreadingHTTPServer, a thread per connection, torch
 on every core, no batching); the endpoint is `python jobs/serve.py` on a local Ray of this machine's CPUs
-(--replicas replicas of one CPU each, dynamic batches of --max-batch-size). Both run at once, each
+(--replicas replicas of --cpus-per-replica CPUs each, dynamic batches of --max-batch-size). Both run at once, each
 idle while the other is measured; their start-up is not measured.
 
 The model is an ImageNet-sized AlexNet (1,000 classes, 256-px squares, 224-px crops) with random
@@ -73,6 +73,7 @@ def baseline_server(port: int, model: str) -> None:
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as the endpoint's proxy
+        disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms wait on the client's ACK
 
         def do_POST(self) -> None:
             data = self.rfile.read(int(self.headers.get("content-length", 0)))
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per level")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before each measurement")
-    parser.add_argument("--replicas", default=str(os.cpu_count()), help="the endpoint's --replicas (one CPU each)")
+    parser.add_argument("--replicas", default=str(os.cpu_count()), help="the endpoint's --replicas")
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="the endpoint's --cpus-per-replica")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--images", type=int, default=64, help="distinct request bodies")
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             start([sys.executable, __file__, "--baseline-server", str(base_port), model], "ready", env,
                   tmp / "baseline.log"),
             start([sys.executable, str(ROOT / "jobs/serve.py"), "--model", model, "--port", str(serve_port),
-                   "--replicas", args.replicas, "--max-batch-size", str(args.max_batch_size),
+                   "--replicas", args.replicas, "--cpus-per-replica", str(args.cpus_per_replica), "--max-batch-size", str(args.max_batch_size),
                    "--batch-wait-ms", str(args.batch_wait_ms)],
                   "Ctrl-C or SIGTERM stops it", env, tmp / "serve.log"),
         ]  # fmt: skip

@@ -82,7 +82,7 @@ def read_token(args: argparse.Namespace) -> str | None:
     """The bearer token: --token-file's first line, else $ALEXNET_SERVE_TOKEN, else None."""
     if args.token_file:
         try:
-            token = Path(args.token_file).read_text().strip()
+            token = Path(args.token_file).expanduser().read_text().strip()
         except OSError as exc:
             raise InputError(f"--token-file {args.token_file}: {exc.strerror}") from None
         if not token:
@@ -155,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         except InputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        serve.start(http_options={"host": args.host, "port": args.port})
+        # One proxy, on the head (where `ray job submit` runs this and `ray attach -p` reaches), even
+        # when the head holds no replica (Serve's default puts proxies beside replicas only).
+        serve.start(proxy_location="HeadOnly", http_options={"host": args.host, "port": args.port})
         deployed = True
         app = endpoint.application(args.model, tracking_uri, options, replicas, args.cpus_per_replica)
         serve.run(app, name=args.app_name, route_prefix="/")
@@ -192,7 +194,11 @@ def _stop(serve, name: str) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def stop() -> None:
-        serve.delete(name)
+        # Asked without waiting: the controller deletes it even if this process is killed next
+        # (`ray job stop` kills a job 3 s after its SIGTERM, RAY_JOB_STOP_WAIT_TIME_S on the head).
+        serve.delete(name, _blocking=False)
+        while name in serve.status().applications:
+            time.sleep(0.2)
         if not serve.status().applications:
             serve.shutdown()
 
