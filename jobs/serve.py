@@ -20,7 +20,8 @@ MIN:MAX to autoscale on requests in flight, or auto: 1 up to the cluster's GPUs,
 on GPUs where the cluster has or can add them (--gpus-per-replica). It runs in the foreground on
 a local Ray or the cluster it joins until Ctrl-C or SIGTERM, then deletes its application (and
 stops a Ray it started). It binds to 127.0.0.1; another --host needs a bearer token in
-ALEXNET_SERVE_TOKEN (or --token-file) that /predict then asks for, or --insecure.
+ALEXNET_SERVE_TOKEN (or --token-file) that /predict then asks for, or --insecure; --ssl-certfile
+and --ssl-keyfile serve HTTPS.
 MLflow: --tracking-uri, else MLFLOW_TRACKING_URI, else ./mlflow.db.
 """
 
@@ -53,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--token-file", default=None, help=f"a file holding the bearer token /predict asks for (else ${TOKEN_ENV})"
     )
+    parser.add_argument(
+        "--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM; with --ssl-keyfile)"
+    )
+    parser.add_argument("--ssl-keyfile", default=None, help="the certificate's private key (PEM)")
     parser.add_argument(
         "--insecure", action="store_true", help="allow a non-loopback --host without a token (a network you trust)"
     )
@@ -102,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        print("error: --ssl-certfile and --ssl-keyfile go together: pass both, or neither", file=sys.stderr)
+        return 2
+    for flag, path in (("--ssl-certfile", args.ssl_certfile), ("--ssl-keyfile", args.ssl_keyfile)):
+        if path and not Path(path).expanduser().is_file():
+            print(f"error: {flag} {path} is not a file", file=sys.stderr)
+            return 2
     if token is None and not args.insecure and not cli.loopback(args.host):
         print(
             f"error: --host {args.host} lets other machines reach the endpoint, and without a token anyone who "
@@ -110,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if token and not args.ssl_certfile and not cli.loopback(args.host):
+        print(
+            f"note: the token travels in plain HTTP to {args.host}: pass --ssl-certfile and --ssl-keyfile, or keep "
+            "the port inside a network you trust, or put a proxy that ends TLS in front",
+            file=sys.stderr,
+        )
     # Once the flags are good: --help and a mistyped flag answer at once.
     from ray import serve
 
@@ -132,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_bytes=int(args.max_file_mb * 2**20),
                 max_batch_size=args.max_batch_size,
                 batch_wait_s=args.batch_wait_ms / 1000,
-                follow_interval_s=args.follow_interval if "@" in args.model else 0.0,
+                follow_interval_s=args.follow_interval if endpoint.is_alias(args.model) else 0.0,
                 token_sha256=endpoint.token_digest(token) if token else None,
             )
             views = "ten crops" if args.ten_crop else "centre crop"
@@ -157,11 +175,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         # One proxy, on the head (where `ray job submit` runs this and `ray attach -p` reaches), even
         # when the head holds no replica (Serve's default puts proxies beside replicas only).
-        serve.start(proxy_location="HeadOnly", http_options={"host": args.host, "port": args.port})
+        http = {"host": args.host, "port": args.port}
+        if args.ssl_certfile:  # the paths as the head sees them: the proxy runs there
+            http |= {"ssl_certfile": str(Path(args.ssl_certfile).expanduser().resolve()),
+                     "ssl_keyfile": str(Path(args.ssl_keyfile).expanduser().resolve())}  # fmt: skip
+        serve.start(proxy_location="HeadOnly", http_options=http)
         deployed = True
         app = endpoint.application(args.model, tracking_uri, options, replicas, args.cpus_per_replica)
         serve.run(app, name=args.app_name, route_prefix="/")
-        url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+        scheme = "https" if args.ssl_certfile else "http"
+        url = f"{scheme}://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
         following = (
             f"following {args.model} (read every {args.follow_interval:g} s)"
             if options.follow_interval_s

@@ -1,5 +1,6 @@
 """The online endpoint: jobs/serve.py as a user starts it (its own local Ray and Ray Serve), real JPEGs
-over HTTP, the session's MLflow server and its two registered versions; the alias moved under load."""
+over HTTPS with a token, the session's MLflow server and its two registered versions; the alias moved
+under load."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -21,7 +23,8 @@ import mlflow
 import numpy as np
 import psutil
 import pytest
-from conftest import REGISTERED_MODEL, ROOT, call_job, free_port, job_env
+import ray
+from conftest import REGISTERED_MODEL, ROOT, call_job, free_port, job_env, run_job
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -51,11 +54,39 @@ IMAGES = {
 }
 
 
+def _certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
 class Endpoint:
     """A running `python jobs/serve.py` and what it printed so far."""
 
-    def __init__(self, process: subprocess.Popen, url: str) -> None:
-        self.process, self.url, self.lines = process, url, []
+    def __init__(self, process: subprocess.Popen, url: str, trust: ssl.SSLContext) -> None:
+        self.process, self.url, self.trust, self.lines = process, url, trust, []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -81,7 +112,7 @@ class Endpoint:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         request = urllib.request.Request(self.url + path, data=body, headers=headers, method=method)
         try:
-            with urllib.request.urlopen(request, timeout=60) as answer:
+            with urllib.request.urlopen(request, timeout=60, context=self.trust) as answer:
                 return answer.status, json.loads(answer.read())
         except urllib.error.HTTPError as refused:
             return refused.code, json.loads(refused.read())
@@ -93,20 +124,21 @@ class Endpoint:
 
 
 @pytest.fixture(scope="module")
-def served(trained):
+def served(trained, tmp_path_factory):
     """`python jobs/serve.py --model models:/NAME@champion` with its own local Ray (RAY_ADDRESS=local, as on a
-    laptop): two replicas, a token, the alias read every second, small batches and a small body limit."""
-    port = free_port()
+    laptop): two replicas, a token, HTTPS, the alias read every second, small batches and a small body limit."""
+    port, (cert, key) = free_port(), _certificate(tmp_path_factory.mktemp("tls"))
     env = {**job_env(tracking_uri=trained.tracking_uri), "RAY_ADDRESS": "local", endpoint.TOKEN_ENV: TOKEN}
     env["RAY_DEDUP_LOGS"] = "0"  # each replica's lines as it prints them, not folded into "[repeated 2x]"
     command = [
         sys.executable, str(ROOT / "jobs/serve.py"), "--model", f"models:/{REGISTERED_MODEL}@champion",
         "--port", port, "--replicas", 2, "--follow-interval", 1, "--max-batch-size", 4, "--max-file-mb", MAX_FILE_MB,
+        "--ssl-certfile", cert, "--ssl-keyfile", key,
     ]  # fmt: skip
     process = subprocess.Popen(
         [str(c) for c in command], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
     )
-    running = Endpoint(process, f"http://127.0.0.1:{port}")
+    running = Endpoint(process, f"https://127.0.0.1:{port}", ssl.create_default_context(cafile=cert))
     try:
         running.wait_for(r"Ctrl-C or SIGTERM stops it", timeout=240)
         yield running
@@ -128,6 +160,7 @@ def champion(trained):
 @pytest.mark.slow
 def test_health_and_predict_name_the_version_of_the_alias(served, champion):
     _, version = champion
+    assert f"endpoint: POST {served.url}/predict" in served.output()
     health = served.health()
     assert health["status"] == "ok" and health["error"] is None
     assert (health["model"], health["version"], health["following"]) == (
@@ -275,7 +308,60 @@ def test_sigterm_deletes_the_application_and_stops_the_ray_it_started(served):
     _, alive = psutil.wait_procs(ray_processes, timeout=30)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
     with pytest.raises(urllib.error.URLError):
-        urllib.request.urlopen(served.url + "/healthz", timeout=5)
+        urllib.request.urlopen(served.url + "/healthz", timeout=5, context=served.trust)
+
+
+@pytest.mark.slow
+def test_on_a_cluster_a_submitted_endpoint_serves_a_second_of_its_name_is_refused_and_ray_job_stop_deletes_it(
+    ray_cluster, trained
+):
+    """`ray job submit` onto the session's cluster (a joined cluster: Serve outlives the job there), and
+    `ray job stop`, which kills the job 3 s after its SIGTERM (Ray's default): the application still goes."""
+    from ray import serve
+    from ray._private.worker import get_dashboard_url
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    jobs = JobSubmissionClient(f"http://{get_dashboard_url()}", headers={"Authorization": f"Bearer {token}"})
+    port, name = free_port(), "alexnet-on-cluster"
+    command = (f"{sys.executable} {ROOT / 'jobs/serve.py'} --model models:/{REGISTERED_MODEL}@champion --port {port} "
+               f"--replicas 1 --app-name {name}")  # fmt: skip
+    job = jobs.submit_job(entrypoint=command, runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": trained.tracking_uri}})
+    try:
+        deadline = time.monotonic() + 180
+        while "Ctrl-C or SIGTERM stops it" not in jobs.get_job_logs(job):
+            assert jobs.get_job_status(job) in (JobStatus.PENDING, JobStatus.RUNNING), jobs.get_job_logs(job)[-3000:]
+            assert time.monotonic() < deadline, jobs.get_job_logs(job)[-3000:]
+            time.sleep(1)
+        assert "connected to the Ray cluster" in jobs.get_job_logs(job)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=30) as answer:
+            assert json.loads(answer.read())["model"] == REGISTERED_MODEL
+        second = run_job(
+            "jobs/serve.py", "--model", f"models:/{REGISTERED_MODEL}@champion", "--app-name", name,
+            env=job_env(ray_cluster, trained.tracking_uri), timeout=180,
+        )  # fmt: skip
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"a Serve application named {name!r} already runs on this cluster" in second.stderr
+        jobs.stop_job(job)
+        deadline = time.monotonic() + 60
+        while name in _applications(serve) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert name not in _applications(serve)
+        while not jobs.get_job_status(job).is_terminal() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert jobs.get_job_status(job) == JobStatus.STOPPED
+    finally:
+        if jobs.get_job_status(job) in (JobStatus.PENDING, JobStatus.RUNNING):
+            jobs.stop_job(job)
+        serve.shutdown()  # Serve's controller and proxy, if the job was killed before it stopped them
+
+
+def _applications(serve) -> set[str]:
+    """The Serve applications on the session's cluster; none once the job has stopped Serve itself."""
+    try:
+        return set(serve.status().applications)
+    except ray.exceptions.RayActorError:  # the controller this process knew is gone: Serve was shut down
+        return set()
 
 
 def test_an_open_host_without_a_token_is_refused_and_a_token_is_never_shown(monkeypatch):
@@ -286,6 +372,9 @@ def test_an_open_host_without_a_token_is_refused_and_a_token_is_never_shown(monk
     assert "ALEXNET_SERVE_TOKEN" in refused.stderr and "--insecure" in refused.stderr
     empty = call_job("jobs/serve.py", "--model", "models:/x@champion", "--token-file", os.devnull)
     assert empty.returncode == 2 and f"--token-file {os.devnull} is empty" in empty.stderr
+    half = call_job("jobs/serve.py", "--model", "models:/x@champion", "--ssl-certfile", os.devnull)
+    assert half.returncode == 2 and "--ssl-certfile and --ssl-keyfile go together" in half.stderr
+    assert endpoint.is_alias("models:/alexnet@champion") and not endpoint.is_alias("/runs/a@b/checkpoint")
 
 
 def test_request_bodies_are_refused_with_the_status_that_names_the_fault():

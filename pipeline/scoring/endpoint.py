@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import UnidentifiedImageError
 from ray import serve
 from starlette.requests import Request
@@ -108,6 +109,11 @@ def _too_large(size: int, max_bytes: int, at_least: bool = False) -> str:
     )
 
 
+def is_alias(spec: str) -> bool:
+    """Whether `spec` names a registered model by alias (models:/NAME@ALIAS), the one kind that moves."""
+    return spec.startswith("models:/") and "@" in spec
+
+
 def token_digest(token: str) -> str:
     """What a replica keeps of the bearer token: its SHA-256, never the token (deployment arguments
     are stored by Serve's controller and shown by its API)."""
@@ -171,12 +177,18 @@ class Classifier:
         self._score.set_max_batch_size(options.max_batch_size)
         self._score.set_batch_wait_timeout_s(options.batch_wait_s)
         self._stop = threading.Event()
-        if "@" in spec and options.follow_interval_s > 0:
+        if self.following:
             threading.Thread(target=self._follow, name="follow-alias", daemon=True).start()
-        log.info("serving %s: version %s", spec, self.model.ref.version or "-")
+        device = self.model.predictor.device
+        on = f"{device}" if device.type == "cuda" else f"cpu, {torch.get_num_threads()} torch threads"
+        log.info("serving %s: version %s (%s)", spec, self.model.ref.version or "-", on)
 
     def __del__(self) -> None:
         self._stop.set()
+
+    @property
+    def following(self) -> bool:
+        return is_alias(self.spec) and self.options.follow_interval_s > 0
 
     async def __call__(self, request: Request) -> Response:
         route = (request.method, request.url.path.rstrip("/") or "/")
@@ -195,7 +207,7 @@ class Classifier:
             "status": "ok",
             "model": ref.name or ref.uri,
             "version": ref.version,
-            "following": self.spec if "@" in self.spec and self.options.follow_interval_s > 0 else None,
+            "following": self.spec if self.following else None,
             "checked": self.checked,
             "error": self.error,
         }
