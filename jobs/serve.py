@@ -2,9 +2,10 @@ r"""Serve a registered model online: a Ray Serve endpoint that follows an alias 
 
     python jobs/serve.py --model models:/alexnet@champion                      # http://127.0.0.1:8000
     curl --data-binary @photo.jpg http://127.0.0.1:8000/predict
-    ALEXNET_SERVE_TOKEN=... python jobs/serve.py --model models:/alexnet@champion --host 0.0.0.0
+    python jobs/serve.py --model models:/alexnet@champion --host 0.0.0.0 --token-file ~/serve-token \
+        --ssl-certfile cert.pem --ssl-keyfile key.pem
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/serve.py --model models:/alexnet@champion --host 0.0.0.0 --replicas 1:4
+        python jobs/serve.py --model models:/alexnet@champion --replicas 1:4
 
 POST /predict takes an image file's bytes (JPEG, PNG or WebP, at most --max-file-mb) as the body
 and answers {"model", "version", "top5": [{"wnid", "name", "prob"}, ...]}; a body it cannot score
@@ -31,8 +32,6 @@ import argparse
 import os
 import signal
 import sys
-import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `pipeline` imports without an install
@@ -76,8 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cpus-per-replica", type=positive, default=1.0, help="CPUs per replica (its decoding and, on CPUs, the model)"
     )
-    parser.add_argument("--max-file-mb", type=positive, default=64.0, help="a larger body is refused with 413")
-    parser.add_argument("--app-name", default="alexnet", help="the Serve application's name on the cluster")
+    parser.add_argument("--max-file-mb", type=positive, default=64.0, help="a larger body (MiB) is refused with 413")
     cli.add_tracking(parser)
     parser.add_argument("--forward-env", default="", metavar="NAME,...", help=FORWARD_ENV_HELP)
     return parser
@@ -138,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
 
     connection.stop_on_sigterm()  # `ray job stop`, a scheduler: stop as Ctrl-C does
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a bar per replica start fills the log
-    joined, deployed = None, False
+    http = {"host": args.host, "port": args.port, "ssl_certfile": None, "ssl_keyfile": None}
+    if args.ssl_certfile:  # the paths as the head sees them: the proxy runs there
+        http |= {"ssl_certfile": str(Path(args.ssl_certfile).expanduser().resolve()),
+                 "ssl_keyfile": str(Path(args.ssl_keyfile).expanduser().resolve())}  # fmt: skip
+    joined, deploying = None, False
     try:
         try:  # everything that can be wrong is found here, before any cluster work
             tracking_uri = mlflow_client.resolve_tracking_uri()
@@ -162,34 +164,23 @@ def main(argv: list[str] | None = None) -> int:
             joined = connection.connect(
                 env=mlflow_client.worker_env(tracking_uri, forward), joined_note=mlflow_client.credentials_note(forward)
             )
-            if args.app_name in serve.status().applications:
-                raise InputError(
-                    f"a Serve application named {args.app_name!r} already runs on this cluster: stop its job, "
-                    "or pass another --app-name"
-                )
+            endpoint.check_cluster(http)
             cpus = cpus_now_or_addable()
             replicas = pool.plan(args.replicas, args.gpus_per_replica, GpuCapacity.read(), cpus / args.cpus_per_replica)
             print(replicas.describe(), flush=True)
         except InputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        # One proxy, on the head (where `ray job submit` runs this and `ray attach -p` reaches), even
-        # when the head holds no replica (Serve's default puts proxies beside replicas only).
-        http = {"host": args.host, "port": args.port}
-        if args.ssl_certfile:  # the paths as the head sees them: the proxy runs there
-            http |= {"ssl_certfile": str(Path(args.ssl_certfile).expanduser().resolve()),
-                     "ssl_keyfile": str(Path(args.ssl_keyfile).expanduser().resolve())}  # fmt: skip
-        serve.start(proxy_location="HeadOnly", http_options=http)
-        deployed = True
-        app = endpoint.application(args.model, tracking_uri, options, replicas, args.cpus_per_replica)
-        serve.run(app, name=args.app_name, route_prefix="/")
-        scheme = "https" if args.ssl_certfile else "http"
-        url = f"{scheme}://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+        deploying = True  # from here a stop deletes what this job may have started
+        endpoint.start(http)
+        app = endpoint.application(args.model, ref, tracking_uri, options, replicas, args.cpus_per_replica)
+        serve.run(app, name=endpoint.APP, route_prefix="/")
         following = (
             f"following {args.model} (read every {args.follow_interval:g} s)"
             if options.follow_interval_s
             else f"serving {ref.version_uri} until stopped"
         )
+        url = _url(args.host, args.port, bool(args.ssl_certfile))
         print(
             f"endpoint: POST {url}/predict (an image as the body), GET {url}/healthz\n{following}\n"
             + ("clients send `Authorization: Bearer TOKEN`\n" if token else "")
@@ -197,42 +188,27 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         while True:
-            signal.pause() if hasattr(signal, "pause") else time.sleep(3600)
+            signal.pause()
     except KeyboardInterrupt:
         print("\nstopping the endpoint", file=sys.stderr, flush=True)
         return 0
     finally:
-        if deployed:
-            _stop(serve, args.app_name)
+        # A second Ctrl-C or SIGTERM must not leave replicas behind, nor end the job in a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if deploying and not endpoint.stop(STOP_TIMEOUT_S):
+            print(f"warning: the cluster did not confirm in {STOP_TIMEOUT_S:g} s that the endpoint was deleted",
+                  file=sys.stderr)  # fmt: skip
         if joined is False:  # the local Ray this job started
             import ray
 
             ray.shutdown()
 
 
-def _stop(serve, name: str) -> None:
-    """Delete this job's application, and Serve itself when it holds no other; given up after
-    STOP_TIMEOUT_S (a cluster that is going away does not answer)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave replicas behind
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-    def stop() -> None:
-        # Asked without waiting: the controller deletes it even if this process is killed next
-        # (`ray job stop` kills a job 3 s after its SIGTERM, RAY_JOB_STOP_WAIT_TIME_S on the head).
-        serve.delete(name, _blocking=False)
-        while name in serve.status().applications:
-            time.sleep(0.2)
-        if not serve.status().applications:
-            serve.shutdown()
-
-    worker = threading.Thread(target=stop, daemon=True)
-    worker.start()
-    worker.join(STOP_TIMEOUT_S)
-    if worker.is_alive():
-        print(
-            f"warning: the cluster did not confirm in {STOP_TIMEOUT_S:g} s that {name!r} was deleted", file=sys.stderr
-        )
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+def _url(host: str, port: int, https: bool) -> str:
+    """Where a client on this machine reaches the endpoint."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"{'https' if https else 'http'}://{f'[{shown}]' if ':' in shown else shown}:{port}"
 
 
 if __name__ == "__main__":

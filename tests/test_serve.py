@@ -4,6 +4,7 @@ under load."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -97,15 +98,16 @@ class Endpoint:
     def output(self) -> str:
         return "".join(self.lines)
 
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+    def wait_for(self, pattern: str, timeout: float, count: int = 1) -> re.Match:
+        """The first match of `pattern` in the output, once it holds `count` of them."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = re.search(pattern, self.output())
-            if found:
-                return found
+            found = list(re.finditer(pattern, self.output()))
+            if len(found) >= count:
+                return found[0]
             assert self.process.poll() is None, f"serve.py exited {self.process.returncode}:\n{self.output()[-4000:]}"
             time.sleep(0.2)
-        raise AssertionError(f"no {pattern!r} in {timeout:g} s:\n{self.output()[-4000:]}")
+        raise AssertionError(f"not {count} of {pattern!r} in {timeout:g} s:\n{self.output()[-4000:]}")
 
     def request(self, path: str, body: bytes | None = None, token: str | None = TOKEN, method: str | None = None):
         """(status, JSON answer) of one request."""
@@ -146,8 +148,9 @@ def served(trained, tmp_path_factory):
         if process.poll() is None:
             process.kill()  # a test failed before the SIGTERM test: the Ray it started goes with the kill below
             for child in psutil.Process().children(recursive=True):
-                if child.pid != process.pid and "ray" in " ".join(child.cmdline()).lower():
-                    child.kill()
+                with contextlib.suppress(psutil.Error):  # gone, or a zombie, meanwhile
+                    if child.pid != process.pid and "ray" in " ".join(child.cmdline()).lower():
+                        child.kill()
             process.wait(30)
 
 
@@ -266,31 +269,38 @@ def test_promoting_a_new_champion_under_load_switches_every_answer_with_no_faile
     assert {version for _, version in answered} == {old, new}
     for answers in clients:  # each client saw the old version first, and the new one at the end
         assert answers[0][1] == old and {version for _, version in answers[-3:]} == {new}, answers
-    assert served.health()["version"] in (old, new)
-    served.wait_for(rf"now serving version {new} of {REGISTERED_MODEL} \(was {old}\)", timeout=10)
+    served.wait_for(rf"now serving version {new} of {REGISTERED_MODEL} \(was {old}\)", 10, count=2)  # each replica
+    served.wait_for(rf"now serving version {old} of {REGISTERED_MODEL} \(was {new}\)", 30, count=2)  # and back
 
 
 @pytest.mark.slow
 def test_a_champion_that_fails_to_load_leaves_the_old_version_serving_and_says_why(served, champion, trained, tmp_path):
-    client, old = champion
-    deadline = time.monotonic() + 60
-    while served.health()["version"] != old and time.monotonic() < deadline:  # back from the promotion test
-        time.sleep(0.5)
-    assert served.health()["version"] == old
+    """Running replicas keep the old version; a replica started meanwhile (here: one killed and replaced)
+    serves the version the endpoint started with."""
+    client, old = champion  # both replicas are back on it: the promotion test waits for that
     mlflow.set_tracking_uri(trained.tracking_uri)
     with mlflow.start_run(run_name="not-a-model") as run:
         (tmp_path / "readme.txt").write_text("no model here")
         mlflow.log_artifact(str(tmp_path / "readme.txt"), artifact_path="model")
     broken = client.create_model_version(REGISTERED_MODEL, f"{run.info.artifact_uri}/model", run.info.run_id)
+    spec = f"models:/{REGISTERED_MODEL}@champion"
     try:
         client.set_registered_model_alias(REGISTERED_MODEL, "champion", broken.version)
-        line = served.wait_for(rf"version {broken.version} \(models:/{REGISTERED_MODEL}@champion\) failed to load, "
-                               rf"still serving version {old}: (.+)", timeout=60)  # fmt: skip
-        assert "MLmodel" in line[1] or "model" in line[1], line[0]
+        why = rf"models:/{REGISTERED_MODEL}/{broken.version} has no MLmodel file: it is not an MLflow model"
+        failed = rf"version {broken.version} \({spec}\) failed to load, still serving version {old}: {why}"
+        served.wait_for(failed, 60, count=2)  # each replica
         health = served.health()
         assert health["version"] == old and f"version {broken.version}" in health["error"]
-        status, answer = served.request("/predict", IMAGES["wide.jpg"])
-        assert (status, answer["version"]) == (200, old)
+        assert all(served.request("/predict", IMAGES["wide.jpg"])[1]["version"] == old for _ in range(4))
+        replicas = [p for p in psutil.Process(served.process.pid).children(recursive=True)
+                    if "ServeReplica" in " ".join(p.cmdline())]  # fmt: skip
+        assert len(replicas) == 2, replicas
+        replicas[0].kill()  # Serve starts another, which finds the alias on the broken version
+        served.wait_for(rf"{spec} failed to load, serving models:/{REGISTERED_MODEL}/{old} \(the version the endpoint "
+                        rf"started with\) until the alias moves: {spec} has no MLmodel file", 120)  # fmt: skip
+        served.wait_for(rf"serving {spec}: version {old}", 30)
+        answers = [served.request("/predict", IMAGES["wide.jpg"]) for _ in range(8)]
+        assert {(status, answer["version"]) for status, answer in answers} == {(200, old)}, answers
     finally:
         client.set_registered_model_alias(REGISTERED_MODEL, "champion", old)
         client.delete_model_version(REGISTERED_MODEL, broken.version)
@@ -323,9 +333,8 @@ def test_on_a_cluster_a_submitted_endpoint_serves_a_second_of_its_name_is_refuse
 
     token = (Path.home() / ".ray" / "auth_token").read_text().strip()
     jobs = JobSubmissionClient(f"http://{get_dashboard_url()}", headers={"Authorization": f"Bearer {token}"})
-    port, name = free_port(), "alexnet-on-cluster"
-    command = (f"{sys.executable} {ROOT / 'jobs/serve.py'} --model models:/{REGISTERED_MODEL}@champion --port {port} "
-               f"--replicas 1 --app-name {name}")  # fmt: skip
+    port, name = free_port(), endpoint.APP
+    command = f"{sys.executable} {ROOT / 'jobs/serve.py'} --model models:/{REGISTERED_MODEL}@champion --port {port}"
     job = jobs.submit_job(entrypoint=command, runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": trained.tracking_uri}})
     try:
         deadline = time.monotonic() + 180
@@ -336,12 +345,14 @@ def test_on_a_cluster_a_submitted_endpoint_serves_a_second_of_its_name_is_refuse
         assert "connected to the Ray cluster" in jobs.get_job_logs(job)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=30) as answer:
             assert json.loads(answer.read())["model"] == REGISTERED_MODEL
-        second = run_job(
-            "jobs/serve.py", "--model", f"models:/{REGISTERED_MODEL}@champion", "--app-name", name,
-            env=job_env(ray_cluster, trained.tracking_uri), timeout=180,
-        )  # fmt: skip
+        env = job_env(ray_cluster, trained.tracking_uri)
+        spec = f"models:/{REGISTERED_MODEL}@champion"
+        second = run_job("jobs/serve.py", "--model", spec, "--port", port, env=env, timeout=180)
         assert second.returncode == 2, second.stderr[-3000:]
-        assert f"a Serve application named {name!r} already runs on this cluster" in second.stderr
+        assert f"the Serve application {name!r} already answers at / on this cluster" in second.stderr
+        elsewhere = run_job("jobs/serve.py", "--model", spec, "--port", free_port(), env=env, timeout=180)
+        assert elsewhere.returncode == 2, elsewhere.stderr[-3000:]
+        assert f"Ray Serve already runs on this cluster with port {port}" in elsewhere.stderr
         jobs.stop_job(job)
         deadline = time.monotonic() + 60
         while name in _applications(serve) and time.monotonic() < deadline:

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data.transforms import (
+    ImageTooLarge,
     UnsupportedImage,
     center_crop,
     decode,
@@ -150,6 +151,14 @@ def test_a_png_within_the_pixel_limit_but_too_big_to_decode_is_refused_from_its_
     message, grown_mib = proc.stdout.strip().splitlines()
     assert message == "a 9400×9400 image takes 506 MiB to decode, over the 256 MiB budget for one image", message
     assert int(grown_mib) < 32, grown_mib  # nothing was decoded
+
+
+def test_a_thin_strip_that_would_grow_past_the_budget_when_resized_is_refused_before_the_resize():
+    """4×4,000,000 RGB pixels decode within the budget (92 MiB); their short side at 256 px would make
+    256×256,000,000 of them."""
+    with pytest.raises(ImageTooLarge, match=r"a 4×4000000 image takes 187,500 MiB at 256 px on its short side"):
+        load_square(_png_header(4, 4_000_000), 256)
+    assert load_square(_encoded("PNG", (40, 400)), 32).size == (32, 32)  # an ordinary tall image still fits
 
 
 def test_stored_images_meet_the_same_format_list_and_limits_as_source_images():

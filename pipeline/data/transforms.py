@@ -133,7 +133,20 @@ def load_square(data: bytes, size: int) -> Image.Image:
         if image.format == "JPEG":
             image.draft("RGB", (size, size))  # the size below is the reduced one
         check_decodable(*image.size, len(image.getbands()))
+        check_resizable(*image.size, size)
         return square_image(image, size)
+
+
+def check_resizable(width: int, height: int, size: int) -> None:
+    """ImageTooLarge when resizing the short side to `size` would take more than MAX_DECODE_BYTES: a
+    thin strip (a few pixels by millions, a small file) grows by its aspect ratio."""
+    scale = size / min(width, height)
+    needed = max(size, round(width * scale)) * max(size, round(height * scale)) * 3
+    if needed > MAX_DECODE_BYTES:
+        raise ImageTooLarge(
+            f"a {width}×{height} image takes {needed / 2**20:,.0f} MiB at {size} px on its short side, over the "
+            f"{MAX_DECODE_BYTES / 2**20:.0f} MiB budget for one image"
+        )
 
 
 def source_views(data: bytes, size: int, crop: int, ten: bool = False) -> np.ndarray:

@@ -19,18 +19,25 @@ verified, code-free load of batch inference: pipeline.scoring.loading.resolve) i
 the old model keeps answering; then it swaps a single reference. A request keeps the model it was
 preprocessed for until its answer, so none fails and each names the version that scored it. A
 version that fails to load leaves the old one serving; the replica logs why (and /healthz shows it),
-and tries that version again after RETRY_FAILED_S.
+and tries that version again after RETRY_FAILED_S. A replica that starts meanwhile (scaled up, or
+replacing one that died) serves the version the endpoint started with, and says so.
+
+The driver's side (jobs/serve.py): check_cluster (Serve already on the cluster is used only where
+it listens as asked, with nothing at /), start (one proxy, on the head), application, stop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import hashlib
 import hmac
 import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -43,6 +50,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from pipeline.data.transforms import ImageTooLarge, UnsupportedImage, describe_undecodable, source_views
+from pipeline.errors import InputError
 from pipeline.redaction import redact, scrub, scrubbed_output
 from pipeline.scoring.pool import Pool
 from pipeline.scoring.predictor import ModelRef, Predictor, top_k
@@ -61,6 +69,7 @@ class EndpointOptions:
     batch_wait_s: float = 0.005  # how long a batch waits to fill before it is scored anyway
     follow_interval_s: float = 30.0  # seconds between reads of the alias's version (0: never)
     token_sha256: str | None = None  # SHA-256 of the bearer token /predict asks for; None: no token
+    decode_threads: int = 1  # requests decoded at once per replica: its CPUs (bounds its memory too)
 
 
 class Refused(Exception):
@@ -167,15 +176,16 @@ def score(items: list[tuple[Model, np.ndarray]]) -> list[dict[str, Any] | Refuse
 class Classifier:
     """A replica: the model the spec names now, a thread following the alias, the two routes."""
 
-    def __init__(self, spec: str, tracking_uri: str, options: EndpointOptions) -> None:
+    def __init__(self, spec: str, tracking_uri: str, options: EndpointOptions, fallback: str | None = None) -> None:
         scrubbed_output()  # what the replica prints reaches Ray's log files and the driver
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per download fills the log
         self.spec, self.tracking_uri, self.options = spec, tracking_uri, options
-        self.model = Model.load(self._resolve(spec))
         self.checked, self.error = _now(), None  # the last read of the alias, and what went wrong, if anything
         self._failed: dict[str, float] = {}  # version → when it failed to load
+        self.model = self._first_model(fallback)
         self._score.set_max_batch_size(options.max_batch_size)
         self._score.set_batch_wait_timeout_s(options.batch_wait_s)
+        self._decoding = ThreadPoolExecutor(options.decode_threads, thread_name_prefix="decode")
         self._stop = threading.Event()
         if self.following:
             threading.Thread(target=self._follow, name="follow-alias", daemon=True).start()
@@ -183,8 +193,27 @@ class Classifier:
         on = f"{device}" if device.type == "cuda" else f"cpu, {torch.get_num_threads()} torch threads"
         log.info("serving %s: version %s (%s)", spec, self.model.ref.version or "-", on)
 
+    def _first_model(self, fallback: str | None) -> Model:
+        """What the spec names now; for a replica that starts while the alias names a version that does
+        not load (scaled up, or replacing one that died), the version the endpoint started with."""
+        try:
+            return Model.load(self._resolve(self.spec))
+        except Exception as exc:
+            if not fallback or not self.following:
+                raise
+            reason = scrub(str(exc))
+        model = Model.load(self._resolve(fallback))
+        self._note(f"{self.spec} failed to load, serving {fallback} (the version the endpoint started with) until "
+                   f"the alias moves: {reason}")  # fmt: skip
+        from pipeline.scoring import loading
+
+        with contextlib.suppress(Exception):  # tried again after RETRY_FAILED_S, not at every read
+            self._failed[loading.alias_version(self.spec, self.tracking_uri)] = time.monotonic()
+        return model
+
     def __del__(self) -> None:
-        self._stop.set()
+        if hasattr(self, "_stop"):  # not when __init__ failed before it
+            self._stop.set()
 
     @property
     def following(self) -> bool:
@@ -220,10 +249,16 @@ class Classifier:
         model = self.model  # the version this request is preprocessed for and scored with, whatever moves meanwhile
         try:
             data = await read_body(request, self.options.max_bytes)
-            views = await asyncio.to_thread(request_views, data, model.ref, self.options.ten_crop_views)
+            views = await asyncio.get_running_loop().run_in_executor(
+                self._decoding, request_views, data, model.ref, self.options.ten_crop_views
+            )
         except Refused as refused:
             return _error(refused.status, refused.reason)
-        answer = await self._score((model, views))
+        try:
+            answer = await self._score((model, views))
+        except Exception as exc:
+            log.exception("scoring failed")
+            return _error(500, f"scoring failed: {type(exc).__name__}: {scrub(str(exc))}")
         if isinstance(answer, Refused):
             return _error(answer.status, answer.reason)
         return JSONResponse(answer)
@@ -288,9 +323,10 @@ class Classifier:
         log.error(message)
 
 
-def application(spec: str, tracking_uri: str, options: EndpointOptions, pool: Pool, cpus_per_replica: float):
+def application(spec: str, ref: ModelRef, tracking_uri: str, options: EndpointOptions, pool: Pool, cpus: float):
     """The Serve application: the Classifier deployment sized as `pool` says (a fixed number of
-    replicas, or autoscaling between its bounds on requests in flight: a full batch per replica)."""
+    replicas, or autoscaling between its bounds on requests in flight: a full batch per replica),
+    `cpus` each; `ref` is the version the driver checked, a new replica's fallback."""
     if pool.smallest == pool.largest:
         scaling: dict[str, Any] = {"num_replicas": pool.smallest}
     else:
@@ -304,11 +340,68 @@ def application(spec: str, tracking_uri: str, options: EndpointOptions, pool: Po
         }
     deployment = Classifier.options(
         **scaling,
-        ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": pool.gpus},
+        ray_actor_options={"num_cpus": cpus, "num_gpus": pool.gpus},
         # Room for a full batch being scored and the next one filling.
         max_ongoing_requests=2 * options.max_batch_size,
     )
-    return deployment.bind(spec, redact(tracking_uri), options)
+    options = dataclasses.replace(options, decode_threads=max(1, round(cpus)))
+    return deployment.bind(spec, redact(tracking_uri), options, ref.version_uri if is_alias(spec) else None)
+
+
+# ---- the driver's side: Serve on the cluster, started and stopped ----
+APP = "alexnet"  # the Serve application's name; it answers at /
+
+
+class EndpointError(InputError):
+    """Serve on the joined cluster cannot take this endpoint; the message says what runs and what to do."""
+
+
+def check_cluster(http: dict[str, Any]) -> None:
+    """Serve already running on the cluster is used only where it listens as asked (its HTTP options
+    cannot change while it runs) and no application of it answers at / already."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return
+    config = client.http_config
+    differ = [f"{k} {getattr(config, k)} (asked: {v})" for k, v in http.items() if getattr(config, k) != v]
+    if differ:
+        raise EndpointError(
+            f"Ray Serve already runs on this cluster with {', '.join(differ)}, and its HTTP options cannot change "
+            "while it runs: ask for those, or stop its applications and run `serve shutdown` first"
+        )
+    for name, app in client.get_serve_details().get("applications", {}).items():
+        if app.get("route_prefix") == "/":
+            raise EndpointError(
+                f"the Serve application {name!r} already answers at / on this cluster (a cluster serves one "
+                f"endpoint): stop the job that runs it, or `serve delete {name}`"
+            )
+
+
+def start(http: dict[str, Any]) -> None:
+    """Serve's proxy: one, on the head (where `ray job submit` runs the driver and `ray attach -p`
+    reaches), even when the head holds no replica (Serve's default puts proxies beside replicas)."""
+    serve.start(proxy_location="HeadOnly", http_options=http)
+
+
+def stop(timeout: float) -> bool:
+    """Delete the application, then Serve itself when it holds no other; False if the cluster did
+    not confirm within `timeout` (one that is going away does not answer)."""
+
+    def delete() -> None:
+        # Asked without waiting: the controller deletes it even if this process is killed next
+        # (`ray job stop` kills a job RAY_JOB_STOP_WAIT_TIME_S after its SIGTERM; Ray's default is 3 s).
+        serve.delete(APP, _blocking=False)
+        while APP in serve.status().applications:
+            time.sleep(0.2)
+        if not serve.status().applications:
+            serve.shutdown()
+
+    worker = threading.Thread(target=delete, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return not worker.is_alive()
 
 
 def _error(status: int, reason: str, headers: dict[str, str] | None = None) -> JSONResponse:
