@@ -7,6 +7,7 @@ each other.
 from __future__ import annotations
 
 import multiprocessing
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -69,3 +70,8 @@ def decode_floor(images: list[bytes], crop: int, cpus: int, epochs: int) -> list
             done = sum(pool.map(_floor_part, [(a, b, crop) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]))
             rates.append(done / (time.perf_counter() - started))
     return rates
+
+
+def spread(values: list[float], fmt: str) -> str:
+    """ "median (lowest-highest)" of the repetitions, each number in `fmt`."""
+    return f"{format(statistics.median(values), fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import make_source
+from benchmarks.common import make_source, spread
 from pipeline.cluster.resources import GpuCapacity
 from pipeline.data.transforms import center_crop, is_image_name, load_square
 from pipeline.scoring import files, inference, loading, pool
@@ -147,10 +146,6 @@ def listing_memory(count: int, tmp: Path) -> dict[str, dict]:
     return results
 
 
-def _spread(values: list[float], fmt: str) -> str:
-    return f"{format(statistics.median(values), fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models:/alexnet@champion")
@@ -196,13 +191,13 @@ def main(argv: list[str] | None = None) -> int:
                 column = {k: [r[k] for r in runs] for k in runs[0]}
                 print(
                     f"\n{images:,} images, {actors.describe()}, median (min-max) of {args.repeats}:\n"
-                    f"  plain loop        {_spread(column['loop'], ',.0f')} images/s\n"
-                    f"  job end to end    {_spread(column['end_to_end'], ',.0f')} images/s "
-                    f"= {_spread(column['ratio_end_to_end'], '.2f')}x the loop\n"
-                    f"  job steady state  {_spread(column['steady'], ',.0f')} images/s "
-                    f"= {_spread(column['ratio_steady'], '.2f')}x the loop\n"
-                    f"  fixed cost        {_spread(column['fixed_s'], '.1f')} s; "
-                    f"break-even {_spread(column['break_even'], ',.0f')} images",
+                    f"  plain loop        {spread(column['loop'], ',.0f')} images/s\n"
+                    f"  job end to end    {spread(column['end_to_end'], ',.0f')} images/s "
+                    f"= {spread(column['ratio_end_to_end'], '.2f')}x the loop\n"
+                    f"  job steady state  {spread(column['steady'], ',.0f')} images/s "
+                    f"= {spread(column['ratio_steady'], '.2f')}x the loop\n"
+                    f"  fixed cost        {spread(column['fixed_s'], '.1f')} s; "
+                    f"break-even {spread(column['break_even'], ',.0f')} images",
                     flush=True,
                 )
         finally:

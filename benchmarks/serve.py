@@ -26,7 +26,6 @@ import http.client
 import http.server
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import make_source
+from benchmarks.common import make_source, spread
 from pipeline.tracking.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,10 +155,6 @@ def start(command: list[str], ready: str, env: dict[str, str], log: Path, timeou
     return process
 
 
-def _spread(values: list[float], fmt: str) -> str:
-    return f"{format(statistics.median(values), fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="models:/... or a checkpoint (default: ImageNet-sized AlexNet)")
@@ -212,14 +207,14 @@ def main(argv: list[str] | None = None) -> int:
                 for kind in urls:
                     column = {k: [r[kind][k] for r in runs] for k in runs[0][kind]}
                     lines.append(
-                        f"  {kind:8s}  {_spread(column['requests_per_s'], '.1f')} requests/s   "
-                        f"p50 {_spread(column['p50_ms'], '.0f')} ms   p99 {_spread(column['p99_ms'], '.0f')} ms   "
+                        f"  {kind:8s}  {spread(column['requests_per_s'], '.1f')} requests/s   "
+                        f"p50 {spread(column['p50_ms'], '.0f')} ms   p99 {spread(column['p99_ms'], '.0f')} ms   "
                         f"failed {sum(column['failed']):.0f}"
                     )
                 lines.append(
-                    f"  endpoint / baseline: requests/s {_spread([r['ratio_rps'] for r in runs], '.2f')}x, "
-                    f"p50 {_spread([r['ratio_p50'] for r in runs], '.2f')}x, "
-                    f"p99 {_spread([r['ratio_p99'] for r in runs], '.2f')}x"
+                    f"  endpoint / baseline: requests/s {spread([r['ratio_rps'] for r in runs], '.2f')}x, "
+                    f"p50 {spread([r['ratio_p50'] for r in runs], '.2f')}x, "
+                    f"p99 {spread([r['ratio_p99'] for r in runs], '.2f')}x"
                 )
                 print("\n".join(lines), flush=True)
         finally:

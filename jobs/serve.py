@@ -41,7 +41,7 @@ from pipeline.config import FORWARD_ENV_HELP, non_negative, positive, positive_i
 from pipeline.errors import InputError
 from pipeline.redaction import scrubbed_output
 
-TOKEN_ENV = "ALEXNET_SERVE_TOKEN"  # pipeline.scoring.endpoint.TOKEN_ENV (not imported: --help needs no Ray)
+TOKEN_ENV = "ALEXNET_SERVE_TOKEN"  # the bearer token POST /predict asks for, when set
 STOP_TIMEOUT_S = 60.0  # how long a stop waits for Serve to delete the application
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 import pytest
 import ray
-from conftest import REGISTERED_MODEL, ROOT, call_job, free_port, job_env, run_job
+from conftest import REGISTERED_MODEL, ROOT, call_job, free_port, job_env, load_job, run_job
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -34,6 +34,7 @@ from pipeline.scoring import endpoint, inference, loading
 from pipeline.storage import locate
 
 TOKEN = "serve-token-do-not-log"
+TOKEN_ENV = load_job("jobs/serve.py").TOKEN_ENV
 MAX_FILE_MB = 0.25  # the endpoint's limit in these tests: a 300 KB body is over it
 
 
@@ -130,7 +131,7 @@ def served(trained, tmp_path_factory):
     """`python jobs/serve.py --model models:/NAME@champion` with its own local Ray (RAY_ADDRESS=local, as on a
     laptop): two replicas, a token, HTTPS, the alias read every second, small batches and a small body limit."""
     port, (cert, key) = free_port(), _certificate(tmp_path_factory.mktemp("tls"))
-    env = {**job_env(tracking_uri=trained.tracking_uri), "RAY_ADDRESS": "local", endpoint.TOKEN_ENV: TOKEN}
+    env = {**job_env(tracking_uri=trained.tracking_uri), "RAY_ADDRESS": "local", TOKEN_ENV: TOKEN}
     env["RAY_DEDUP_LOGS"] = "0"  # each replica's lines as it prints them, not folded into "[repeated 2x]"
     command = [
         sys.executable, str(ROOT / "jobs/serve.py"), "--model", f"models:/{REGISTERED_MODEL}@champion",
@@ -376,7 +377,7 @@ def _applications(serve) -> set[str]:
 
 
 def test_an_open_host_without_a_token_is_refused_and_a_token_is_never_shown(monkeypatch):
-    monkeypatch.delenv(endpoint.TOKEN_ENV, raising=False)
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
     refused = call_job("jobs/serve.py", "--model", "models:/x@champion", "--host", "0.0.0.0")
     assert refused.returncode == 2
     assert "error: --host 0.0.0.0 lets other machines reach the endpoint" in refused.stderr

@@ -52,13 +52,13 @@ from starlette.responses import JSONResponse, Response
 from pipeline.data.transforms import ImageTooLarge, UnsupportedImage, describe_undecodable, source_views
 from pipeline.errors import InputError
 from pipeline.redaction import redact, scrub, scrubbed_output
+from pipeline.scoring import loading
 from pipeline.scoring.pool import Pool
 from pipeline.scoring.predictor import ModelRef, Predictor, top_k
 from pipeline.storage import DEFAULT_MAX_FILE_BYTES
 
 log = logging.getLogger("ray.serve")  # Serve's replica logger: the replica's log file, and the driver's output
 RETRY_FAILED_S = 600.0  # a version that failed to load is tried again after this long (not every check)
-TOKEN_ENV = "ALEXNET_SERVE_TOKEN"  # the bearer token POST /predict asks for, when set
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,8 @@ def _too_large(size: int, max_bytes: int, at_least: bool = False) -> str:
 
 def is_alias(spec: str) -> bool:
     """Whether `spec` names a registered model by alias (models:/NAME@ALIAS), the one kind that moves."""
-    return spec.startswith("models:/") and "@" in spec
+    match = loading.MODEL_URI.match(spec)
+    return bool(match and match["alias"])
 
 
 def token_digest(token: str) -> str:
@@ -205,8 +206,6 @@ class Classifier:
         model = Model.load(self._resolve(fallback))
         self._note(f"{self.spec} failed to load, serving {fallback} (the version the endpoint started with) until "
                    f"the alias moves: {reason}")  # fmt: skip
-        from pipeline.scoring import loading
-
         with contextlib.suppress(Exception):  # tried again after RETRY_FAILED_S, not at every read
             self._failed[loading.alias_version(self.spec, self.tracking_uri)] = time.monotonic()
         return model
@@ -285,8 +284,6 @@ class Classifier:
 
     def follow_once(self) -> None:
         """Read the version the alias names; when it is another, load it and swap, or keep the old one."""
-        from pipeline.scoring import loading
-
         current = self.model.ref.version
         try:
             version = loading.alias_version(self.spec, self.tracking_uri)
@@ -314,8 +311,6 @@ class Classifier:
         log.info("now serving version %s of %s (was %s)", version, model.ref.name, current)
 
     def _resolve(self, spec: str) -> ModelRef:
-        from pipeline.scoring import loading  # MLflow: only where a replica reads the registry
-
         return loading.resolve(spec, self.tracking_uri)
 
     def _note(self, message: str) -> None:
